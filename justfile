@@ -1,0 +1,23 @@
+# The developer's recipes; CI (.ci/run) runs the same commands.
+
+# Run the whole test suite (installs grpcurl if missing).
+test *args:
+    scripts/test {{args}}
+
+# The demo: the router and two echo-plugin instances (deploy/local.toml).
+demo:
+    cargo build --workspace --bins
+    target/debug/mesh up --config deploy/local.toml
+
+# Call the running demo by name with the example client.
+client *args:
+    cargo run --example client -- {{args}}
+
+# Formatting and lints, as CI checks them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Everything CI runs.
+ci:
+    .ci/run

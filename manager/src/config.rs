@@ -1,0 +1,515 @@
+//! The manager's configuration: parsed once, validated once, then handed around as plain values.
+//!
+//! Every error names the file, the line, what is wrong and how to fix it.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use mesh::{ServiceName, runtime};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// Where sockets live.
+    pub runtime_dir: PathBuf,
+    /// The router's Unix socket.
+    pub socket: PathBuf,
+    /// TCP address for remote clients, if any.
+    pub listen: Option<SocketAddr>,
+    /// The plugins, in file order.
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// One plugin's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginConfig {
+    /// The plugin's name (`echo`).
+    pub name: String,
+    /// Its registry name (`plugin.echo`).
+    pub service: ServiceName,
+    /// The program to run, resolved to a path.
+    pub command: PathBuf,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: BTreeMap<String, String>,
+    /// How many instances to run.
+    pub instances: u32,
+    /// How long an instance may take to report SERVING.
+    pub ready_timeout: Duration,
+    /// How long an instance may drain after SIGTERM before SIGKILL.
+    pub stop_grace: Duration,
+    /// Where the instances' sockets live.
+    pub socket_dir: PathBuf,
+    /// When an instance that ended is started again.
+    pub restart: RestartPolicy,
+    /// Restart backoff: first delay, ceiling, and how long an instance must stay ready for the
+    /// delay to start over from the first.
+    pub backoff: Backoff,
+}
+
+/// When an instance that ended is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Whatever the exit.
+    Always,
+    /// Unless it exited with status 0.
+    OnFailure,
+    /// Never.
+    Never,
+}
+
+/// Exponential restart backoff with jitter, and crash-loop detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first delay.
+    pub base: Duration,
+    /// The longest delay.
+    pub max: Duration,
+    /// Ready this long, an instance's next delay starts over from `base`.
+    pub reset_after: Duration,
+    /// This many failures within `window` mark the plugin failed.
+    pub max_failures: u32,
+    /// See `max_failures`.
+    pub window: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+            reset_after: Duration::from_secs(10),
+            max_failures: 5,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+impl PluginConfig {
+    /// The id of instance number `index` (`echo-0`).
+    pub fn instance_id(&self, index: u32) -> String {
+        format!("{}-{index}", self.name)
+    }
+
+    /// The socket of instance `id`.
+    pub fn socket(&self, id: &str) -> PathBuf {
+        self.socket_dir.join(format!("{id}.sock"))
+    }
+}
+
+/// A configuration error: the file, the line (when known) and a message that says the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The config file.
+    pub path: PathBuf,
+    /// 1-based line, when the error has a place.
+    pub line: Option<usize>,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}", self.path.display(), self.message),
+            None => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
+/// Most instances of one plugin: enough for any machine, and keeps typos like 1000000 out.
+const MAX_INSTANCES: u32 = 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    mesh: Option<Spanned<RawMesh>>,
+    #[serde(default)]
+    plugin: Vec<Spanned<RawPlugin>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMesh {
+    runtime_dir: Option<Spanned<PathBuf>>,
+    socket: Option<Spanned<PathBuf>>,
+    listen: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    name: Spanned<String>,
+    command: Spanned<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    instances: Option<Spanned<u32>>,
+    ready_timeout: Option<Spanned<String>>,
+    stop_grace: Option<Spanned<String>>,
+    restart: Option<RestartPolicy>,
+    backoff_base: Option<Spanned<String>>,
+    backoff_max: Option<Spanned<String>>,
+    backoff_reset: Option<Spanned<String>>,
+    max_failures: Option<Spanned<u32>>,
+    failure_window: Option<Spanned<String>>,
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            line: None,
+            message: format!(
+                "cannot read the config file: {e}; pass an existing file with --config"
+            ),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text`, read from `path` (relative commands resolve against its directory).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let at = |span: Option<Range<usize>>, message: String| ConfigError {
+            path: path.to_owned(),
+            line: span.map(|s| line_of(text, s.start)),
+            message,
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| at(e.span(), explain(e.message())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+
+        let mesh = raw.mesh.map(Spanned::into_inner).unwrap_or_default();
+        let runtime_dir = match &mesh.runtime_dir {
+            Some(dir) => absolute(base, dir.get_ref()),
+            None => runtime::default_dir(),
+        };
+        let socket = match &mesh.socket {
+            Some(socket) => absolute(base, socket.get_ref()),
+            None => runtime_dir.join("mesh.sock"),
+        };
+        let socket_span = mesh
+            .socket
+            .as_ref()
+            .or(mesh.runtime_dir.as_ref())
+            .map(|s| s.span());
+        runtime::check_socket_path(&socket).map_err(|e| at(socket_span.clone(), e.to_string()))?;
+        let listen = match mesh.listen {
+            None => None,
+            Some(listen) => Some(listen.get_ref().parse().map_err(|_| {
+                at(
+                    Some(listen.span()),
+                    format!(
+                        "listen = {:?} is not an address; write host:port, such as \"127.0.0.1:7700\" (port 0 picks a free port)",
+                        listen.get_ref()
+                    ),
+                )
+            })?),
+        };
+
+        let mut plugins: Vec<PluginConfig> = Vec::new();
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for spanned in raw.plugin {
+            let table_line = line_of(text, spanned.span().start);
+            let p = spanned.into_inner();
+            let name = p.name.get_ref().clone();
+            let service = ServiceName::plugin(&name).map_err(|e| {
+                at(
+                    Some(p.name.span()),
+                    format!("plugin name: {e}; a plugin name is one segment of a-z, 0-9 and '-', such as echo"),
+                )
+            })?;
+            if let Some(first) = seen.insert(name.clone(), table_line) {
+                return Err(at(
+                    Some(p.name.span()),
+                    format!(
+                        "plugin {name:?} is defined twice (first at line {first}); give each [[plugin]] a unique name"
+                    ),
+                ));
+            }
+            let command = resolve_command(base, p.command.get_ref()).map_err(|message| {
+                at(
+                    Some(p.command.span()),
+                    format!("plugin {name:?}: {message}"),
+                )
+            })?;
+            let instances = match p.instances {
+                None => 1,
+                Some(n) if (1..=MAX_INSTANCES).contains(n.get_ref()) => *n.get_ref(),
+                Some(n) => {
+                    return Err(at(
+                        Some(n.span()),
+                        format!(
+                            "plugin {name:?}: instances = {} is out of range; use 1 to {MAX_INSTANCES}",
+                            n.get_ref()
+                        ),
+                    ));
+                }
+            };
+            let duration = |field: &str, value: Option<Spanned<String>>, default| {
+                match value {
+                None => Ok(default),
+                Some(v) => humantime::parse_duration(v.get_ref()).map_err(|e| {
+                    at(
+                        Some(v.span()),
+                        format!("plugin {name:?}: {field} = {:?}: {e}; write a duration such as \"5s\" or \"500ms\"", v.get_ref()),
+                    )
+                }),
+            }
+            };
+            let defaults = Backoff::default();
+            let backoff = Backoff {
+                base: duration("backoff_base", p.backoff_base, defaults.base)?,
+                max: duration("backoff_max", p.backoff_max, defaults.max)?,
+                reset_after: duration("backoff_reset", p.backoff_reset, defaults.reset_after)?,
+                window: duration("failure_window", p.failure_window, defaults.window)?,
+                max_failures: match p.max_failures {
+                    None => defaults.max_failures,
+                    Some(n) if *n.get_ref() >= 1 => *n.get_ref(),
+                    Some(n) => {
+                        return Err(at(
+                            Some(n.span()),
+                            format!("plugin {name:?}: max_failures must be at least 1"),
+                        ));
+                    }
+                },
+            };
+            let plugin = PluginConfig {
+                socket_dir: runtime_dir.join(&name),
+                restart: p.restart.unwrap_or(RestartPolicy::OnFailure),
+                backoff,
+                ready_timeout: duration("ready_timeout", p.ready_timeout, DEFAULT_READY_TIMEOUT)?,
+                stop_grace: duration("stop_grace", p.stop_grace, DEFAULT_STOP_GRACE)?,
+                name,
+                service,
+                command,
+                args: p.args,
+                env: p.env,
+                instances,
+            };
+            // The longest id this plugin can have must still fit a socket path.
+            let longest = plugin.socket(&plugin.instance_id(MAX_INSTANCES));
+            runtime::check_socket_path(&longest).map_err(|e| {
+                at(
+                    Some(table_line_span(text, table_line)),
+                    format!("plugin {:?}: {e}", plugin.name),
+                )
+            })?;
+            plugins.push(plugin);
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            runtime_dir,
+            socket,
+            listen,
+            plugins,
+        })
+    }
+}
+
+/// The byte offset's 1-based line.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn table_line_span(text: &str, line: usize) -> Range<usize> {
+    let start: usize = text
+        .split_inclusive('\n')
+        .take(line - 1)
+        .map(str::len)
+        .sum();
+    start..start
+}
+
+/// Adds the fix to serde's messages about unknown and missing fields.
+fn explain(message: &str) -> String {
+    let message = message.trim_end();
+    if message.starts_with("unknown field") {
+        format!("{message}; remove it or correct its spelling")
+    } else if let Some(field) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        let example = match field {
+            "command" => "command = \"/path/to/plugin\"",
+            "name" => "name = \"echo\"",
+            _ => "it",
+        };
+        format!("{message}; add {example} to this table")
+    } else {
+        message.to_owned()
+    }
+}
+
+fn absolute(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_owned()
+    } else {
+        base.join(path)
+    }
+}
+
+/// A command with a `/` is a path (relative to the config file); a bare name is looked up on PATH.
+fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, String> {
+    if command.is_empty() {
+        return Err("command is empty; set it to the plugin's program".into());
+    }
+    let fix =
+        "set command to an absolute path, a path relative to the config file, or a program on PATH";
+    let candidate = if command.contains('/') {
+        let path = absolute(base, Path::new(command));
+        if !path.exists() {
+            return Err(format!(
+                "command {command:?} not found (looked for {}); build it or {fix}",
+                path.display()
+            ));
+        }
+        path
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(command))
+            .find(|p| p.is_file())
+            .ok_or_else(|| format!("command {command:?} not found on PATH; {fix}"))?
+    };
+    let meta = std::fs::metadata(&candidate)
+        .map_err(|e| format!("command {}: {e}", candidate.display()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!(
+            "command {} is not an executable file; chmod +x it or {fix}",
+            candidate.display()
+        ));
+    }
+    // Canonical, so that a later change of working directory cannot change what runs.
+    candidate
+        .canonicalize()
+        .map_err(|e| format!("command {}: {e}", candidate.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        // Commands resolve against the config's directory; /bin/sh exists on every machine.
+        Config::parse(Path::new("/etc/mesh/mesh.toml"), text)
+    }
+
+    #[test]
+    fn defaults_fill_what_is_not_said() {
+        let config = parse(
+            "[mesh]\nruntime_dir = \"/tmp/m\"\n[[plugin]]\nname = \"sh\"\ncommand = \"/bin/sh\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.socket, Path::new("/tmp/m/mesh.sock"));
+        assert_eq!(config.listen, None);
+        let plugin = &config.plugins[0];
+        assert_eq!(plugin.service.as_str(), "plugin.sh");
+        assert_eq!(plugin.instances, 1);
+        assert_eq!(plugin.ready_timeout, DEFAULT_READY_TIMEOUT);
+        assert_eq!(plugin.stop_grace, DEFAULT_STOP_GRACE);
+        assert_eq!(plugin.restart, RestartPolicy::OnFailure);
+        assert_eq!(plugin.backoff, Backoff::default());
+        assert_eq!(
+            plugin.socket(&plugin.instance_id(3)),
+            Path::new("/tmp/m/sh/sh-3.sock")
+        );
+    }
+
+    #[test]
+    fn durations_policies_and_addresses_parse() {
+        let config = parse(
+            "[mesh]\nruntime_dir = \"run\"\nlisten = \"127.0.0.1:0\"\n\
+             [[plugin]]\nname = \"a\"\ncommand = \"sh\"\ninstances = 3\nready_timeout = \"1500ms\"\n\
+             restart = \"always\"\nbackoff_base = \"10ms\"\nmax_failures = 2\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.runtime_dir,
+            Path::new("/etc/mesh/run"),
+            "relative to the config file"
+        );
+        assert_eq!(config.listen, Some("127.0.0.1:0".parse().unwrap()));
+        let plugin = &config.plugins[0];
+        assert!(
+            plugin.command.is_absolute(),
+            "found on PATH: {}",
+            plugin.command.display()
+        );
+        assert_eq!(plugin.instances, 3);
+        assert_eq!(plugin.ready_timeout, Duration::from_millis(1500));
+        assert_eq!(plugin.restart, RestartPolicy::Always);
+        assert_eq!(plugin.backoff.base, Duration::from_millis(10));
+        assert_eq!(plugin.backoff.max_failures, 2);
+    }
+
+    #[test]
+    fn bad_values_name_the_line_and_the_fix() {
+        let cases = [
+            (
+                "[[plugin]]\nname = \"a\"\ncommand = \"sh\"\ninstances = 0\n",
+                4,
+                "use 1 to 1024",
+            ),
+            (
+                "[[plugin]]\nname = \"a\"\ncommand = \"sh\"\nstop_grace = \"soon\"\n",
+                4,
+                "such as \"5s\"",
+            ),
+            (
+                "[[plugin]]\nname = \"a\"\ncommand = \"sh\"\nrestart = \"sometimes\"\n",
+                4,
+                "unknown variant `sometimes`",
+            ),
+            (
+                "[mesh]\nlisten = \"localhost\"\n",
+                2,
+                "such as \"127.0.0.1:7700\"",
+            ),
+            (
+                "[[plugin]]\nname = \"a.b\"\ncommand = \"sh\"\n",
+                2,
+                "one segment",
+            ),
+            (
+                "[[plugin]]\nname = \"a\"\ncommand = \"/etc/passwd\"\n",
+                3,
+                "not an executable file",
+            ),
+            (
+                "[[plugin]]\nname = \"a\"\ncommand = \"no-such-program-anywhere\"\n",
+                3,
+                "not found on PATH",
+            ),
+            ("[[plugin]\n", 1, ""),
+        ];
+        for (text, line, needle) in cases {
+            let error = parse(text).unwrap_err();
+            assert_eq!(error.line, Some(line), "{text}: {error}");
+            assert!(error.to_string().contains(needle), "{text}: {error}");
+            assert!(
+                error
+                    .to_string()
+                    .starts_with(&format!("/etc/mesh/mesh.toml:{line}: ")),
+                "{error}"
+            );
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The mesh manager: configuration, the supervisor that keeps plugins alive, and `mesh up`.
+//!
+//! The `mesh` command is a thin layer over this library (see `main.rs`).
+
+pub mod config;
+pub mod supervisor;
+pub mod up;
+
+pub use config::{Config, ConfigError, PluginConfig};
+pub use supervisor::Supervisor;

@@ -1,0 +1,423 @@
+//! One instance's life: start, wait for SERVING, register, watch, stop or restart.
+//!
+//! The instance is a task that owns its process; the supervisor holds a handle (its status and
+//! a stop switch). Its state is one [`State`] value, and every change is logged with its id.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use mesh::{Address, Channel, registry::Registry};
+use tokio::{process::Child, sync::watch, time::Instant};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use super::{
+    logs::{LogBook, Stream},
+    process::{self, Launch},
+};
+use crate::config::RestartPolicy;
+
+/// Stderr lines quoted in an error about an instance.
+const QUOTED_LINES: usize = 5;
+/// A single health check gets no longer than this.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Not started yet.
+    Pending,
+    /// Started, not yet SERVING.
+    Starting {
+        /// Process id.
+        pid: u32,
+    },
+    /// SERVING and registered.
+    Ready {
+        /// Process id.
+        pid: u32,
+    },
+    /// Asked to stop: deregistered, draining.
+    Stopping {
+        /// Process id.
+        pid: u32,
+    },
+    /// Ended and will not be restarted (policy).
+    Exited {
+        /// How it ended (`exited with status 0`).
+        exit: String,
+    },
+    /// Ended; restarts when the delay is over.
+    Backoff {
+        /// When it restarts.
+        until: SystemTime,
+    },
+    /// Given up on.
+    Failed {
+        /// Why, with the last lines of its stderr.
+        reason: String,
+    },
+    /// Stopped on request.
+    Stopped,
+}
+
+impl State {
+    /// The state's name as `mesh status` shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Starting { .. } => "starting",
+            Self::Ready { .. } => "ready",
+            Self::Stopping { .. } => "stopping",
+            Self::Exited { .. } => "exited",
+            Self::Backoff { .. } => "backoff",
+            Self::Failed { .. } => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    /// The process id, while there is a process.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Starting { pid } | Self::Ready { pid } | Self::Stopping { pid } => Some(*pid),
+            _ => None,
+        }
+    }
+
+    /// Whether the instance is done changing on its own (ready, or will not start again).
+    pub fn is_settled(&self) -> bool {
+        matches!(
+            self,
+            Self::Ready { .. } | Self::Exited { .. } | Self::Failed { .. } | Self::Stopped
+        )
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Starting { pid } | Self::Ready { pid } | Self::Stopping { pid } => {
+                write!(f, "{} (pid {pid})", self.name())
+            }
+            Self::Exited { exit } => write!(f, "exited: {exit}"),
+            Self::Backoff { until } => {
+                let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+                write!(f, "backoff: restarting in {left:.1?}")
+            }
+            Self::Failed { reason } => write!(f, "failed: {reason}"),
+            Self::Pending | Self::Stopped => f.write_str(self.name()),
+        }
+    }
+}
+
+/// An instance's state and history, as the supervisor publishes it.
+#[derive(Debug, Clone)]
+pub struct InstanceStatus {
+    /// Instance id (`echo-0`).
+    pub id: String,
+    /// Where it is now.
+    pub state: State,
+    /// When the current process started.
+    pub started: Option<SystemTime>,
+    /// How many times it was started again.
+    pub restarts: u32,
+    /// How its last process ended.
+    pub last_exit: Option<String>,
+}
+
+/// The task behind one instance.
+pub(crate) struct Instance {
+    pub(crate) launch: Launch,
+    pub(crate) registry: Registry,
+    pub(crate) logs: Arc<LogBook>,
+    pub(crate) status: watch::Sender<InstanceStatus>,
+    pub(crate) stop: watch::Receiver<bool>,
+}
+
+/// How one run of the process ended.
+struct Ended {
+    /// Whether it counts as a failure for the restart policy and crash-loop detection.
+    failure: bool,
+    /// What happened, for the log and `Failed`.
+    reason: String,
+}
+
+impl Instance {
+    pub(crate) async fn run(mut self) {
+        let backoff = self.launch.plugin.backoff;
+        let mut attempt: u32 = 0;
+        let mut failures: VecDeque<Instant> = VecDeque::new();
+        loop {
+            let Some(ended) = self.run_once(&mut attempt).await else {
+                self.set(State::Stopped);
+                return;
+            };
+            let restart = match self.launch.plugin.restart {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => ended.failure,
+                RestartPolicy::Never => false,
+            };
+            if !restart {
+                if ended.failure {
+                    self.fail(ended.reason);
+                } else {
+                    self.set(State::Exited { exit: ended.reason });
+                }
+                return;
+            }
+            if ended.failure {
+                let now = Instant::now();
+                failures.push_back(now);
+                while failures
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > backoff.window)
+                {
+                    failures.pop_front();
+                }
+                if failures.len() >= backoff.max_failures as usize {
+                    self.fail(format!(
+                        "{} failures within {:?}, giving up; last: {}",
+                        failures.len(),
+                        backoff.window,
+                        ended.reason
+                    ));
+                    return;
+                }
+            }
+            let delay = delay(backoff.base, backoff.max, attempt);
+            attempt = attempt.saturating_add(1);
+            self.set(State::Backoff {
+                until: SystemTime::now() + delay,
+            });
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = stopped(self.stop.clone()) => {
+                    self.set(State::Stopped);
+                    return;
+                }
+            }
+            self.status.send_modify(|s| s.restarts += 1);
+        }
+    }
+
+    /// Starts the process once and follows it until it ends; `None` if stopped on request.
+    async fn run_once(&mut self, attempt: &mut u32) -> Option<Ended> {
+        if *self.stop.borrow() {
+            return None;
+        }
+        let (mut child, capture) = match process::spawn(&self.launch, &self.logs) {
+            Ok(spawned) => spawned,
+            Err(error) => {
+                return Some(Ended {
+                    failure: true,
+                    reason: format!(
+                        "cannot start {}: {error}",
+                        self.launch.plugin.command.display()
+                    ),
+                });
+            }
+        };
+        let pid = child.id().unwrap_or_default();
+        self.status
+            .send_modify(|s| s.started = Some(SystemTime::now()));
+        self.set(State::Starting { pid });
+
+        let ready = tokio::select! {
+            ready = self.wait_ready(&mut child) => ready,
+            _ = stopped(self.stop.clone()) => {
+                self.stop_child(&mut child, pid).await;
+                return None;
+            }
+        };
+        if let Err(reason) = ready {
+            // Timed out, or exited: make sure it is gone, and quote what it said.
+            process::stop(&mut child, self.launch.plugin.stop_grace)
+                .await
+                .ok();
+            capture.finish(Duration::from_millis(500)).await;
+            let reason = self.with_stderr(reason);
+            self.status
+                .send_modify(|s| s.last_exit = Some(reason.clone()));
+            tracing::error!("{reason}");
+            return Some(Ended {
+                failure: true,
+                reason,
+            });
+        }
+
+        let lease = self.register();
+        let ready_at = Instant::now();
+        self.set(State::Ready { pid });
+        let exit = tokio::select! {
+            exit = child.wait() => exit,
+            _ = stopped(self.stop.clone()) => {
+                if let Some(lease) = lease {
+                    self.registry.deregister(lease);
+                }
+                self.stop_child(&mut child, pid).await;
+                return None;
+            }
+        };
+        if let Some(lease) = lease {
+            self.registry.deregister(lease);
+        }
+        process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        process::remove_socket(&self.launch.plugin.socket(&self.launch.id));
+        if ready_at.elapsed() >= self.launch.plugin.backoff.reset_after {
+            *attempt = 0;
+        }
+        capture.finish(Duration::from_millis(500)).await;
+        let (failure, exit) = match &exit {
+            Ok(status) => (!status.success(), process::describe(status)),
+            Err(error) => (true, format!("could not be waited for: {error}")),
+        };
+        self.status
+            .send_modify(|s| s.last_exit = Some(exit.clone()));
+        let reason = if failure {
+            self.with_stderr(format!("instance {} {exit}", self.launch.id))
+        } else {
+            exit
+        };
+        if failure {
+            tracing::warn!("{reason}");
+        }
+        Some(Ended { failure, reason })
+    }
+
+    /// Polls health until SERVING; fails when the process exits or the deadline passes.
+    async fn wait_ready(&self, child: &mut Child) -> Result<(), String> {
+        let plugin = &self.launch.plugin;
+        let id = &self.launch.id;
+        let socket = plugin.socket(id);
+        let mut health = HealthClient::new(Channel::to_address(Address::Unix(socket), "localhost"));
+        let probe = async {
+            let mut pause = Duration::from_millis(2);
+            loop {
+                if check(&mut health).await == Some(ServingStatus::Serving) {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+        };
+        tokio::select! {
+            () = probe => Ok(()),
+            exit = child.wait() => Err(match exit {
+                Ok(status) => format!("instance {id} {} before it was ready", process::describe(&status)),
+                Err(error) => format!("instance {id} could not be waited for: {error}"),
+            }),
+            () = tokio::time::sleep(plugin.ready_timeout) => Err(format!(
+                "instance {id} did not report SERVING on {} within {:?} (ready_timeout)",
+                plugin.socket(id).display(),
+                plugin.ready_timeout
+            )),
+        }
+    }
+
+    fn register(&self) -> Option<mesh::registry::LeaseId> {
+        let plugin = &self.launch.plugin;
+        let instance = mesh::registry::Instance {
+            service: plugin.service.to_string(),
+            id: self.launch.id.clone(),
+            endpoint: Address::Unix(plugin.socket(&self.launch.id)).to_string(),
+            labels: [(
+                "pid".to_owned(),
+                self.status
+                    .borrow()
+                    .state
+                    .pid()
+                    .unwrap_or_default()
+                    .to_string(),
+            )]
+            .into(),
+        };
+        match self.registry.register(instance, None) {
+            Ok(lease) => Some(lease.id),
+            Err(error) => {
+                tracing::error!(instance = %self.launch.id, %error, "cannot register");
+                None
+            }
+        }
+    }
+
+    async fn stop_child(&self, child: &mut Child, pid: u32) {
+        self.set(State::Stopping { pid });
+        match process::stop(child, self.launch.plugin.stop_grace).await {
+            Ok(status) => {
+                let exit = process::describe(&status);
+                self.status.send_modify(|s| s.last_exit = Some(exit));
+            }
+            Err(error) => tracing::warn!(instance = %self.launch.id, %error, "stopping failed"),
+        }
+        process::remove_socket(&self.launch.plugin.socket(&self.launch.id));
+    }
+
+    fn with_stderr(&self, reason: String) -> String {
+        let tail = self
+            .logs
+            .tail(&self.launch.id, Stream::Stderr, QUOTED_LINES);
+        if tail.is_empty() {
+            format!("{reason}; it wrote nothing to stderr")
+        } else {
+            format!("{reason}; last stderr: {}", tail.join(" | "))
+        }
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!("{}: failed: {reason}", self.launch.id);
+        self.set(State::Failed { reason });
+    }
+
+    fn set(&self, state: State) {
+        tracing::info!("{}: {state}", self.launch.id);
+        self.status.send_modify(|s| s.state = state);
+    }
+}
+
+/// Completes once a stop is asked for (at once if it already was).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// One health check of the whole server (`service = ""`); `None` if it did not answer.
+pub(crate) async fn check(health: &mut HealthClient<Channel>) -> Option<ServingStatus> {
+    let call = health.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    match tokio::time::timeout(CHECK_TIMEOUT, call).await {
+        Ok(Ok(response)) => Some(response.into_inner().status()),
+        _ => None,
+    }
+}
+
+/// Exponential backoff with "equal jitter": half the delay fixed, half random, so restarts of
+/// many instances spread out while the delay still grows.
+fn delay(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX));
+    let capped = exp.min(max);
+    capped / 2 + capped.mul_f64(fastrand::f64() / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_within_jitter_and_stops_at_the_ceiling() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        for attempt in 0..10 {
+            let ceiling = (base * 2u32.pow(attempt)).min(max);
+            for _ in 0..50 {
+                let d = delay(base, max, attempt);
+                assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d:?}");
+            }
+        }
+        assert!(delay(base, max, 1000) <= max);
+    }
+}

@@ -1,0 +1,157 @@
+//! Starting and stopping one plugin process.
+//!
+//! Each instance runs in its own process group, so a stop reaches everything it started, and
+//! with a parent-death signal, so it dies with the manager even when the manager is SIGKILLed.
+
+use std::{io, path::Path, process::Stdio, sync::Arc, time::Duration};
+
+use mesh::{plugin, runtime::MESH_SOCKET};
+use nix::{
+    sys::signal::{Signal, killpg},
+    unistd::Pid,
+};
+use tokio::process::{Child, Command};
+
+use super::logs::{LogBook, Stream};
+use crate::config::PluginConfig;
+
+/// What a started instance needs to know.
+#[derive(Debug, Clone)]
+pub(crate) struct Launch {
+    pub(crate) plugin: Arc<PluginConfig>,
+    pub(crate) id: String,
+    pub(crate) mesh_socket: std::path::PathBuf,
+}
+
+/// Tasks reading an instance's stdout and stderr.
+pub(crate) struct Capture(Vec<tokio::task::JoinHandle<()>>);
+
+impl Capture {
+    /// Waits (at most `limit`) until the output is read to its end, so that the last lines an
+    /// instance wrote before it died are in the log book.
+    pub(crate) async fn finish(self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            for task in self.0 {
+                let _ = task.await;
+            }
+        })
+        .await;
+    }
+}
+
+/// Starts the instance with the plugin contract's environment and captures its output.
+pub(crate) fn spawn(launch: &Launch, logs: &Arc<LogBook>) -> io::Result<(Child, Capture)> {
+    let plugin = &launch.plugin;
+    let socket = plugin.socket(&launch.id);
+    // A socket left by a crashed instance would make the plugin's bind fail.
+    if let Err(error) = mesh::runtime::remove_stale_socket(&socket) {
+        return Err(io::Error::other(error));
+    }
+    let mut command = Command::new(&plugin.command);
+    command
+        .args(&plugin.args)
+        .envs(&plugin.env)
+        .env(plugin::PLUGIN_SOCKET, &socket)
+        .env(plugin::PLUGIN_NAME, &plugin.name)
+        .env(plugin::PLUGIN_INSTANCE, &launch.id)
+        .env(MESH_SOCKET, &launch.mesh_socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        // A backstop: normal stops signal the whole group and wait.
+        .kill_on_drop(true);
+    die_with_parent(&mut command);
+    let mut child = command.spawn()?;
+    let mut capture = Capture(Vec::with_capacity(2));
+    for (stream, output) in [
+        (Stream::Stdout, child.stdout.take().map(Output::Stdout)),
+        (Stream::Stderr, child.stderr.take().map(Output::Stderr)),
+    ] {
+        if let Some(output) = output {
+            let logs = logs.clone();
+            let id = launch.id.clone();
+            capture.0.push(tokio::spawn(async move {
+                match output {
+                    Output::Stdout(out) => logs.capture(id, stream, out).await,
+                    Output::Stderr(err) => logs.capture(id, stream, err).await,
+                }
+            }));
+        }
+    }
+    Ok((child, capture))
+}
+
+enum Output {
+    Stdout(tokio::process::ChildStdout),
+    Stderr(tokio::process::ChildStderr),
+}
+
+/// Asks the kernel to SIGKILL the child when the manager dies.
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec, and only makes
+    // async-signal-safe system calls (prctl, getppid, kill).
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            // The manager may have died between fork and prctl: then nobody would kill us.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                nix::sys::signal::raise(Signal::SIGKILL).map_err(io::Error::from)?;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sends `signal` to the instance's whole process group.
+pub(crate) fn signal_group(pid: u32, signal: Signal) {
+    // The group id is the leader's pid (process_group(0)). ESRCH: already gone.
+    let _ = killpg(Pid::from_raw(pid as i32), signal);
+}
+
+/// SIGTERM to the group, SIGKILL after `grace`, then SIGKILL to any straggler in the group.
+pub(crate) async fn stop(
+    child: &mut Child,
+    grace: Duration,
+) -> io::Result<std::process::ExitStatus> {
+    let Some(pid) = child.id() else {
+        // Already reaped.
+        return child.wait().await;
+    };
+    signal_group(pid, Signal::SIGTERM);
+    let status = match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => status,
+        Err(_) => {
+            tracing::warn!(
+                pid,
+                ?grace,
+                "instance did not exit in its grace period; killing its process group"
+            );
+            signal_group(pid, Signal::SIGKILL);
+            child.wait().await
+        }
+    };
+    // Children the instance left behind still hold the group id; nothing else can have it.
+    signal_group(pid, Signal::SIGKILL);
+    status
+}
+
+/// `exited with status 3`, `killed by SIGKILL`.
+pub(crate) fn describe(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => match Signal::try_from(signal) {
+            Ok(signal) => format!("killed by {signal}"),
+            Err(_) => format!("killed by signal {signal}"),
+        },
+        _ => "ended".into(),
+    }
+}
+
+/// Removes the instance's socket file, if it left one.
+pub(crate) fn remove_socket(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}

@@ -1,0 +1,119 @@
+//! `mesh up`: the router with its embedded registry, and the configured plugins, until a
+//! signal asks them to stop.
+
+use std::{future::Future, sync::Arc};
+
+use mesh::{registry::Registry, router::Router, runtime};
+use tokio::sync::watch;
+
+use crate::{Config, Supervisor, supervisor::State};
+
+/// Why `mesh up` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    /// The router socket could not be bound.
+    #[error("router socket: {0}")]
+    Socket(#[from] runtime::SocketError),
+    /// The TCP listener could not be bound.
+    #[error("listen = {addr}: {source}; pick a free port, or port 0 for any")]
+    Listen {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the mesh described by `config` until `shutdown` completes; then deregisters and stops
+/// every plugin and closes the router.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), UpError> {
+    runtime::create_private_dir(&config.runtime_dir)?;
+    let listener = runtime::bind(&config.socket)?;
+    let tcp = match config.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| UpError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
+    let registry = Registry::new();
+    let supervisor = Arc::new(Supervisor::new(registry.clone(), config.socket.clone()));
+    let router = Router::builder(registry).build().await;
+
+    let (stopping, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut servers = Vec::new();
+    {
+        let router = router.clone();
+        servers.push(tokio::spawn(
+            router.serve_unix(listener, stopped(stop_rx.clone())),
+        ));
+    }
+    println!("mesh: router listening on unix:{}", config.socket.display());
+    if let Some(tcp) = tcp {
+        let addr = tcp.local_addr().map_err(|source| UpError::Listen {
+            addr: config.listen.expect("set"),
+            source,
+        })?;
+        println!("mesh: router listening on http://{addr}");
+        let router = router.clone();
+        servers.push(tokio::spawn(
+            router.serve_tcp(tcp, stopped(stop_rx.clone())),
+        ));
+    }
+    println!(
+        "mesh: try `MESH_SOCKET={} cargo run --example client` or \
+         `grpcurl -plaintext -unix -authority plugin.<name> {} list`",
+        config.socket.display(),
+        config.socket.display()
+    );
+
+    for plugin in config.plugins {
+        let name = plugin.name.clone();
+        let service = plugin.service.clone();
+        if let Err(error) = supervisor.start(plugin) {
+            tracing::error!(plugin = %name, %error, "cannot start plugin");
+            continue;
+        }
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move {
+            let statuses = supervisor.settled(&name).await;
+            let ready = statuses
+                .iter()
+                .filter(|s| matches!(s.state, State::Ready { .. }))
+                .count();
+            if ready == statuses.len() {
+                tracing::info!(
+                    "plugin {name}: {ready}/{} instances ready as {service}",
+                    statuses.len()
+                );
+            } else {
+                let problems: Vec<String> = statuses
+                    .iter()
+                    .filter(|s| !matches!(s.state, State::Ready { .. }))
+                    .map(|s| format!("{} {}", s.id, s.state))
+                    .collect();
+                tracing::error!(
+                    "plugin {name}: {ready}/{} instances ready as {service}; {}",
+                    statuses.len(),
+                    problems.join("; ")
+                );
+            }
+        });
+    }
+
+    shutdown.await;
+    tracing::info!("stopping: deregistering and stopping plugins");
+    supervisor.shutdown().await;
+    let _ = stopping.send(true);
+    for server in servers {
+        let _ = server.await;
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `mesh` and `echo-plugin` binaries, real Unix sockets, real grpcurl.
+
+#![allow(unreachable_pub)] // a test crate: nothing here is exported
+
+mod bad_input;
+mod lifecycle;
+mod routing;
+mod support;

@@ -1,0 +1,73 @@
+//! The library's error type, and its one mapping to a gRPC status.
+
+use std::{io, path::PathBuf};
+
+use crate::{name::InvalidName, transport::Address};
+
+/// Errors from connecting to and calling services through the mesh.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The service has no instance to send the call to.
+    #[error("no ready instance of {0}")]
+    NoInstance(String),
+    /// No connection could be made to an instance.
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        /// The instance's address.
+        address: Address,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The call failed after it was sent; it may have reached the instance.
+    #[error("call to {address} failed: {source}")]
+    Call {
+        /// The instance's address.
+        address: Address,
+        /// Why.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The router could not be reached or refused to resolve.
+    #[error(
+        "cannot reach the mesh router at {socket}: {source}; is `mesh up` running? \
+         (set MESH_SOCKET to its socket, or MESH_ROUTER to a remote router)",
+        socket = socket.display()
+    )]
+    Router {
+        /// The router socket tried.
+        socket: PathBuf,
+        /// What the router (or the connection to it) answered.
+        #[source]
+        source: tonic::Status,
+    },
+    /// The service name is not valid.
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
+    /// The request could not be addressed.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+}
+
+impl Error {
+    /// The gRPC status a caller sees for this error.
+    pub fn to_status(&self) -> tonic::Status {
+        let message = self.to_string();
+        match self {
+            Self::NoInstance(_)
+            | Self::Connect { .. }
+            | Self::Call { .. }
+            | Self::Router { .. } => tonic::Status::unavailable(message),
+            Self::InvalidName(_) | Self::InvalidRequest(_) => {
+                tonic::Status::invalid_argument(message)
+            }
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        error.to_status()
+    }
+}

@@ -1,0 +1,37 @@
+//! A plugin mesh for gRPC services.
+//!
+//! Plugins are small gRPC servers; the manager (`mesh up`) starts them, and the router keeps a
+//! registry of logical names (`plugin.echo`). Clients reach a healthy instance by name:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use mesh_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
+//!
+//! let mut echo = EchoClient::new(mesh::connect("plugin.echo").await?);
+//! let reply = echo.echo(EchoRequest { message: "hello".into() }).await?;
+//! assert_eq!(reply.get_ref().message, "hello");
+//! # Ok(()) }
+//! ```
+//!
+//! - [`connect`] and [`Channel`]: a balanced channel to a service, for any tonic client;
+//! - [`plugin`]: the SDK plugin authors serve with;
+//! - [`registry`]: the in-memory registry and its gRPC service;
+//! - [`router`]: forwards calls by name;
+//! - [`runtime`]: where sockets live, and binding them safely.
+
+mod balance;
+mod client;
+mod error;
+mod name;
+pub mod plugin;
+mod reflection;
+pub mod registry;
+pub mod router;
+pub mod runtime;
+mod transport;
+
+pub use balance::ResponseBody;
+pub use client::{Channel, Connector, MESH_ROUTER, connect};
+pub use error::Error;
+pub use name::{InvalidName, ServiceName};
+pub use transport::{Address, InvalidAddress};

@@ -1,0 +1,223 @@
+//! The plugin SDK: serve a gRPC API on the socket the manager hands out, with health and
+//! reflection, and drain on SIGTERM.
+//!
+//! ```no_run
+//! # use mesh_proto::echo::v1::echo_server::{Echo, EchoServer};
+//! # async fn run<E: Echo>(echo: E) -> Result<(), mesh::plugin::PluginError> {
+//! mesh::plugin::Plugin::from_env()?
+//!     .add_service(EchoServer::new(echo))
+//!     .file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+//!     .serve()
+//!     .await
+//! # }
+//! ```
+
+use std::{convert::Infallible, future::Future, path::PathBuf};
+
+use http::{Request, Response};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
+use tonic_health::ServingStatus;
+
+use crate::{runtime, transport};
+
+/// The socket the plugin must listen on.
+pub const PLUGIN_SOCKET: &str = "PLUGIN_SOCKET";
+/// The plugin's name in the config (`echo`); it is registered as `plugin.<name>`.
+pub const PLUGIN_NAME: &str = "PLUGIN_NAME";
+/// This instance's id (`echo-0`).
+pub const PLUGIN_INSTANCE: &str = "PLUGIN_INSTANCE";
+
+/// Why a plugin could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The manager's variables are missing: the program was not started by `mesh up`.
+    #[error(
+        "{} not set: this program is a mesh plugin and `mesh up` starts it. To run it by hand: \
+         PLUGIN_SOCKET=/tmp/{example}.sock PLUGIN_NAME={example} PLUGIN_INSTANCE={example}-dev {program}, \
+         then `grpcurl -plaintext -unix -authority localhost /tmp/{example}.sock list`",
+        missing.join(", "),
+        example = "echo",
+        program = program()
+    )]
+    MissingEnv {
+        /// The variables that are not set.
+        missing: Vec<&'static str>,
+    },
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Socket(#[from] runtime::SocketError),
+    /// A file descriptor set given for reflection could not be read.
+    #[error("invalid file descriptor set for reflection: {0}")]
+    Reflection(String),
+    /// The server failed.
+    #[error("serving failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+fn program() -> String {
+    std::env::args().next().unwrap_or_else(|| "PLUGIN".into())
+}
+
+/// A plugin being set up: its identity, its services and their descriptors.
+pub struct Plugin {
+    socket: PathBuf,
+    name: String,
+    instance: String,
+    routes: RoutesBuilder,
+    services: Vec<&'static str>,
+    descriptors: Vec<&'static [u8]>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("socket", &self.socket)
+            .field("name", &self.name)
+            .field("instance", &self.instance)
+            .field("services", &self.services)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// Reads `PLUGIN_SOCKET`, `PLUGIN_NAME` and `PLUGIN_INSTANCE`; the error lists the missing
+    /// ones and shows how to run the plugin by hand.
+    pub fn from_env() -> Result<Self, PluginError> {
+        let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        let (socket, name, instance) = (var(PLUGIN_SOCKET), var(PLUGIN_NAME), var(PLUGIN_INSTANCE));
+        match (socket, name, instance) {
+            (Some(socket), Some(name), Some(instance)) => Ok(Self::new(socket, name, instance)),
+            (socket, name, instance) => Err(PluginError::MissingEnv {
+                missing: [
+                    (PLUGIN_SOCKET, socket.is_none()),
+                    (PLUGIN_NAME, name.is_none()),
+                    (PLUGIN_INSTANCE, instance.is_none()),
+                ]
+                .into_iter()
+                .filter_map(|(var, missing)| missing.then_some(var))
+                .collect(),
+            }),
+        }
+    }
+
+    /// A plugin serving on `socket` as instance `instance` of plugin `name`.
+    pub fn new(
+        socket: impl Into<PathBuf>,
+        name: impl Into<String>,
+        instance: impl Into<String>,
+    ) -> Self {
+        Self {
+            socket: socket.into(),
+            name: name.into(),
+            instance: instance.into(),
+            routes: RoutesBuilder::default(),
+            services: Vec::new(),
+            descriptors: Vec::new(),
+        }
+    }
+
+    /// The plugin's name (`echo`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This instance's id (`echo-0`).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Serves a tonic service; health reports it `SERVING` once the plugin serves.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.services.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Adds an encoded `FileDescriptorSet` that describes the services, for reflection.
+    pub fn file_descriptor_set(mut self, encoded: &'static [u8]) -> Self {
+        self.descriptors.push(encoded);
+        self
+    }
+
+    /// Serves until SIGTERM or SIGINT, then reports `NOT_SERVING`, finishes the calls in
+    /// flight and removes the socket.
+    pub async fn serve(self) -> Result<(), PluginError> {
+        let mut term =
+            signal(SignalKind::terminate()).map_err(|source| socket_io(&self.socket, source))?;
+        let mut int =
+            signal(SignalKind::interrupt()).map_err(|source| socket_io(&self.socket, source))?;
+        self.serve_with_shutdown(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
+        .await
+    }
+
+    /// Serves until `shutdown` completes, then drains as [`Plugin::serve`] does.
+    pub async fn serve_with_shutdown(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), PluginError> {
+        let listener = runtime::bind(&self.socket)?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let (reflection_v1, reflection_v1alpha) =
+            crate::reflection::services(&self.descriptors, &self.services)
+                .map_err(|e| PluginError::Reflection(e.to_string()))?;
+        self.routes
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+
+        // Only this server answers health checks, so SERVING cannot be seen before it serves.
+        let statuses: Vec<&str> = self.services.iter().copied().chain([""]).collect();
+        for service in &statuses {
+            health
+                .set_service_status(*service, ServingStatus::Serving)
+                .await;
+        }
+        tracing::info!(
+            socket = %self.socket.display(),
+            instance = %self.instance,
+            services = ?self.services,
+            "serving"
+        );
+        let draining = async {
+            shutdown.await;
+            tracing::info!(instance = %self.instance, "draining");
+            for service in &statuses {
+                health
+                    .set_service_status(*service, ServingStatus::NotServing)
+                    .await;
+            }
+        };
+        let served = Server::builder()
+            .initial_stream_window_size(transport::WINDOW)
+            .initial_connection_window_size(transport::CONNECTION_WINDOW)
+            .add_routes(self.routes.routes())
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), draining)
+            .await;
+        let _ = std::fs::remove_file(&self.socket);
+        served?;
+        Ok(())
+    }
+}
+
+fn socket_io(path: &std::path::Path, source: std::io::Error) -> PluginError {
+    PluginError::Socket(runtime::SocketError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}

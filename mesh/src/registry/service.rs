@@ -1,0 +1,168 @@
+//! `mesh.v1.Registry` over gRPC, served by the router on top of a [`Registry`].
+
+use std::{pin::Pin, time::Duration};
+
+use futures_util::{Stream, StreamExt, stream};
+use mesh_proto::mesh::v1::{
+    DeregisterRequest, DeregisterResponse, KeepAliveRequest, KeepAliveResponse, ListRequest,
+    ListResponse, RegisterRequest, RegisterResponse, ResolveRequest, ResolveResponse, Service,
+    WatchRequest, WatchResponse, registry_server,
+};
+use tonic::{Request, Response, Status};
+
+use super::{DEFAULT_TTL, Registry, Snapshot};
+use crate::ServiceName;
+
+/// The gRPC face of a [`Registry`].
+#[derive(Debug, Clone)]
+pub struct RegistryService {
+    registry: Registry,
+}
+
+impl RegistryService {
+    /// Serves `registry`.
+    pub fn new(registry: Registry) -> Self {
+        Self { registry }
+    }
+
+    /// The tonic service, ready to add to a server or the router.
+    pub fn into_server(self) -> registry_server::RegistryServer<Self> {
+        registry_server::RegistryServer::new(self)
+    }
+}
+
+fn ttl_seconds(ttl: Option<Duration>) -> u32 {
+    ttl.map_or(0, |ttl| ttl.as_secs() as u32)
+}
+
+fn watch_response(service: &ServiceName, instances: &Snapshot) -> WatchResponse {
+    WatchResponse {
+        service: service.to_string(),
+        instances: instances.to_vec(),
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl registry_server::Registry for RegistryService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let request = request.into_inner();
+        let instance = request
+            .instance
+            .ok_or_else(|| Status::invalid_argument("RegisterRequest.instance is missing"))?;
+        let ttl = match request.ttl_seconds {
+            0 => DEFAULT_TTL,
+            s => Duration::from_secs(s.into()),
+        };
+        let lease = self.registry.register(instance, Some(ttl))?;
+        Ok(Response::new(RegisterResponse {
+            lease: lease.id,
+            ttl_seconds: ttl_seconds(lease.ttl),
+        }))
+    }
+
+    async fn keep_alive(
+        &self,
+        request: Request<KeepAliveRequest>,
+    ) -> Result<Response<KeepAliveResponse>, Status> {
+        let lease = request.into_inner().lease;
+        let ttl = self.registry.keep_alive(lease)?;
+        Ok(Response::new(KeepAliveResponse {
+            lease,
+            ttl_seconds: ttl_seconds(ttl),
+        }))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
+        let lease = request.into_inner().lease;
+        if self.registry.deregister(lease) {
+            Ok(Response::new(DeregisterResponse {}))
+        } else {
+            Err(super::RegistryError::UnknownLease(lease).into())
+        }
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<ResolveRequest>,
+    ) -> Result<Response<ResolveResponse>, Status> {
+        let service = ServiceName::new(request.into_inner().service)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(ResolveResponse {
+            instances: self.registry.resolve(service.as_str()).to_vec(),
+        }))
+    }
+
+    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let services = self
+            .registry
+            .list()
+            .into_iter()
+            .map(|(name, instances)| Service {
+                name: name.to_string(),
+                instances: instances.to_vec(),
+            })
+            .collect();
+        Ok(Response::new(ListResponse { services }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let service = request.into_inner().service;
+        let registry = self.registry.clone();
+        if service.is_empty() {
+            return Ok(Response::new(watch_all(registry)));
+        }
+        let service =
+            ServiceName::new(service).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let changes = registry.watch(&service);
+        // The first item is the set now; then one item per (coalesced) change.
+        let stream = stream::unfold((changes, true), move |(mut changes, first)| {
+            let registry = registry.clone();
+            let service = service.clone();
+            async move {
+                if !first {
+                    changes.changed().await.ok()?;
+                }
+                changes.mark_unchanged();
+                let instances = registry.resolve(service.as_str());
+                Some((Ok(watch_response(&service, &instances)), (changes, false)))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Every service with instances now, then each service that changes, with its new set.
+fn watch_all(registry: Registry) -> WatchStream {
+    let changes = registry.watch_all();
+    let batches = stream::unfold((changes, 0u64, true), move |(mut changes, seen, first)| {
+        let registry = registry.clone();
+        async move {
+            if !first {
+                changes.changed().await.ok()?;
+            }
+            changes.mark_unchanged();
+            let (changed, version) = registry.changes_since(seen);
+            let batch: Vec<_> = changed
+                .iter()
+                // The first batch lists only services that have instances.
+                .filter(|(_, instances)| !(first && instances.is_empty()))
+                .map(|(name, instances)| Ok(watch_response(name, instances)))
+                .collect();
+            Some((stream::iter(batch), (changes, version, false)))
+        }
+    });
+    Box::pin(batches.flatten())
+}

@@ -1,0 +1,120 @@
+//! Endpoint addresses and HTTP/2 connections to them.
+//!
+//! One multiplexed HTTP/2 connection per endpoint carries every call to it; calls go straight
+//! to hyper's connection task, without tonic's `Buffer` in between.
+
+use std::{fmt, io, path::PathBuf, str::FromStr};
+
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpStream, UnixStream};
+use tonic::body::Body;
+
+/// Where an instance or a router can be reached.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Address {
+    /// A Unix socket on this machine: `unix:/run/user/1000/mesh/echo-0.sock`.
+    Unix(PathBuf),
+    /// A TCP address: `http://127.0.0.1:7700`.
+    Tcp(String),
+}
+
+/// An address that could not be parsed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid endpoint {0:?}: expected unix:/absolute/path.sock or http://host:port")]
+pub struct InvalidAddress(String);
+
+impl FromStr for Address {
+    type Err = InvalidAddress;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidAddress(s.to_owned());
+        if let Some(path) = s.strip_prefix("unix:") {
+            // Accept both unix:/path and unix:///path.
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if !path.starts_with('/') {
+                return Err(bad());
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        let hostport = s.strip_prefix("http://").unwrap_or(s);
+        let hostport = hostport.strip_suffix('/').unwrap_or(hostport);
+        match hostport.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Self::Tcp(hostport.to_owned()))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+            Self::Tcp(hostport) => write!(f, "http://{hostport}"),
+        }
+    }
+}
+
+/// Sends requests on one HTTP/2 connection.
+pub(crate) type Sender = http2::SendRequest<Body>;
+
+/// Opens an HTTP/2 connection to `address` and spawns the task that drives it.
+pub(crate) async fn connect(address: &Address) -> io::Result<Sender> {
+    match address {
+        Address::Unix(path) => handshake(UnixStream::connect(path).await?).await,
+        Address::Tcp(hostport) => {
+            let stream = TcpStream::connect(hostport.as_str()).await?;
+            // gRPC messages are small and latency-bound: never wait for Nagle.
+            stream.set_nodelay(true)?;
+            handshake(stream).await
+        }
+    }
+}
+
+async fn handshake<S>(stream: S) -> io::Result<Sender>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(io::Error::other)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "connection closed");
+        }
+    });
+    Ok(sender)
+}
+
+/// Per-stream flow-control window: large enough that a 4 MiB message needs few round trips,
+/// small enough that a slow reader holds a bounded amount in memory.
+pub(crate) const WINDOW: u32 = 1 << 20;
+/// Per-connection window, shared by every stream on the connection.
+pub(crate) const CONNECTION_WINDOW: u32 = 8 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_addresses() {
+        for (text, printed) in [
+            ("unix:/tmp/a.sock", "unix:/tmp/a.sock"),
+            ("unix:///tmp/a.sock", "unix:/tmp/a.sock"),
+            ("http://127.0.0.1:7700", "http://127.0.0.1:7700"),
+            ("127.0.0.1:7700", "http://127.0.0.1:7700"),
+            ("http://[::1]:7700/", "http://[::1]:7700"),
+        ] {
+            let address: Address = text.parse().unwrap();
+            assert_eq!(address.to_string(), printed);
+        }
+        for bad in ["unix:relative.sock", "http://host", "host:port", ""] {
+            let err = bad.parse::<Address>().unwrap_err().to_string();
+            assert!(err.contains("unix:/absolute/path.sock"), "{err}");
+        }
+    }
+}

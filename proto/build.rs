@@ -5,7 +5,11 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["mesh/v1/registry.proto", "echo/v1/echo.proto"];
+const PROTOS: &[&str] = &[
+    "mesh/v1/registry.proto",
+    "mesh/v1/manager.proto",
+    "echo/v1/echo.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -141,6 +141,12 @@ async fn main() -> ExitCode {
     let echo = EchoService {
         instance: plugin.instance().into(),
     };
+    // One line on stdout, so an operator sees in `mesh logs` which process answered when.
+    println!(
+        "echo-plugin {} starting (pid {})",
+        plugin.instance(),
+        std::process::id()
+    );
     let served = plugin
         .add_service(EchoServer::new(echo))
         .file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)

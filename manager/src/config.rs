@@ -50,6 +50,8 @@ pub struct PluginConfig {
     pub ready_timeout: Duration,
     /// How long an instance may drain after SIGTERM before SIGKILL.
     pub stop_grace: Duration,
+    /// Between leaving the registry and SIGTERM: time for clients to learn of the change.
+    pub drain_delay: Duration,
     /// Where the instances' sockets live.
     pub socket_dir: PathBuf,
     /// When an instance that ended is started again.
@@ -57,6 +59,39 @@ pub struct PluginConfig {
     /// Restart backoff: first delay, ceiling, and how long an instance must stay ready for the
     /// delay to start over from the first.
     pub backoff: Backoff,
+    /// How often a ready instance's health is checked.
+    pub health_interval: Duration,
+    /// Consecutive failed health checks after which an instance is restarted.
+    pub health_failures: u32,
+    /// Working directory of the instances (default: the manager's).
+    pub working_dir: Option<PathBuf>,
+    /// User and group to run as, when the manager runs as root.
+    pub credentials: Option<Credentials>,
+    /// Resource limits applied before exec.
+    pub limits: Limits,
+}
+
+/// A user and group to run a plugin as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name, for messages.
+    pub user: String,
+    /// Numeric user id.
+    pub uid: u32,
+    /// Numeric group id (the user's primary group unless `group` is set).
+    pub gid: u32,
+}
+
+/// Resource limits (soft = hard) applied to each instance before exec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// RLIMIT_NOFILE.
+    pub open_files: Option<u64>,
+    /// RLIMIT_AS, in MiB.
+    pub address_space_mb: Option<u64>,
+    /// RLIMIT_CPU, in seconds.
+    pub cpu_seconds: Option<u64>,
 }
 
 /// When an instance that ended is started again.
@@ -132,6 +167,9 @@ impl fmt::Display for ConfigError {
 
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
+const DEFAULT_DRAIN_DELAY: Duration = Duration::from_millis(100);
+const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_HEALTH_FAILURES: u32 = 3;
 /// Most instances of one plugin: enough for any machine, and keeps typos like 1000000 out.
 const MAX_INSTANCES: u32 = 1024;
 
@@ -164,12 +202,20 @@ struct RawPlugin {
     instances: Option<Spanned<u32>>,
     ready_timeout: Option<Spanned<String>>,
     stop_grace: Option<Spanned<String>>,
+    drain_delay: Option<Spanned<String>>,
     restart: Option<RestartPolicy>,
     backoff_base: Option<Spanned<String>>,
     backoff_max: Option<Spanned<String>>,
     backoff_reset: Option<Spanned<String>>,
     max_failures: Option<Spanned<u32>>,
     failure_window: Option<Spanned<String>>,
+    health_interval: Option<Spanned<String>>,
+    health_failures: Option<Spanned<u32>>,
+    working_dir: Option<Spanned<PathBuf>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    #[serde(default)]
+    limits: Limits,
 }
 
 impl Config {
@@ -291,12 +337,50 @@ impl Config {
                     }
                 },
             };
+            let health_failures = match p.health_failures {
+                None => DEFAULT_HEALTH_FAILURES,
+                Some(n) if *n.get_ref() >= 1 => *n.get_ref(),
+                Some(n) => {
+                    return Err(at(
+                        Some(n.span()),
+                        format!("plugin {name:?}: health_failures must be at least 1"),
+                    ));
+                }
+            };
+            let working_dir = match p.working_dir {
+                None => None,
+                Some(dir) => {
+                    let path = absolute(base, dir.get_ref());
+                    if !path.is_dir() {
+                        return Err(at(
+                            Some(dir.span()),
+                            format!(
+                                "plugin {name:?}: working_dir {} is not a directory; create it or fix the path",
+                                path.display()
+                            ),
+                        ));
+                    }
+                    Some(path)
+                }
+            };
+            let credentials = credentials(p.user.as_ref(), p.group.as_ref())
+                .map_err(|(span, message)| at(Some(span), format!("plugin {name:?}: {message}")))?;
             let plugin = PluginConfig {
+                health_interval: duration(
+                    "health_interval",
+                    p.health_interval,
+                    DEFAULT_HEALTH_INTERVAL,
+                )?,
+                health_failures,
+                working_dir,
+                credentials,
+                limits: p.limits,
                 socket_dir: runtime_dir.join(&name),
                 restart: p.restart.unwrap_or(RestartPolicy::OnFailure),
                 backoff,
                 ready_timeout: duration("ready_timeout", p.ready_timeout, DEFAULT_READY_TIMEOUT)?,
                 stop_grace: duration("stop_grace", p.stop_grace, DEFAULT_STOP_GRACE)?,
+                drain_delay: duration("drain_delay", p.drain_delay, DEFAULT_DRAIN_DELAY)?,
                 name,
                 service,
                 command,
@@ -322,6 +406,68 @@ impl Config {
             plugins,
         })
     }
+}
+
+/// Resolves `user` and `group` to ids. Dropping privileges needs root; naming the user the
+/// manager already runs as is accepted anywhere.
+fn credentials(
+    user: Option<&Spanned<String>>,
+    group: Option<&Spanned<String>>,
+) -> Result<Option<Credentials>, (Range<usize>, String)> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let Some(user) = user else {
+        return match group {
+            Some(group) => Err((
+                group.span(),
+                "group is set without user; set user too".into(),
+            )),
+            None => Ok(None),
+        };
+    };
+    let found = User::from_name(user.get_ref())
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            (
+                user.span(),
+                format!(
+                    "user {:?} does not exist; create it or fix the name",
+                    user.get_ref()
+                ),
+            )
+        })?;
+    let gid = match group {
+        None => found.gid,
+        Some(group) => {
+            Group::from_name(group.get_ref())
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    (
+                        group.span(),
+                        format!(
+                            "group {:?} does not exist; create it or fix the name",
+                            group.get_ref()
+                        ),
+                    )
+                })?
+                .gid
+        }
+    };
+    if !Uid::effective().is_root() && (found.uid != Uid::effective() || gid != Gid::effective()) {
+        return Err((
+            user.span(),
+            format!(
+                "running plugins as user {:?} needs mesh up to run as root; remove user/group or start mesh as root",
+                user.get_ref()
+            ),
+        ));
+    }
+    Ok(Some(Credentials {
+        user: user.get_ref().clone(),
+        uid: found.uid.as_raw(),
+        gid: gid.as_raw(),
+    }))
 }
 
 /// The byte offset's 1-based line.

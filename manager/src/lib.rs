@@ -2,6 +2,7 @@
 //!
 //! The `mesh` command is a thin layer over this library (see `main.rs`).
 
+pub mod api;
 pub mod config;
 pub mod supervisor;
 pub mod up;

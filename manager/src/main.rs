@@ -1,8 +1,11 @@
 //! `mesh`: run and control a plugin mesh.
 
+mod cli;
+
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+use cli::Action;
 use mesh_manager::{Config, up};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -12,18 +15,64 @@ const EXIT_USAGE: u8 = 64;
 #[derive(Parser)]
 #[command(name = "mesh", version, about = "A plugin mesh for gRPC services")]
 struct Cli {
+    /// Router socket of the running `mesh up` (default: $MESH_SOCKET, else
+    /// $XDG_RUNTIME_DIR/mesh/mesh.sock or /tmp/mesh-<uid>/mesh.sock).
+    #[arg(long, global = true, env = "MESH_SOCKET")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the router (embedded registry) and the configured plugins until SIGINT/SIGTERM.
+    /// Run the router (embedded registry) and the configured plugins until SIGINT/SIGTERM;
+    /// SIGHUP reloads the config.
     Up {
         /// The config file.
         #[arg(long, short, default_value = "mesh.toml")]
         config: PathBuf,
     },
+    /// Plugins and instances: pid, state, uptime, restarts, last exit.
+    Status {
+        /// Print JSON (a stable shape for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run N instances of a plugin: start new ones, or drain and stop the newest.
+    Scale {
+        /// Plugin name.
+        name: String,
+        /// Instances to run.
+        instances: u32,
+    },
+    /// Restart a plugin's instances one at a time.
+    Restart {
+        /// Plugin name.
+        name: String,
+    },
+    /// Stop a plugin's instances.
+    Stop {
+        /// Plugin name.
+        name: String,
+    },
+    /// Start a plugin's stopped or failed instances.
+    Start {
+        /// Plugin name.
+        name: String,
+    },
+    /// Captured stdout and stderr of a plugin's instances.
+    Logs {
+        /// Plugin name.
+        name: String,
+        /// Keep printing new lines.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last N kept lines first.
+        #[arg(long, short = 'n', default_value_t = 0)]
+        tail: u32,
+    },
+    /// Re-read the config and apply the difference.
+    Reload,
 }
 
 fn main() -> ExitCode {
@@ -35,34 +84,56 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
-        Command::Up { config } => {
-            let config = match Config::load(&config) {
-                Ok(config) => config,
-                Err(error) => {
-                    eprintln!("mesh: {error}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
-            };
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    eprintln!("mesh: cannot start the async runtime: {error}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(async {
-                up::run(config, shutdown_signal()?)
-                    .await
-                    .map_err(Into::into)
-            }) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    let error: anyhow::Error = error;
-                    eprintln!("mesh: {error:#}");
-                    ExitCode::FAILURE
-                }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("mesh: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let socket = cli::socket(cli.socket);
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Up { config } => {
+                let config = match Config::load(&config) {
+                    Ok(config) => config,
+                    Err(error) => {
+                        eprintln!("mesh: {error}");
+                        return Ok(ExitCode::from(EXIT_USAGE));
+                    }
+                };
+                up::run(config, shutdown_signal()?).await?;
+                Ok(ExitCode::SUCCESS)
             }
+            Command::Status { json } => {
+                cli::status(&socket, json).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Scale { name, instances } => {
+                cli::act(&socket, Action::Scale(instances), &name)
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+            }
+            Command::Restart { name } => cli::act(&socket, Action::Restart, &name)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Stop { name } => cli::act(&socket, Action::Stop, &name)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Start { name } => cli::act(&socket, Action::Start, &name)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Logs { name, follow, tail } => cli::logs(&socket, &name, follow, tail)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Reload => cli::reload(&socket).await.map(|()| ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            let error: anyhow::Error = error;
+            eprintln!("mesh: {error:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -4,9 +4,16 @@
 use std::{future::Future, sync::Arc};
 
 use mesh::{registry::Registry, router::Router, runtime};
-use tokio::sync::watch;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 
-use crate::{Config, Supervisor, supervisor::State};
+use crate::{
+    Config, Supervisor,
+    api::ManagerService,
+    supervisor::{PluginStatus, State},
+};
 
 /// Why `mesh up` could not start.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +21,9 @@ pub enum UpError {
     /// The router socket could not be bound.
     #[error("router socket: {0}")]
     Socket(#[from] runtime::SocketError),
+    /// A signal handler could not be installed.
+    #[error("cannot handle signals: {0}")]
+    Signal(#[source] std::io::Error),
     /// The TCP listener could not be bound.
     #[error("listen = {addr}: {source}; pick a free port, or port 0 for any")]
     Listen {
@@ -40,7 +50,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let registry = Registry::new();
     let supervisor = Arc::new(Supervisor::new(registry.clone(), config.socket.clone()));
-    let router = Router::builder(registry).build().await;
+    let manager = ManagerService::new(supervisor.clone(), config.clone());
+    let router = Router::builder(registry)
+        .add_service(manager.clone().into_server())
+        .build()
+        .await;
+    let mut hangup = signal(SignalKind::hangup()).map_err(UpError::Signal)?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            match manager.reload().await {
+                Ok(report) => tracing::info!("reloaded: {report:?}"),
+                Err(error) => tracing::error!("reload refused, nothing changed: {error}"),
+            }
+        }
+    });
 
     let (stopping, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -74,34 +98,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     for plugin in config.plugins {
         let name = plugin.name.clone();
-        let service = plugin.service.clone();
-        if let Err(error) = supervisor.start(plugin) {
+        if let Err(error) = supervisor.add(plugin) {
             tracing::error!(plugin = %name, %error, "cannot start plugin");
             continue;
         }
         let supervisor = supervisor.clone();
         tokio::spawn(async move {
-            let statuses = supervisor.settled(&name).await;
-            let ready = statuses
-                .iter()
-                .filter(|s| matches!(s.state, State::Ready { .. }))
-                .count();
-            if ready == statuses.len() {
-                tracing::info!(
-                    "plugin {name}: {ready}/{} instances ready as {service}",
-                    statuses.len()
-                );
-            } else {
-                let problems: Vec<String> = statuses
-                    .iter()
-                    .filter(|s| !matches!(s.state, State::Ready { .. }))
-                    .map(|s| format!("{} {}", s.id, s.state))
-                    .collect();
-                tracing::error!(
-                    "plugin {name}: {ready}/{} instances ready as {service}; {}",
-                    statuses.len(),
-                    problems.join("; ")
-                );
+            if let Ok(status) = supervisor.settled(&name).await {
+                report_settled(&status);
             }
         });
     }
@@ -116,4 +120,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One line per plugin once its instances settle: all ready, or which are not and why.
+fn report_settled(status: &PluginStatus) {
+    let name = &status.config.name;
+    let service = &status.config.service;
+    let total = status.instances.len();
+    let ready = status
+        .instances
+        .iter()
+        .filter(|s| matches!(s.state, State::Ready { .. }))
+        .count();
+    if ready == total {
+        tracing::info!("plugin {name}: {ready}/{total} instances ready as {service}");
+    } else {
+        let problems: Vec<String> = status
+            .instances
+            .iter()
+            .filter(|s| !matches!(s.state, State::Ready { .. }))
+            .map(|s| format!("{} {}", s.id, s.state))
+            .collect();
+        tracing::error!(
+            "plugin {name}: {ready}/{total} instances ready as {service}; {}",
+            problems.join("; ")
+        );
+    }
 }

@@ -18,7 +18,7 @@ use http::{Request, Response};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
-use tonic_health::ServingStatus;
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{runtime, transport};
 
@@ -152,25 +152,63 @@ impl Plugin {
 
     /// Serves until SIGTERM or SIGINT, then reports `NOT_SERVING`, finishes the calls in
     /// flight and removes the socket.
+    ///
+    /// SIGUSR1 reports `NOT_SERVING` without stopping (maintenance: the manager takes the
+    /// instance out of routing, and restarts it if it stays so), SIGUSR2 `SERVING` again.
     pub async fn serve(self) -> Result<(), PluginError> {
         let mut term =
             signal(SignalKind::terminate()).map_err(|source| socket_io(&self.socket, source))?;
         let mut int =
             signal(SignalKind::interrupt()).map_err(|source| socket_io(&self.socket, source))?;
-        self.serve_with_shutdown(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+        let mut usr1 = signal(SignalKind::user_defined1())
+            .map_err(|source| socket_io(&self.socket, source))?;
+        let mut usr2 = signal(SignalKind::user_defined2())
+            .map_err(|source| socket_io(&self.socket, source))?;
+        let maintenance = |health: HealthReporter, services: Vec<&'static str>| async move {
+            loop {
+                let status = tokio::select! {
+                    _ = usr1.recv() => ServingStatus::NotServing,
+                    _ = usr2.recv() => ServingStatus::Serving,
+                };
+                tracing::info!(?status, "health set by signal");
+                for service in &services {
+                    health.set_service_status(*service, status).await;
+                }
             }
-        })
+        };
+        self.serve_inner(
+            async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            },
+            Some(maintenance),
+        )
         .await
     }
 
     /// Serves until `shutdown` completes, then drains as [`Plugin::serve`] does.
     pub async fn serve_with_shutdown(
-        mut self,
+        self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), PluginError> {
+        self.serve_inner(
+            shutdown,
+            None::<fn(HealthReporter, Vec<&'static str>) -> std::future::Ready<()>>,
+        )
+        .await
+    }
+
+    async fn serve_inner<M, F>(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+        maintenance: Option<M>,
+    ) -> Result<(), PluginError>
+    where
+        M: FnOnce(HealthReporter, Vec<&'static str>) -> F,
+        F: Future<Output = ()> + Send + 'static,
+    {
         let listener = runtime::bind(&self.socket)?;
         let (health, health_service) = tonic_health::server::health_reporter();
         let (reflection_v1, reflection_v1alpha) =
@@ -182,12 +220,13 @@ impl Plugin {
             .add_service(reflection_v1alpha);
 
         // Only this server answers health checks, so SERVING cannot be seen before it serves.
-        let statuses: Vec<&str> = self.services.iter().copied().chain([""]).collect();
+        let statuses: Vec<&'static str> = self.services.iter().copied().chain([""]).collect();
         for service in &statuses {
             health
                 .set_service_status(*service, ServingStatus::Serving)
                 .await;
         }
+        let maintenance = maintenance.map(|m| tokio::spawn(m(health.clone(), statuses.clone())));
         tracing::info!(
             socket = %self.socket.display(),
             instance = %self.instance,
@@ -209,6 +248,9 @@ impl Plugin {
             .add_routes(self.routes.routes())
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), draining)
             .await;
+        if let Some(maintenance) = maintenance {
+            maintenance.abort();
+        }
         let _ = std::fs::remove_file(&self.socket);
         served?;
         Ok(())

@@ -42,6 +42,13 @@ pub enum State {
         /// Process id.
         pid: u32,
     },
+    /// Failing health checks: out of the registry until it is SERVING again.
+    Unhealthy {
+        /// Process id.
+        pid: u32,
+        /// Consecutive failed checks.
+        failures: u32,
+    },
     /// Asked to stop: deregistered, draining.
     Stopping {
         /// Process id.
@@ -56,6 +63,8 @@ pub enum State {
     Backoff {
         /// When it restarts.
         until: SystemTime,
+        /// The whole delay.
+        delay: Duration,
     },
     /// Given up on.
     Failed {
@@ -73,6 +82,7 @@ impl State {
             Self::Pending => "pending",
             Self::Starting { .. } => "starting",
             Self::Ready { .. } => "ready",
+            Self::Unhealthy { .. } => "unhealthy",
             Self::Stopping { .. } => "stopping",
             Self::Exited { .. } => "exited",
             Self::Backoff { .. } => "backoff",
@@ -84,7 +94,10 @@ impl State {
     /// The process id, while there is a process.
     pub fn pid(&self) -> Option<u32> {
         match self {
-            Self::Starting { pid } | Self::Ready { pid } | Self::Stopping { pid } => Some(*pid),
+            Self::Starting { pid }
+            | Self::Ready { pid }
+            | Self::Unhealthy { pid, .. }
+            | Self::Stopping { pid } => Some(*pid),
             _ => None,
         }
     }
@@ -104,10 +117,15 @@ impl fmt::Display for State {
             Self::Starting { pid } | Self::Ready { pid } | Self::Stopping { pid } => {
                 write!(f, "{} (pid {pid})", self.name())
             }
+            Self::Unhealthy { pid, failures } => {
+                write!(
+                    f,
+                    "unhealthy (pid {pid}): {failures} failed health check(s), out of routing"
+                )
+            }
             Self::Exited { exit } => write!(f, "exited: {exit}"),
-            Self::Backoff { until } => {
-                let left = until.duration_since(SystemTime::now()).unwrap_or_default();
-                write!(f, "backoff: restarting in {left:.1?}")
+            Self::Backoff { delay, .. } => {
+                write!(f, "backoff: restarting in {} ms", delay.as_millis())
             }
             Self::Failed { reason } => write!(f, "failed: {reason}"),
             Self::Pending | Self::Stopped => f.write_str(self.name()),
@@ -193,6 +211,7 @@ impl Instance {
             attempt = attempt.saturating_add(1);
             self.set(State::Backoff {
                 until: SystemTime::now() + delay,
+                delay,
             });
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
@@ -250,17 +269,47 @@ impl Instance {
             });
         }
 
-        let lease = self.register();
+        let mut lease = self.register();
         let ready_at = Instant::now();
         self.set(State::Ready { pid });
-        let exit = tokio::select! {
-            exit = child.wait() => exit,
-            _ = stopped(self.stop.clone()) => {
-                if let Some(lease) = lease {
-                    self.registry.deregister(lease);
+        let mut health = health_client(&self.launch);
+        let mut tick = tokio::time::interval(self.launch.plugin.health_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        let mut failures = 0;
+        let exit = loop {
+            tokio::select! {
+                exit = child.wait() => break exit,
+                _ = stopped(self.stop.clone()) => {
+                    if let Some(lease) = lease.take() {
+                        self.registry.deregister(lease);
+                    }
+                    self.stop_child(&mut child, pid).await;
+                    return None;
                 }
-                self.stop_child(&mut child, pid).await;
-                return None;
+                _ = tick.tick() => {
+                    if check(&mut health).await == Some(ServingStatus::Serving) {
+                        if failures > 0 {
+                            failures = 0;
+                            lease = self.register();
+                            self.set(State::Ready { pid });
+                        }
+                        continue;
+                    }
+                    failures += 1;
+                    // Out of routing at the first failure; restarted after several.
+                    if let Some(lease) = lease.take() {
+                        self.registry.deregister(lease);
+                    }
+                    self.set(State::Unhealthy { pid, failures });
+                    if failures >= self.launch.plugin.health_failures {
+                        self.stop_child(&mut child, pid).await;
+                        capture.finish(Duration::from_millis(500)).await;
+                        let reason = format!("instance {} failed {failures} health checks in a row", self.launch.id);
+                        tracing::warn!("{reason}");
+                        return Some(Ended { failure: true, reason });
+                    }
+                }
             }
         };
         if let Some(lease) = lease {
@@ -293,8 +342,7 @@ impl Instance {
     async fn wait_ready(&self, child: &mut Child) -> Result<(), String> {
         let plugin = &self.launch.plugin;
         let id = &self.launch.id;
-        let socket = plugin.socket(id);
-        let mut health = HealthClient::new(Channel::to_address(Address::Unix(socket), "localhost"));
+        let mut health = health_client(&self.launch);
         let probe = async {
             let mut pause = Duration::from_millis(2);
             loop {
@@ -345,8 +393,12 @@ impl Instance {
         }
     }
 
+    /// Stops the process; the caller has taken it out of the registry already.
     async fn stop_child(&self, child: &mut Child, pid: u32) {
         self.set(State::Stopping { pid });
+        // Let clients that resolved the instance just before it left the registry learn that
+        // it left, before it refuses new calls.
+        tokio::time::sleep(self.launch.plugin.drain_delay).await;
         match process::stop(child, self.launch.plugin.stop_grace).await {
             Ok(status) => {
                 let exit = process::describe(&status);
@@ -377,6 +429,11 @@ impl Instance {
         tracing::info!("{}: {state}", self.launch.id);
         self.status.send_modify(|s| s.state = state);
     }
+}
+
+fn health_client(launch: &Launch) -> HealthClient<Channel> {
+    let socket = launch.plugin.socket(&launch.id);
+    HealthClient::new(Channel::to_address(Address::Unix(socket), "localhost"))
 }
 
 /// Completes once a stop is asked for (at once if it already was).

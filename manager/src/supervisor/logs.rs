@@ -40,6 +40,8 @@ impl Stream {
 /// One captured line.
 #[derive(Debug, Clone)]
 pub struct LogLine {
+    /// Position in the plugin's log book: later lines have higher numbers.
+    pub seq: u64,
     /// When it was read.
     pub at: SystemTime,
     /// Instance id (`echo-0`).
@@ -53,8 +55,14 @@ pub struct LogLine {
 /// The captured output of one plugin's instances.
 #[derive(Debug)]
 pub struct LogBook {
-    rings: Mutex<HashMap<String, VecDeque<LogLine>>>,
+    rings: Mutex<Rings>,
     follow: broadcast::Sender<LogLine>,
+}
+
+#[derive(Debug, Default)]
+struct Rings {
+    by_instance: HashMap<String, VecDeque<LogLine>>,
+    next_seq: u64,
 }
 
 impl Default for LogBook {
@@ -67,29 +75,35 @@ impl Default for LogBook {
 }
 
 impl LogBook {
-    fn push(&self, line: LogLine) {
-        let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
-        let ring = rings.entry(line.instance.clone()).or_default();
+    fn rings(&self) -> std::sync::MutexGuard<'_, Rings> {
+        self.rings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, mut line: LogLine) {
+        let mut rings = self.rings();
+        line.seq = rings.next_seq;
+        rings.next_seq += 1;
+        let ring = rings.by_instance.entry(line.instance.clone()).or_default();
         if ring.len() == RING_LINES {
             ring.pop_front();
         }
         ring.push_back(line.clone());
-        drop(rings);
+        // Sent under the lock, so followers see lines in sequence order.
         let _ = self.follow.send(line);
     }
 
     /// The kept lines of every instance, oldest first.
     pub fn lines(&self) -> Vec<LogLine> {
-        let rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
-        let mut lines: Vec<LogLine> = rings.values().flatten().cloned().collect();
-        lines.sort_by_key(|l| l.at);
+        let rings = self.rings();
+        let mut lines: Vec<LogLine> = rings.by_instance.values().flatten().cloned().collect();
+        lines.sort_by_key(|l| l.seq);
         lines
     }
 
     /// The last `n` lines `instance` wrote to `stream`.
     pub fn tail(&self, instance: &str, stream: Stream, n: usize) -> Vec<String> {
-        let rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(ring) = rings.get(instance) else {
+        let rings = self.rings();
+        let Some(ring) = rings.by_instance.get(instance) else {
             return Vec::new();
         };
         let mut tail: Vec<String> = ring
@@ -123,6 +137,7 @@ impl LogBook {
                 .to_owned();
             tracing::info!(target: "plugin", "{instance} {}: {text}", stream.as_str());
             self.push(LogLine {
+                seq: 0,
                 at: SystemTime::now(),
                 instance: instance.clone(),
                 stream,

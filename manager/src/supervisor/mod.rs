@@ -1,9 +1,12 @@
 //! The supervisor: runs every configured plugin's instances and keeps the registry in step.
 //!
-//! - [`process`]: starting a plugin process (environment, process group, parent-death signal)
-//!   and stopping it (SIGTERM to the group, SIGKILL after the grace);
+//! - [`process`]: starting a plugin process (environment, process group, parent-death signal,
+//!   limits, credentials) and stopping it (SIGTERM to the group, SIGKILL after the grace);
 //! - [`instance`]: one instance's life as a task with an explicit [`State`];
 //! - [`logs`]: captured stdout and stderr.
+//!
+//! Operations on one plugin (start, stop, restart, scale, reload) run one at a time; reading
+//! its status never waits for them.
 
 mod instance;
 pub mod logs;
@@ -12,7 +15,8 @@ mod process;
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
 pub use instance::{InstanceStatus, State};
@@ -20,20 +24,44 @@ use logs::LogBook;
 use mesh::registry::Registry;
 use tokio::{sync::watch, task::JoinHandle};
 
-use crate::config::PluginConfig;
+use crate::config::{Config, PluginConfig};
 use instance::Instance;
 use process::Launch;
 
-/// Runs plugins. Cheap to share behind an `Arc`.
+/// Most instances one plugin may be scaled to.
+pub const MAX_INSTANCES: u32 = 1024;
+
+/// Why an operation on a plugin was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// No plugin by that name.
+    #[error("no plugin named {0:?}; `mesh status` lists the plugins")]
+    Unknown(String),
+    /// The count is out of range.
+    #[error("cannot scale to {0} instances; use 0 to {MAX_INSTANCES}")]
+    Range(u32),
+    /// The plugin's socket directory could not be prepared.
+    #[error(transparent)]
+    Socket(#[from] mesh::runtime::SocketError),
+}
+
+/// Runs plugins. Share it behind an `Arc`.
 pub struct Supervisor {
     registry: Registry,
     mesh_socket: PathBuf,
-    plugins: Mutex<BTreeMap<String, PluginRun>>,
+    plugins: Mutex<BTreeMap<String, Arc<Slot>>>,
 }
 
-struct PluginRun {
-    config: Arc<PluginConfig>,
+/// One plugin: its settings and instances, and the lock that serialises operations on it.
+struct Slot {
+    ops: tokio::sync::Mutex<()>,
     logs: Arc<LogBook>,
+    run: Mutex<Run>,
+}
+
+struct Run {
+    config: Arc<PluginConfig>,
+    desired: u32,
     instances: Vec<InstanceHandle>,
 }
 
@@ -43,13 +71,42 @@ struct InstanceHandle {
     task: JoinHandle<()>,
 }
 
+impl InstanceHandle {
+    /// Asks the instance to stop and waits until it has.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+}
+
 /// A plugin's instances as they are now.
 #[derive(Debug, Clone)]
 pub struct PluginStatus {
     /// The plugin's settings.
     pub config: Arc<PluginConfig>,
+    /// How many instances it should run.
+    pub desired: u32,
     /// Its instances, in id order.
     pub instances: Vec<InstanceStatus>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Plugins started.
+    pub added: Vec<String>,
+    /// Plugins stopped and forgotten.
+    pub removed: Vec<String>,
+    /// Plugins whose settings changed, restarted one instance at a time.
+    pub restarted: Vec<String>,
+    /// Plugins whose instance count alone changed.
+    pub scaled: Vec<String>,
+    /// Settings that only a new `mesh up` applies.
+    pub ignored: Vec<String>,
 }
 
 impl Supervisor {
@@ -63,26 +120,45 @@ impl Supervisor {
         }
     }
 
-    fn plugins(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PluginRun>> {
+    fn plugins(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Slot>>> {
         self.plugins.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts `config.instances` instances of a plugin; returns at once.
-    pub fn start(&self, config: PluginConfig) -> Result<(), mesh::runtime::SocketError> {
-        mesh::runtime::create_private_dir(&config.socket_dir)?;
+    fn slot(&self, name: &str) -> Result<Arc<Slot>, SupervisorError> {
+        self.plugins()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| SupervisorError::Unknown(name.to_owned()))
+    }
+
+    /// Adds a plugin and starts its instances; returns at once (see [`Supervisor::settled`]).
+    pub fn add(&self, config: PluginConfig) -> Result<(), SupervisorError> {
+        prepare_socket_dir(&config)?;
         let config = Arc::new(config);
         let logs = Arc::new(LogBook::default());
         let instances = (0..config.instances)
             .map(|index| self.spawn_instance(&config, &logs, index))
             .collect();
-        self.plugins().insert(
-            config.name.clone(),
-            PluginRun {
-                config,
-                logs,
+        let slot = Slot {
+            ops: tokio::sync::Mutex::new(()),
+            run: Mutex::new(Run {
+                desired: config.instances,
+                config: config.clone(),
                 instances,
-            },
-        );
+            }),
+            logs,
+        };
+        self.plugins().insert(config.name.clone(), Arc::new(slot));
+        Ok(())
+    }
+
+    /// Stops every instance of `name` and forgets the plugin.
+    pub async fn remove(&self, name: &str) -> Result<(), SupervisorError> {
+        let slot = self.slot(name)?;
+        let _op = slot.ops.lock().await;
+        self.plugins().remove(name);
+        let instances = std::mem::take(&mut slot.run().instances);
+        stop_all(instances).await;
         Ok(())
     }
 
@@ -119,57 +195,283 @@ impl Supervisor {
         }
     }
 
-    /// Waits until every instance of `name` is ready or has given up, and returns their states.
-    pub async fn settled(&self, name: &str) -> Vec<InstanceStatus> {
-        let receivers: Vec<_> = match self.plugins().get(name) {
-            Some(run) => run.instances.iter().map(|i| i.status.clone()).collect(),
-            None => return Vec::new(),
+    /// Waits until every instance of `name` is ready or has given up (bounded by the
+    /// plugin's ready timeout and backoff), and returns the plugin's status.
+    pub async fn settled(&self, name: &str) -> Result<PluginStatus, SupervisorError> {
+        let slot = self.slot(name)?;
+        let (receivers, limit) = {
+            let run = slot.run();
+            let receivers: Vec<_> = run.instances.iter().map(|i| i.status.clone()).collect();
+            (receivers, settle_limit(&run.config))
         };
-        let mut statuses = Vec::with_capacity(receivers.len());
-        for mut status in receivers {
-            let settled = status
-                .wait_for(|s| s.state.is_settled())
-                .await
-                .map(|s| s.clone());
-            statuses.push(settled.unwrap_or_else(|_| status.borrow().clone()));
-        }
-        statuses
+        let wait_all = async {
+            for mut status in receivers {
+                let _ = status.wait_for(|s| s.state.is_settled()).await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, wait_all).await;
+        self.get(name)
     }
 
     /// Every plugin and its instances now.
     pub fn status(&self) -> Vec<PluginStatus> {
-        self.plugins()
-            .values()
-            .map(|run| PluginStatus {
-                config: run.config.clone(),
-                instances: run
-                    .instances
-                    .iter()
-                    .map(|i| i.status.borrow().clone())
-                    .collect(),
-            })
-            .collect()
+        let slots: Vec<Arc<Slot>> = self.plugins().values().cloned().collect();
+        slots.iter().map(|slot| slot.status()).collect()
+    }
+
+    /// One plugin now.
+    pub fn get(&self, name: &str) -> Result<PluginStatus, SupervisorError> {
+        Ok(self.slot(name)?.status())
     }
 
     /// The captured output of plugin `name`.
-    pub fn logs(&self, name: &str) -> Option<Arc<LogBook>> {
-        self.plugins().get(name).map(|run| run.logs.clone())
+    pub fn logs(&self, name: &str) -> Result<Arc<LogBook>, SupervisorError> {
+        Ok(self.slot(name)?.logs.clone())
     }
 
-    /// Stops every instance of every plugin (deregister, SIGTERM, SIGKILL after the grace), all
-    /// at once, and waits for them.
-    pub async fn shutdown(&self) {
-        let runs: Vec<PluginRun> = std::mem::take(&mut *self.plugins()).into_values().collect();
-        let tasks: Vec<JoinHandle<()>> = runs
-            .into_iter()
-            .flat_map(|run| run.instances)
-            .map(|instance| {
-                let _ = instance.stop.send(true);
-                instance.task
+    /// Starts again every instance of `name` that is not running (stopped, failed, exited).
+    pub async fn start(&self, name: &str) -> Result<PluginStatus, SupervisorError> {
+        let slot = self.slot(name)?;
+        {
+            let _op = slot.ops.lock().await;
+            let mut run = slot.run();
+            let config = run.config.clone();
+            if run.instances.is_empty() {
+                run.desired = config.instances;
+            }
+            let desired = run.desired;
+            for index in 0..desired {
+                let i = index as usize;
+                if i < run.instances.len() && run.instances[i].is_running() {
+                    continue;
+                }
+                let handle = self.spawn_instance(&config, &slot.logs, index);
+                if i < run.instances.len() {
+                    run.instances[i] = handle;
+                } else {
+                    run.instances.push(handle);
+                }
+            }
+        }
+        self.settled(name).await
+    }
+
+    /// Stops every instance of `name` (deregister, SIGTERM, SIGKILL after the grace); they
+    /// stay listed as stopped until started again.
+    pub async fn stop(&self, name: &str) -> Result<PluginStatus, SupervisorError> {
+        let slot = self.slot(name)?;
+        let _op = slot.ops.lock().await;
+        let statuses: Vec<_> = slot
+            .run()
+            .instances
+            .iter()
+            .map(|i| {
+                let _ = i.stop.send(true);
+                i.status.clone()
             })
             .collect();
-        for task in tasks {
-            let _ = task.await;
+        for status in statuses {
+            finished(status).await;
+        }
+        Ok(slot.status())
+    }
+
+    /// Restarts the instances of `name` one at a time, each ready before the next stops.
+    pub async fn restart(&self, name: &str) -> Result<PluginStatus, SupervisorError> {
+        let slot = self.slot(name)?;
+        let _op = slot.ops.lock().await;
+        self.roll(&slot).await;
+        Ok(slot.status())
+    }
+
+    /// Replaces each instance in turn with one running the slot's current settings.
+    async fn roll(&self, slot: &Slot) {
+        let count = slot.run().instances.len();
+        for index in 0..count {
+            let old = {
+                let run = slot.run();
+                let _ = run.instances[index].stop.send(true);
+                run.instances[index].status.clone()
+            };
+            finished(old).await;
+            let config = slot.run().config.clone();
+            let fresh = self.spawn_instance(&config, &slot.logs, index as u32);
+            let mut status = fresh.status.clone();
+            slot.run().instances[index] = fresh;
+            let settled = status.wait_for(|s| s.state.is_settled());
+            let _ = tokio::time::timeout(settle_limit(&config), settled).await;
         }
     }
+
+    /// Runs `count` instances of `name`: starts new ones (and waits until they are ready or
+    /// gave up), or drains and stops the newest first.
+    pub async fn scale(&self, name: &str, count: u32) -> Result<PluginStatus, SupervisorError> {
+        if count > MAX_INSTANCES {
+            return Err(SupervisorError::Range(count));
+        }
+        let slot = self.slot(name)?;
+        {
+            let _op = slot.ops.lock().await;
+            let surplus = {
+                let mut run = slot.run();
+                run.desired = count;
+                let config = run.config.clone();
+                let current = run.instances.len() as u32;
+                for index in current..count {
+                    let handle = self.spawn_instance(&config, &slot.logs, index);
+                    run.instances.push(handle);
+                }
+                let keep = (count as usize).min(run.instances.len());
+                run.instances.split_off(keep)
+            };
+            // Newest first, so the oldest, warmest instances keep serving longest.
+            for instance in surplus.into_iter().rev() {
+                instance.stop().await;
+            }
+        }
+        self.settled(name).await
+    }
+
+    /// Applies `config`: starts added plugins, removes dropped ones, restarts changed ones one
+    /// instance at a time and rescales those whose count alone changed.
+    pub async fn reload(&self, current: &Config, config: Config) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        if config.socket != current.socket
+            || config.listen != current.listen
+            || config.runtime_dir != current.runtime_dir
+        {
+            report
+                .ignored
+                .push("[mesh] socket, listen and runtime_dir apply at the next mesh up".into());
+        }
+        let names: Vec<String> = self.plugins().keys().cloned().collect();
+        for name in names {
+            if !config.plugins.iter().any(|p| p.name == name) {
+                let _ = self.remove(&name).await;
+                report.removed.push(name);
+            }
+        }
+        for plugin in config.plugins {
+            let name = plugin.name.clone();
+            let Ok(slot) = self.slot(&name) else {
+                if let Err(error) = self.add(plugin) {
+                    tracing::error!(plugin = %name, %error, "cannot start plugin");
+                    continue;
+                }
+                report.added.push(name);
+                continue;
+            };
+            let old = slot.run().config.clone();
+            let same_but_count = PluginConfig {
+                instances: old.instances,
+                ..plugin.clone()
+            };
+            if same_but_count != *old {
+                let _op = slot.ops.lock().await;
+                let _ = prepare_socket_dir(&plugin);
+                let count = plugin.instances;
+                slot.run().config = Arc::new(plugin);
+                self.roll(&slot).await;
+                drop(_op);
+                if count != old.instances {
+                    let _ = self.scale(&name, count).await;
+                }
+                report.restarted.push(name);
+            } else if plugin.instances != old.instances {
+                let count = plugin.instances;
+                slot.run().config = Arc::new(plugin);
+                let _ = self.scale(&name, count).await;
+                report.scaled.push(name);
+            }
+        }
+        report
+    }
+
+    /// Stops every instance of every plugin (deregister, SIGTERM, SIGKILL after the grace),
+    /// all at once, and waits for them.
+    pub async fn shutdown(&self) {
+        let slots: Vec<Arc<Slot>> = std::mem::take(&mut *self.plugins()).into_values().collect();
+        let instances = slots
+            .iter()
+            .flat_map(|slot| std::mem::take(&mut slot.run().instances))
+            .collect();
+        stop_all(instances).await;
+    }
+}
+
+impl Slot {
+    fn run(&self) -> MutexGuard<'_, Run> {
+        self.run.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn status(&self) -> PluginStatus {
+        let run = self.run();
+        PluginStatus {
+            config: run.config.clone(),
+            desired: run.desired,
+            instances: run
+                .instances
+                .iter()
+                .map(|i| i.status.borrow().clone())
+                .collect(),
+        }
+    }
+}
+
+/// Completes when the instance's task has ended (its status sender is gone).
+async fn finished(mut status: watch::Receiver<InstanceStatus>) {
+    while status.changed().await.is_ok() {}
+}
+
+/// Stops instances all at once and waits for them.
+async fn stop_all(instances: Vec<InstanceHandle>) {
+    for instance in &instances {
+        let _ = instance.stop.send(true);
+    }
+    for instance in instances {
+        let _ = instance.task.await;
+    }
+}
+
+/// The socket directory, private, owned by the plugin's user; stale sockets removed.
+fn prepare_socket_dir(config: &PluginConfig) -> Result<(), mesh::runtime::SocketError> {
+    let dir = &config.socket_dir;
+    mesh::runtime::create_private_dir(dir)?;
+    if let Some(credentials) = &config.credentials {
+        // The plugin runs as another user: it must be able to pass through the runtime
+        // directory (not list it) to reach its own.
+        if let Some(runtime_dir) = dir.parent() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o711)).map_err(
+                |source| mesh::runtime::SocketError::Io {
+                    path: runtime_dir.to_owned(),
+                    source,
+                },
+            )?;
+        }
+        nix::unistd::chown(
+            dir,
+            Some(nix::unistd::Uid::from_raw(credentials.uid)),
+            Some(nix::unistd::Gid::from_raw(credentials.gid)),
+        )
+        .map_err(|e| mesh::runtime::SocketError::Io {
+            path: dir.clone(),
+            source: e.into(),
+        })?;
+    }
+    // Sockets a crashed manager left behind; the live ones of a running mesh are refused.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "sock") {
+                let _ = mesh::runtime::remove_stale_socket(&path);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How long to wait for instances to settle: their readiness deadline, plus a few restarts.
+fn settle_limit(config: &PluginConfig) -> Duration {
+    config.ready_timeout + config.stop_grace + config.backoff.max.min(Duration::from_secs(10))
 }

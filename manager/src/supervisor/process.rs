@@ -13,7 +13,7 @@ use nix::{
 use tokio::process::{Child, Command};
 
 use super::logs::{LogBook, Stream};
-use crate::config::PluginConfig;
+use crate::config::{Limits, PluginConfig};
 
 /// What a started instance needs to know.
 #[derive(Debug, Clone)]
@@ -61,7 +61,14 @@ pub(crate) fn spawn(launch: &Launch, logs: &Arc<LogBook>) -> io::Result<(Child, 
         .process_group(0)
         // A backstop: normal stops signal the whole group and wait.
         .kill_on_drop(true);
-    die_with_parent(&mut command);
+    if let Some(dir) = &plugin.working_dir {
+        command.current_dir(dir);
+    }
+    if let Some(credentials) = &plugin.credentials {
+        // std drops supplementary groups too when it changes the uid as root.
+        command.uid(credentials.uid).gid(credentials.gid);
+    }
+    before_exec(&mut command, plugin.limits);
     let mut child = command.spawn()?;
     let mut capture = Capture(Vec::with_capacity(2));
     for (stream, output) in [
@@ -87,18 +94,33 @@ enum Output {
     Stderr(tokio::process::ChildStderr),
 }
 
-/// Asks the kernel to SIGKILL the child when the manager dies.
+/// In the child, before exec: die with the manager (SIGKILL when it dies, even if it is
+/// SIGKILLed itself), and apply the resource limits.
 #[allow(unsafe_code)]
-fn die_with_parent(command: &mut Command) {
+fn before_exec(command: &mut Command, limits: Limits) {
+    use nix::sys::resource::{Resource, setrlimit};
     let parent = std::process::id();
+    let limits = [
+        (Resource::RLIMIT_NOFILE, limits.open_files),
+        (
+            Resource::RLIMIT_AS,
+            limits.address_space_mb.map(|mb| mb.saturating_mul(1 << 20)),
+        ),
+        (Resource::RLIMIT_CPU, limits.cpu_seconds),
+    ];
     // SAFETY: the closure runs in the child between fork and exec, and only makes
-    // async-signal-safe system calls (prctl, getppid, kill).
+    // async-signal-safe system calls (prctl, getppid, kill, setrlimit); it allocates nothing.
     unsafe {
         command.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
             // The manager may have died between fork and prctl: then nobody would kill us.
             if nix::unistd::getppid().as_raw() as u32 != parent {
                 nix::sys::signal::raise(Signal::SIGKILL).map_err(io::Error::from)?;
+            }
+            for (resource, limit) in limits {
+                if let Some(limit) = limit {
+                    setrlimit(resource, limit, limit).map_err(io::Error::from)?;
+                }
             }
             Ok(())
         });

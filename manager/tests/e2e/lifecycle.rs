@@ -90,12 +90,18 @@ async fn sigterm_stops_every_plugin_and_cleans_up() {
 }
 
 #[tokio::test]
-async fn sigkill_of_the_manager_leaves_no_plugin_behind() {
+async fn sigkill_of_the_manager_leaves_no_plugin_behind_and_a_new_one_starts_clean() {
     let mut mesh = Mesh::start(TWO_ECHOES).await;
     let instances = mesh.wait_instances("plugin.echo", 2).await;
     let pids: Vec<u32> = instances.iter().map(|i| i.pid).collect();
 
     mesh.stop_with(Signal::SIGKILL).await;
     // The parent-death signal kills them; nothing else could.
-    wait_gone(&pids, Duration::from_secs(2)).await;
+    wait_gone(&pids, Duration::from_secs(1)).await;
+    // The dead manager left its sockets behind: a new one cleans them up and starts.
+    assert!(mesh.socket.exists());
+    assert!(instances[0].socket().exists());
+    let mesh = mesh.relaunch().await;
+    let again = mesh.wait_instances("plugin.echo", 2).await;
+    assert!(again.iter().all(|i| !pids.contains(&i.pid)));
 }

@@ -5,4 +5,5 @@
 mod bad_input;
 mod lifecycle;
 mod routing;
+mod supervision;
 mod support;

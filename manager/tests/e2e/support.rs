@@ -65,7 +65,7 @@ pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 pub struct Mesh {
     child: tokio::process::Child,
     lines: watch::Receiver<Vec<String>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub config: PathBuf,
 }
@@ -75,13 +75,26 @@ impl Mesh {
     /// echo-plugin binary) and waits until the router listens.
     pub async fn start(plugins: &str) -> Mesh {
         let dir = short_tempdir();
-        let text = format!(
-            "[mesh]\nruntime_dir = \"{}\"\n\n{}",
-            dir.path().join("run").display(),
-            plugins.replace("{echo}", &echo_plugin().display().to_string())
-        );
         let config = dir.path().join("mesh.toml");
-        std::fs::write(&config, text).unwrap();
+        write_config(&dir, plugins);
+        Mesh::launch(dir, config).await
+    }
+
+    /// Rewrites the config file with `plugins` (for reloads).
+    pub fn rewrite(&self, plugins: &str) {
+        write_config(&self.dir, plugins);
+    }
+
+    /// Starts `mesh up` again on the same config and directories (after this one was killed).
+    pub async fn relaunch(mut self) -> Mesh {
+        let _ = self.child.kill().await;
+        let dir = tempfile::TempDir::new_in("/tmp").unwrap();
+        let dir = std::mem::replace(&mut self.dir, dir);
+        let config = self.config.clone();
+        Mesh::launch(dir, config).await
+    }
+
+    async fn launch(dir: tempfile::TempDir, config: PathBuf) -> Mesh {
         let mut child = tokio::process::Command::new(mesh_bin())
             .args(["up", "--config"])
             .arg(&config)
@@ -99,7 +112,7 @@ impl Mesh {
             child,
             lines,
             socket: dir.path().join("run/mesh.sock"),
-            _dir: dir,
+            dir,
             config,
         };
         mesh.wait_line("router listening on unix:").await;
@@ -169,6 +182,34 @@ impl Mesh {
         }
     }
 
+    /// Runs the `mesh` command against this mesh's socket.
+    pub async fn cli(&self, args: &[&str]) -> Output {
+        let output = tokio::process::Command::new(mesh_bin())
+            .args(args)
+            .env("MESH_SOCKET", &self.socket)
+            .output();
+        tokio::time::timeout(DEADLINE, output)
+            .await
+            .expect("mesh command finishes")
+            .unwrap()
+    }
+
+    /// Runs the `mesh` command; fails the test unless it succeeds; returns its stdout.
+    pub async fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args).await;
+        assert!(
+            out.status.success(),
+            "mesh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `mesh status --json`, parsed.
+    pub async fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["status", "--json"]).await).expect("status JSON")
+    }
+
     /// The manager's pid.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
@@ -223,6 +264,15 @@ impl Registered {
                 .expect("a unix endpoint"),
         )
     }
+}
+
+fn write_config(dir: &tempfile::TempDir, plugins: &str) {
+    let text = format!(
+        "[mesh]\nruntime_dir = \"{}\"\n\n{}",
+        dir.path().join("run").display(),
+        plugins.replace("{echo}", &echo_plugin().display().to_string())
+    );
+    std::fs::write(dir.path().join("mesh.toml"), text).unwrap();
 }
 
 fn read_lines(

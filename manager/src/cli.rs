@@ -1,0 +1,273 @@
+//! The `mesh` subcommands that control a running `mesh up` through `mesh.v1.Manager`.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::bail;
+use mesh::{Address, Channel};
+use mesh_proto::mesh::v1::{
+    ListPluginsRequest, LogsRequest, Plugin, PluginRequest, ReloadRequest, ScaleRequest,
+    manager_client::ManagerClient,
+};
+use serde::Serialize;
+
+fn client(socket: &Path) -> ManagerClient<Channel> {
+    ManagerClient::new(Channel::to_address(
+        Address::Unix(socket.to_owned()),
+        "localhost",
+    ))
+}
+
+/// Turns a failed call into one line: what the manager said, or how to reach it.
+fn explain(socket: &Path, status: tonic::Status) -> anyhow::Error {
+    if status.code() == tonic::Code::Unavailable {
+        anyhow::anyhow!(
+            "cannot reach mesh up at {}: {}; is it running? (set MESH_SOCKET or --socket)",
+            socket.display(),
+            status.message()
+        )
+    } else {
+        anyhow::anyhow!("{}", status.message())
+    }
+}
+
+/// `mesh status [--json]`.
+pub(crate) async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let plugins = client(socket)
+        .list(ListPluginsRequest {})
+        .await
+        .map_err(|s| explain(socket, s))?
+        .into_inner()
+        .plugins;
+    if json {
+        let report = StatusJson {
+            plugins: plugins.iter().map(PluginJson::from).collect(),
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&plugins));
+    }
+    Ok(())
+}
+
+/// `mesh start|stop|restart NAME` and `mesh scale NAME N`: act, then show the plugin.
+pub(crate) async fn act(socket: &Path, action: Action, name: &str) -> anyhow::Result<()> {
+    let mut manager = client(socket);
+    let request = PluginRequest { name: name.into() };
+    let plugin = match action {
+        Action::Start => manager.start(request).await,
+        Action::Stop => manager.stop(request).await,
+        Action::Restart => manager.restart(request).await,
+        Action::Scale(instances) => {
+            manager
+                .scale(ScaleRequest {
+                    name: name.into(),
+                    instances,
+                })
+                .await
+        }
+    }
+    .map_err(|s| explain(socket, s))?
+    .into_inner();
+    print!("{}", table(std::slice::from_ref(&plugin)));
+    let failed: Vec<&str> = plugin
+        .instances
+        .iter()
+        .filter(|i| i.state == "failed")
+        .map(|i| i.id.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "{name}: {} failed; `mesh logs {name}` shows why",
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// What `act` does.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Action {
+    Start,
+    Stop,
+    Restart,
+    Scale(u32),
+}
+
+/// `mesh logs NAME [-f] [-n N]`.
+pub(crate) async fn logs(socket: &Path, name: &str, follow: bool, tail: u32) -> anyhow::Result<()> {
+    let request = LogsRequest {
+        name: name.into(),
+        follow,
+        tail,
+    };
+    let mut lines = client(socket)
+        .logs(request)
+        .await
+        .map_err(|s| explain(socket, s))?
+        .into_inner();
+    while let Some(line) = lines.message().await.map_err(|s| explain(socket, s))? {
+        println!("{} {}: {}", line.instance, line.stream, line.text);
+    }
+    Ok(())
+}
+
+/// `mesh reload`.
+pub(crate) async fn reload(socket: &Path) -> anyhow::Result<()> {
+    let report = client(socket)
+        .reload(ReloadRequest {})
+        .await
+        .map_err(|s| explain(socket, s))?
+        .into_inner();
+    let show = |what: &str, names: &[String]| {
+        if !names.is_empty() {
+            println!("{what}: {}", names.join(", "));
+        }
+    };
+    show("added", &report.added);
+    show("removed", &report.removed);
+    show("restarted", &report.restarted);
+    show("scaled", &report.scaled);
+    show("ignored", &report.ignored);
+    if report.added.is_empty()
+        && report.removed.is_empty()
+        && report.restarted.is_empty()
+        && report.scaled.is_empty()
+    {
+        println!("no change");
+    }
+    Ok(())
+}
+
+/// A plain text table, columns padded to their widest cell.
+fn table(plugins: &[Plugin]) -> String {
+    let mut rows = vec![
+        [
+            "PLUGIN",
+            "INSTANCE",
+            "PID",
+            "STATE",
+            "UPTIME",
+            "RESTARTS",
+            "LAST EXIT",
+            "DETAIL",
+        ]
+        .map(String::from),
+    ];
+    for plugin in plugins {
+        if plugin.instances.is_empty() {
+            rows.push([
+                plugin.name.clone(),
+                "-".into(),
+                "-".into(),
+                "scaled to 0".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                String::new(),
+            ]);
+        }
+        for i in &plugin.instances {
+            rows.push([
+                plugin.name.clone(),
+                i.id.clone(),
+                if i.pid == 0 {
+                    "-".into()
+                } else {
+                    i.pid.to_string()
+                },
+                i.state.clone(),
+                if i.pid == 0 {
+                    "-".into()
+                } else {
+                    human(Duration::from_millis(i.uptime_ms))
+                },
+                i.restarts.to_string(),
+                if i.last_exit.is_empty() {
+                    "-".into()
+                } else {
+                    i.last_exit.clone()
+                },
+                i.detail.clone(),
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `42s`, `3m07s`, `2h05m`, `3d04h`.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// `mesh status --json`: a stable shape for scripts.
+#[derive(Serialize)]
+struct StatusJson {
+    plugins: Vec<PluginJson>,
+}
+
+#[derive(Serialize)]
+struct PluginJson {
+    name: String,
+    service: String,
+    desired: u32,
+    instances: Vec<InstanceJson>,
+}
+
+#[derive(Serialize)]
+struct InstanceJson {
+    id: String,
+    state: String,
+    pid: Option<u32>,
+    uptime_ms: Option<u64>,
+    restarts: u32,
+    last_exit: Option<String>,
+    detail: Option<String>,
+}
+
+impl From<&Plugin> for PluginJson {
+    fn from(p: &Plugin) -> Self {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        Self {
+            name: p.name.clone(),
+            service: p.service.clone(),
+            desired: p.desired,
+            instances: p
+                .instances
+                .iter()
+                .map(|i| InstanceJson {
+                    id: i.id.clone(),
+                    state: i.state.clone(),
+                    pid: (i.pid != 0).then_some(i.pid),
+                    uptime_ms: (i.pid != 0).then_some(i.uptime_ms),
+                    restarts: i.restarts,
+                    last_exit: some(&i.last_exit),
+                    detail: some(&i.detail),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Reads the socket argument: `--socket`, `$MESH_SOCKET`, else the default.
+pub(crate) fn socket(flag: Option<std::path::PathBuf>) -> std::path::PathBuf {
+    flag.unwrap_or_else(mesh::runtime::router_socket)
+}

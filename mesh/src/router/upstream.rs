@@ -1,47 +1,64 @@
 //! The router's view of the registry: one balancer per service name, kept current by a task
-//! that follows every change. The per-call path reads a sharded map and never the registry.
+//! that follows every change. A call reads the map without a lock (it is swapped whole when a
+//! service first appears, which is rare) and never reads the registry.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
-use dashmap::DashMap;
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
 
 use crate::{
     ServiceName,
-    balance::{Balancer, Target},
+    balance::Balancer,
     registry::{Registry, Snapshot},
 };
+
+type Balancers = HashMap<ServiceName, Arc<Upstream>>;
+
+/// One service behind the router.
+pub(crate) struct Upstream {
+    pub(crate) name: ServiceName,
+    pub(crate) balancer: Balancer<Incoming>,
+}
 
 /// Balancers by service name.
 #[derive(Default)]
 pub(crate) struct Upstreams {
-    balancers: DashMap<ServiceName, Arc<Balancer>>,
+    balancers: ArcSwap<Balancers>,
 }
 
 impl Upstreams {
     /// The balancer of `service`, if it was ever registered.
-    pub(crate) fn get(&self, service: &ServiceName) -> Option<Arc<Balancer>> {
-        self.balancers.get(service).map(|b| b.value().clone())
+    pub(crate) fn get(&self, service: &str) -> Option<Arc<Upstream>> {
+        self.balancers.load().get(service).cloned()
     }
 
     /// Names with at least one instance, sorted.
     pub(crate) fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .balancers
+            .load()
             .iter()
-            .filter(|entry| entry.value().len() > 0)
-            .map(|entry| entry.key().to_string())
+            .filter(|(_, upstream)| upstream.balancer.len() > 0)
+            .map(|(name, _)| name.to_string())
             .collect();
         names.sort();
         names
     }
 
+    /// Only the follower task writes, so read-modify-write needs no lock.
     fn apply(&self, service: ServiceName, instances: &Snapshot) {
-        let targets = targets(instances);
-        match self.balancers.get(&service) {
-            Some(balancer) => balancer.update(targets),
+        let balancers = self.balancers.load();
+        match balancers.get(&service) {
+            Some(upstream) => upstream.balancer.update(instances),
             None => {
-                self.balancers
-                    .insert(service, Arc::new(Balancer::new(targets)));
+                let mut next = Balancers::clone(&balancers);
+                let upstream = Upstream {
+                    name: service.clone(),
+                    balancer: Balancer::new(instances),
+                };
+                next.insert(service, Arc::new(upstream));
+                self.balancers.store(Arc::new(next));
             }
         }
     }
@@ -67,22 +84,4 @@ impl Upstreams {
             }
         });
     }
-}
-
-/// The instances a balancer can dial; ones with unreadable endpoints are skipped (the registry
-/// validates endpoints, so this only guards against a future backend that does not).
-pub(crate) fn targets(instances: &[crate::registry::Instance]) -> Vec<Target> {
-    instances
-        .iter()
-        .filter_map(|instance| match instance.endpoint.parse() {
-            Ok(address) => Some(Target {
-                id: instance.id.clone(),
-                address,
-            }),
-            Err(error) => {
-                tracing::warn!(service = %instance.service, instance = %instance.id, %error, "skipping instance");
-                None
-            }
-        })
-        .collect()
 }

@@ -40,7 +40,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let registry = Registry::new();
     let supervisor = Arc::new(Supervisor::new(registry.clone(), config.socket.clone()));
-    let router = Router::builder(registry).build().await;
+    let router = Router::builder(registry)
+        .limits(config.limits.clone())
+        .build()
+        .await;
 
     let (stopping, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

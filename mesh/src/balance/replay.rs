@@ -144,8 +144,9 @@ impl<B: SendBody> HttpBody for Replay<B> {
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if shared.state == State::Replayable {
+                    let kept = shared.chunks.len();
                     shared.keep(&frame);
-                    if shared.state == State::Replayable && frame.is_data() {
+                    if shared.state == State::Replayable && shared.chunks.len() > kept {
                         this.replayed += 1;
                     }
                 }
@@ -158,17 +159,30 @@ impl<B: SendBody> HttpBody for Replay<B> {
         }
     }
 
+    /// Exact, not merely safe: hyper ends the stream on the last data frame only when this
+    /// says so, and otherwise sends an extra empty DATA frame — which h2 servers count as
+    /// abuse past 100 per connection (GOAWAY `ENHANCE_YOUR_CALM`).
     fn is_end_stream(&self) -> bool {
         let shared = self.lock();
-        shared.source.is_none()
-            && (shared.state != State::Replayable || self.replayed == shared.chunks.len())
-            && (self.trailers_replayed || shared.trailers.is_none())
+        if self.generation != shared.generation {
+            return true;
+        }
+        let replayed_all =
+            shared.state != State::Replayable || self.replayed >= shared.chunks.len();
+        replayed_all
+            && match &shared.source {
+                Some(source) => source.is_end_stream(),
+                None => self.trailers_replayed || shared.trailers.is_none(),
+            }
     }
 }
 
 impl<B> Shared<B> {
     fn keep(&mut self, frame: &Frame<Bytes>) {
         if let Some(data) = frame.data_ref() {
+            if data.is_empty() {
+                return;
+            }
             if self.len + data.len() > REPLAY_LIMIT {
                 self.state = State::Spent;
                 self.chunks = Vec::new();
@@ -256,6 +270,24 @@ mod tests {
         let (data, end) = read_all(again).await;
         assert_eq!(data, ["only"]);
         assert_eq!(end, Some(trailers()));
+    }
+
+    #[tokio::test]
+    async fn it_knows_its_end_so_no_empty_frame_follows_the_last() {
+        let mut first = Replay::new(http_body_util::Full::new(Bytes::from_static(b"msg")));
+        assert!(!first.is_end_stream());
+        first.frame().await.unwrap().unwrap();
+        assert!(
+            first.is_end_stream(),
+            "the source is done after its one chunk"
+        );
+        let again = first.again().unwrap();
+        assert!(!again.is_end_stream(), "a new copy has a chunk to replay");
+        assert!(first.is_end_stream(), "a superseded copy is over");
+        let mut again = again;
+        let chunk = again.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(chunk, "msg");
+        assert!(again.is_end_stream());
     }
 
     #[tokio::test]

@@ -300,8 +300,8 @@ impl RouterBuilder {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        let upstreams = Arc::new(Upstreams::default());
-        upstreams.follow(self.registry);
+        let upstreams = Arc::new(Upstreams::new(self.registry));
+        upstreams.follow();
         let limits = self.limits;
         Router {
             inner: Arc::new(Inner {

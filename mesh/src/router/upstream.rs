@@ -1,6 +1,7 @@
 //! The router's view of the registry: one balancer per service name, kept current by a task
 //! that follows every change. A call reads the map without a lock (it is swapped whole when a
-//! service first appears, which is rare) and never reads the registry.
+//! service first appears, which is rare) and reads the registry only for a name the map does
+//! not have yet, so a service is routable as soon as it is registered.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -22,15 +23,55 @@ pub(crate) struct Upstream {
 }
 
 /// Balancers by service name.
-#[derive(Default)]
 pub(crate) struct Upstreams {
     balancers: ArcSwap<Balancers>,
+    registry: Registry,
 }
 
 impl Upstreams {
+    pub(crate) fn new(registry: Registry) -> Self {
+        Self {
+            balancers: ArcSwap::default(),
+            registry,
+        }
+    }
+
     /// The balancer of `service`, if it was ever registered.
     pub(crate) fn get(&self, service: &str) -> Option<Arc<Upstream>> {
-        self.balancers.load().get(service).cloned()
+        match self.balancers.load().get(service) {
+            Some(upstream) => Some(upstream.clone()),
+            None => self.catch_up(service),
+        }
+    }
+
+    /// A name registered a moment ago, before the follower task saw it: take it from the
+    /// registry now. Adds it only if still absent, so it never overwrites newer news.
+    #[cold]
+    fn catch_up(&self, service: &str) -> Option<Arc<Upstream>> {
+        let instances = self.registry.resolve(service);
+        if instances.is_empty() {
+            return None;
+        }
+        let name = ServiceName::new(service).ok()?;
+        Some(self.insert(name, &instances))
+    }
+
+    /// Adds `service` unless it is there already; returns the one in the map.
+    fn insert(&self, service: ServiceName, instances: &Snapshot) -> Arc<Upstream> {
+        let fresh = Arc::new(Upstream {
+            name: service.clone(),
+            balancer: Balancer::new(instances),
+        });
+        self.balancers.rcu(|current| {
+            if current.contains_key(&service) {
+                Arc::clone(current)
+            } else {
+                let mut next = Balancers::clone(current);
+                next.insert(service.clone(), fresh.clone());
+                Arc::new(next)
+            }
+        });
+        self.balancers.load()[&service].clone()
     }
 
     /// Names with at least one instance, sorted.
@@ -46,25 +87,18 @@ impl Upstreams {
         names
     }
 
-    /// Only the follower task writes, so read-modify-write needs no lock.
+    /// The follower's news, the newest there is: it updates what `catch_up` added.
     fn apply(&self, service: ServiceName, instances: &Snapshot) {
-        let balancers = self.balancers.load();
-        match balancers.get(&service) {
+        let existing = self.balancers.load().get(&service).cloned();
+        match existing {
             Some(upstream) => upstream.balancer.update(instances),
-            None => {
-                let mut next = Balancers::clone(&balancers);
-                let upstream = Upstream {
-                    name: service.clone(),
-                    balancer: Balancer::new(instances),
-                };
-                next.insert(service, Arc::new(upstream));
-                self.balancers.store(Arc::new(next));
-            }
+            None => self.insert(service, instances).balancer.update(instances),
         }
     }
 
     /// Applies every registry change until the registry or these upstreams are gone.
-    pub(crate) fn follow(self: &Arc<Self>, registry: Registry) {
+    pub(crate) fn follow(self: &Arc<Self>) {
+        let registry = self.registry.clone();
         let weak = Arc::downgrade(self);
         let mut changes = registry.watch_all();
         let (initial, mut seen) = registry.changes_since(0);

@@ -4,5 +4,6 @@
 
 mod bad_input;
 mod lifecycle;
+mod router;
 mod routing;
 mod support;

@@ -355,3 +355,147 @@ fn handed_back<B: SendBody>(endpoint: &Endpoint<B>, error: hyper::Error) -> Erro
         source: std::io::Error::other(error),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, path::Path};
+
+    use bytes::Bytes;
+    use h2::Reason;
+    use http_body_util::Full;
+    use tokio::net::UnixListener;
+
+    use super::*;
+    use crate::registry::labels;
+
+    /// How a test instance treats every call.
+    #[derive(Clone, Copy)]
+    enum Behaviour {
+        /// Answers, naming itself in `x-instance`.
+        Answer(&'static str),
+        /// Resets the stream with this reason.
+        Reset(Reason),
+    }
+
+    /// An HTTP/2 server on `path` (h2 directly, to send any reset).
+    fn serve(path: &Path, behaviour: Behaviour) {
+        let listener = UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut connection = h2::server::handshake(socket).await.unwrap();
+                    while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                        match behaviour {
+                            Behaviour::Reset(reason) => respond.send_reset(reason),
+                            Behaviour::Answer(id) => {
+                                let response = Response::builder()
+                                    .header("x-instance", id)
+                                    .body(())
+                                    .unwrap();
+                                let mut body = respond.send_response(response, false).unwrap();
+                                body.send_data(Bytes::from_static(b"ok"), true).unwrap();
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    fn instance(id: &str, path: &Path, idempotent: &str) -> Instance {
+        Instance {
+            service: "test.svc".into(),
+            id: id.into(),
+            endpoint: format!("unix:{}", path.display()),
+            labels: HashMap::from([(labels::IDEMPOTENT.to_owned(), idempotent.to_owned())]),
+        }
+    }
+
+    async fn call(balancer: &Balancer<Full<Bytes>>, method: &str) -> Result<&'static str, Error> {
+        let request = Request::post(format!("http://test.svc{method}"))
+            .body(Full::new(Bytes::from_static(b"request")))
+            .unwrap();
+        let response = balancer.send(request, "test.svc").await?;
+        let id = response.headers()["x-instance"].to_str().unwrap();
+        Ok(if id == "a" { "a" } else { "b" })
+    }
+
+    /// Instance `a` behaves as told, `b` answers; `T/Idem` is idempotent.
+    fn pair(dir: &Path, a: Behaviour) -> Balancer<Full<Bytes>> {
+        let (path_a, path_b) = (dir.join("a.sock"), dir.join("b.sock"));
+        serve(&path_a, a);
+        serve(&path_b, Behaviour::Answer("b"));
+        Balancer::new(&[
+            instance("a", &path_a, "T/Idem"),
+            instance("b", &path_b, "T/Idem"),
+        ])
+    }
+
+    fn health_of(balancer: &Balancer<Full<Bytes>>, id: &str) -> Arc<Health> {
+        let current = balancer.current.load();
+        let endpoint = current
+            .endpoints
+            .iter()
+            .find(|e| e.target.id == id)
+            .unwrap();
+        endpoint.health.clone()
+    }
+
+    #[tokio::test]
+    async fn calls_refused_unprocessed_go_elsewhere_when_they_can_be_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let balancer = pair(dir.path(), Behaviour::Reset(Reason::REFUSED_STREAM));
+        for _ in 0..20 {
+            assert_eq!(call(&balancer, "/T/Idem").await.unwrap(), "b");
+        }
+        // Another method's body is not kept: a refused call fails, as UNAVAILABLE, and says so.
+        let mut refused = 0;
+        for _ in 0..40 {
+            match call(&balancer, "/T/Other").await {
+                Ok(id) => assert_eq!(id, "b"),
+                Err(error) => {
+                    assert_eq!(error.to_status().code(), tonic::Code::Unavailable);
+                    assert!(error.to_string().contains("refused"), "{error}");
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused > 0, "P2C picked a at least once in 40 calls");
+        assert!(
+            !health_of(&balancer, "a").is_ejected(balancer.clock.now_ms()),
+            "a refusal is not the instance failing"
+        );
+    }
+
+    #[tokio::test]
+    async fn five_failed_calls_in_a_row_eject_an_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let balancer = pair(dir.path(), Behaviour::Reset(Reason::INTERNAL_ERROR));
+        // Idempotent calls fail over to b, and each failure on a counts against it.
+        let mut calls = 0;
+        while !health_of(&balancer, "a").is_ejected(balancer.clock.now_ms()) {
+            assert_eq!(call(&balancer, "/T/Idem").await.unwrap(), "b");
+            calls += 1;
+            assert!(calls < 1000, "a was never ejected");
+        }
+        // Ejected, a is passed over: calls that would fail on it now all reach b.
+        for _ in 0..20 {
+            assert_eq!(call(&balancer, "/T/Other").await.unwrap(), "b");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_cannot_be_reached_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path_b = dir.path().join("b.sock");
+        serve(&path_b, Behaviour::Answer("b"));
+        let balancer: Balancer<Full<Bytes>> = Balancer::new(&[
+            instance("a", &dir.path().join("nobody.sock"), ""),
+            instance("b", &path_b, ""),
+        ]);
+        for _ in 0..20 {
+            assert_eq!(call(&balancer, "/T/Other").await.unwrap(), "b");
+        }
+        assert!(health_of(&balancer, "a").is_ejected(balancer.clock.now_ms()));
+    }
+}

@@ -50,7 +50,9 @@ pub struct PluginConfig {
     /// Extra environment variables (with `MESH_MAX_MESSAGE_SIZE` unless the file sets it).
     pub env: BTreeMap<String, String>,
     /// Methods that may be sent twice (`echo.v1.Echo/Echo`): a call to one is retried on
-    /// another instance even after it may have reached the first.
+    /// another instance even after it may have reached the first. Its answer is handed on
+    /// once its first message is there, so mark unary and server-streaming methods, not ones
+    /// whose first answer waits for the caller.
     pub idempotent: Vec<String>,
     /// How many instances to run.
     pub instances: u32,

@@ -3,14 +3,27 @@
 //!
 //! Run by `mesh up`, or by hand:
 //! `PLUGIN_SOCKET=/tmp/echo.sock PLUGIN_NAME=echo PLUGIN_INSTANCE=echo-dev echo-plugin`.
+//!
+//! For tests of deadlines, cancellation and flow control, a request may carry
+//! `x-echo-delay-ms: N`: `Echo` waits N ms before answering, `Expand` waits N ms before each
+//! reply. A call dropped by its caller before it finished is logged to stderr
+//! (`Echo cancelled after N ms`, `Expand cancelled after N replies`).
 
-use std::{io::IsTerminal, pin::Pin, process::ExitCode, sync::Arc};
+use std::{
+    io::IsTerminal,
+    pin::Pin,
+    process::ExitCode,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
 use mesh::plugin::Plugin;
 use mesh_proto::echo::v1::{
     EchoReply, EchoRequest, ExpandRequest,
     echo_server::{Echo, EchoServer},
 };
+use tokio::time::Sleep;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{
     Request, Response, Status, Streaming,
@@ -19,6 +32,10 @@ use tonic::{
 
 /// Most replies one `Expand` call may ask for, so one call cannot hold the plugin forever.
 const MAX_EXPAND: u32 = 100_000;
+/// Request metadata that slows a call down (milliseconds), for tests.
+const DELAY: &str = "x-echo-delay-ms";
+/// The longest delay accepted.
+const MAX_DELAY: Duration = Duration::from_secs(60);
 
 struct EchoService {
     instance: Arc<str>,
@@ -42,6 +59,12 @@ impl Echo for EchoService {
     /// then travels in the trailers), so callers can check that metadata and trailers survive
     /// the way through the mesh.
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        if let Some(delay) = delay(request.metadata())? {
+            tracing::info!("Echo waiting {} ms", delay.as_millis());
+            let watch = Unfinished::new();
+            tokio::time::sleep(delay).await;
+            watch.finished();
+        }
         let echoed = echo_metadata(request.metadata());
         if let Some(code) = request.metadata().get("x-echo-status") {
             let code = code
@@ -65,15 +88,20 @@ impl Echo for EchoService {
         &self,
         request: Request<ExpandRequest>,
     ) -> Result<Response<ReplyStream>, Status> {
+        let delay = delay(request.metadata())?;
         let ExpandRequest { message, count } = request.into_inner();
         if count > MAX_EXPAND {
             return Err(Status::invalid_argument(format!(
                 "count {count} is over the limit of {MAX_EXPAND}"
             )));
         }
-        let reply = self.reply(message);
-        let replies = tokio_stream::iter((0..count).map(move |_| Ok(reply.clone())));
-        Ok(Response::new(Box::pin(replies)))
+        Ok(Response::new(Box::pin(Replies {
+            reply: self.reply(message),
+            left: count,
+            sent: 0,
+            delay,
+            sleep: None,
+        })))
     }
 
     async fn collect(
@@ -102,6 +130,88 @@ impl Echo for EchoService {
             })
         });
         Ok(Response::new(Box::pin(replies)))
+    }
+}
+
+/// The `x-echo-delay-ms` of a request, if any.
+fn delay(metadata: &MetadataMap) -> Result<Option<Duration>, Status> {
+    let Some(value) = metadata.get(DELAY) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .filter(|d| *d <= MAX_DELAY)
+        .map(Some)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{DELAY} must be a number of milliseconds up to {}",
+                MAX_DELAY.as_millis()
+            ))
+        })
+}
+
+/// Logs `Echo cancelled after N ms` if dropped before [`Unfinished::finished`]: the caller
+/// went away (cancelled, or its deadline passed) while the call was waiting.
+struct Unfinished(Option<Instant>);
+
+impl Unfinished {
+    fn new() -> Self {
+        Self(Some(Instant::now()))
+    }
+
+    fn finished(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(started) = self.0 {
+            tracing::info!("Echo cancelled after {} ms", started.elapsed().as_millis());
+        }
+    }
+}
+
+/// `Expand`'s replies, produced as the caller reads them (HTTP/2 flow control holds this
+/// stream back when the caller reads slowly); dropped early, it logs how far it got.
+struct Replies {
+    reply: EchoReply,
+    left: u32,
+    sent: u32,
+    delay: Option<Duration>,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl Stream for Replies {
+    type Item = Result<EchoReply, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        if let Some(delay) = self.delay {
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.sleep = None;
+        }
+        self.left -= 1;
+        self.sent += 1;
+        Poll::Ready(Some(Ok(self.reply.clone())))
+    }
+}
+
+impl Drop for Replies {
+    fn drop(&mut self) {
+        if self.left > 0 {
+            tracing::info!("Expand cancelled after {} replies", self.sent);
+        }
     }
 }
 
@@ -147,8 +257,13 @@ async fn main() -> ExitCode {
         plugin.instance(),
         std::process::id()
     );
+    // tonic decodes at most 4 MiB unless told: carry what the mesh is configured for.
+    let limit = plugin.max_message_size();
+    let echo = EchoServer::new(echo)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
     let served = plugin
-        .add_service(EchoServer::new(echo))
+        .add_service(echo)
         .file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
         .serve()
         .await;

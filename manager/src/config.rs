@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use mesh::{ServiceName, runtime};
+use mesh::{ServiceName, plugin::MAX_MESSAGE_SIZE_VAR, registry::labels, router::Limits, runtime};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -27,6 +27,11 @@ pub struct Config {
     pub socket: PathBuf,
     /// TCP address for remote clients, if any.
     pub listen: Option<SocketAddr>,
+    /// The router's limits and default call timeout.
+    pub limits: Limits,
+    /// The largest gRPC message plugins accept and send, in bytes; handed to each plugin as
+    /// `MESH_MAX_MESSAGE_SIZE` (the router itself streams messages without a limit of its own).
+    pub max_message_size: usize,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
 }
@@ -42,8 +47,13 @@ pub struct PluginConfig {
     pub command: PathBuf,
     /// Arguments.
     pub args: Vec<String>,
-    /// Extra environment variables.
+    /// Extra environment variables (with `MESH_MAX_MESSAGE_SIZE` unless the file sets it).
     pub env: BTreeMap<String, String>,
+    /// Methods that may be sent twice (`echo.v1.Echo/Echo`): a call to one is retried on
+    /// another instance even after it may have reached the first. Its answer is handed on
+    /// once its first message is there, so mark unary and server-streaming methods, not ones
+    /// whose first answer waits for the caller.
+    pub idempotent: Vec<String>,
     /// How many instances to run.
     pub instances: u32,
     /// How long an instance may take to report SERVING.
@@ -68,7 +78,7 @@ pub struct PluginConfig {
     /// User and group to run as, when the manager runs as root.
     pub credentials: Option<Credentials>,
     /// Resource limits applied before exec.
-    pub limits: Limits,
+    pub limits: ResourceLimits,
 }
 
 /// A user and group to run a plugin as.
@@ -85,7 +95,7 @@ pub struct Credentials {
 /// Resource limits (soft = hard) applied to each instance before exec.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Limits {
+pub struct ResourceLimits {
     /// RLIMIT_NOFILE.
     pub open_files: Option<u64>,
     /// RLIMIT_AS, in MiB.
@@ -166,6 +176,11 @@ impl fmt::Display for ConfigError {
 }
 
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default largest message: four times tonic's default, which plugins would otherwise keep.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
+/// Bounds for the sizes and counts in `[mesh]`: enough for any machine, and keeps typos out.
+const MESSAGE_SIZES: std::ops::RangeInclusive<u64> = 1024..=1 << 30;
+const MAX_COUNT: u64 = 10_000_000;
 const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
 const DEFAULT_DRAIN_DELAY: Duration = Duration::from_millis(100);
 const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -188,6 +203,19 @@ struct RawMesh {
     runtime_dir: Option<Spanned<PathBuf>>,
     socket: Option<Spanned<PathBuf>>,
     listen: Option<Spanned<String>>,
+    call_timeout: Option<Spanned<String>>,
+    max_message_size: Option<Spanned<RawSize>>,
+    max_connections: Option<Spanned<u64>>,
+    max_concurrent_streams: Option<Spanned<u64>>,
+    max_in_flight: Option<Spanned<u64>>,
+}
+
+/// A size in bytes, or text with a unit (`"16MiB"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -199,6 +227,8 @@ struct RawPlugin {
     args: Vec<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    idempotent: Vec<Spanned<String>>,
     instances: Option<Spanned<u32>>,
     ready_timeout: Option<Spanned<String>>,
     stop_grace: Option<Spanned<String>>,
@@ -215,7 +245,7 @@ struct RawPlugin {
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     #[serde(default)]
-    limits: Limits,
+    limits: ResourceLimits,
 }
 
 impl Config {
@@ -257,7 +287,7 @@ impl Config {
             .or(mesh.runtime_dir.as_ref())
             .map(|s| s.span());
         runtime::check_socket_path(&socket).map_err(|e| at(socket_span.clone(), e.to_string()))?;
-        let listen = match mesh.listen {
+        let listen = match &mesh.listen {
             None => None,
             Some(listen) => Some(listen.get_ref().parse().map_err(|_| {
                 at(
@@ -268,6 +298,21 @@ impl Config {
                     ),
                 )
             })?),
+        };
+        let limits = limits(&mesh, &at)?;
+        let max_message_size = match &mesh.max_message_size {
+            None => DEFAULT_MAX_MESSAGE_SIZE,
+            Some(size) => parse_size(size.get_ref())
+                .filter(|n| MESSAGE_SIZES.contains(n))
+                .ok_or_else(|| {
+                    at(
+                        Some(size.span()),
+                        format!(
+                            "max_message_size must be 1KiB to 1GiB; write bytes or a size such as \"16MiB\" (default {}MiB)",
+                            DEFAULT_MAX_MESSAGE_SIZE >> 20
+                        ),
+                    )
+                })? as usize,
         };
 
         let mut plugins: Vec<PluginConfig> = Vec::new();
@@ -365,6 +410,18 @@ impl Config {
             };
             let credentials = credentials(p.user.as_ref(), p.group.as_ref())
                 .map_err(|(span, message)| at(Some(span), format!("plugin {name:?}: {message}")))?;
+            let idempotent = p
+                .idempotent
+                .iter()
+                .map(|m| {
+                    labels::method(m.get_ref()).map(str::to_owned).map_err(|e| {
+                        at(Some(m.span()), format!("plugin {name:?}: idempotent: {e}"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut env = p.env;
+            env.entry(MAX_MESSAGE_SIZE_VAR.to_owned())
+                .or_insert_with(|| max_message_size.to_string());
             let plugin = PluginConfig {
                 health_interval: duration(
                     "health_interval",
@@ -385,7 +442,8 @@ impl Config {
                 service,
                 command,
                 args: p.args,
-                env: p.env,
+                env,
+                idempotent,
                 instances,
             };
             // The longest id this plugin can have must still fit a socket path.
@@ -403,6 +461,8 @@ impl Config {
             runtime_dir,
             socket,
             listen,
+            limits,
+            max_message_size,
             plugins,
         })
     }
@@ -468,6 +528,80 @@ fn credentials(
         uid: found.uid.as_raw(),
         gid: gid.as_raw(),
     }))
+}
+
+/// The router's limits from `[mesh]`.
+fn limits(
+    mesh: &RawMesh,
+    at: &impl Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<Limits, ConfigError> {
+    let defaults = Limits::default();
+    let count = |field: &str, value: &Option<Spanned<u64>>, default: u64| match value {
+        None => Ok(default),
+        Some(n) if (1..=MAX_COUNT).contains(n.get_ref()) => Ok(*n.get_ref()),
+        Some(n) => Err(at(
+            Some(n.span()),
+            format!(
+                "{field} = {} is out of range; use 1 to {MAX_COUNT} (default {default})",
+                n.get_ref()
+            ),
+        )),
+    };
+    let call_timeout = match &mesh.call_timeout {
+        None => None,
+        Some(text) => {
+            let timeout = humantime::parse_duration(text.get_ref()).map_err(|e| {
+                at(
+                    Some(text.span()),
+                    format!(
+                        "call_timeout = {:?}: {e}; write a duration such as \"30s\", or \"0s\" for none",
+                        text.get_ref()
+                    ),
+                )
+            })?;
+            Some(timeout).filter(|t| !t.is_zero())
+        }
+    };
+    Ok(Limits {
+        max_connections: count(
+            "max_connections",
+            &mesh.max_connections,
+            defaults.max_connections as u64,
+        )? as usize,
+        max_concurrent_streams: count(
+            "max_concurrent_streams",
+            &mesh.max_concurrent_streams,
+            defaults.max_concurrent_streams.into(),
+        )?
+        .min(u32::MAX.into()) as u32,
+        max_in_flight: count(
+            "max_in_flight",
+            &mesh.max_in_flight,
+            defaults.max_in_flight as u64,
+        )? as usize,
+        call_timeout,
+    })
+}
+
+/// Bytes, or a number with a unit: B, KiB, MiB, GiB (`"16MiB"`, `"512 KiB"`).
+fn parse_size(size: &RawSize) -> Option<u64> {
+    let text = match size {
+        RawSize::Bytes(n) => return Some(*n),
+        RawSize::Text(text) => text.trim(),
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
 }
 
 /// The byte offset's 1-based line.
@@ -577,6 +711,51 @@ mod tests {
             plugin.socket(&plugin.instance_id(3)),
             Path::new("/tmp/m/sh/sh-3.sock")
         );
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.limits.call_timeout, None);
+        assert_eq!(config.max_message_size, 16 << 20);
+        assert_eq!(
+            plugin.env[MAX_MESSAGE_SIZE_VAR], "16777216",
+            "handed to plugins"
+        );
+        assert!(plugin.idempotent.is_empty());
+    }
+
+    #[test]
+    fn router_limits_message_size_and_idempotent_methods_parse() {
+        let config = parse(
+            "[mesh]\ncall_timeout = \"2s\"\nmax_message_size = \"4MiB\"\nmax_connections = 3\n\
+             max_concurrent_streams = 8\nmax_in_flight = 4\n\
+             [[plugin]]\nname = \"a\"\ncommand = \"sh\"\n\
+             idempotent = [\"echo.v1.Echo/Echo\", \"/echo.v1.Echo/Expand\"]\n\
+             [[plugin]]\nname = \"b\"\ncommand = \"sh\"\nenv = { MESH_MAX_MESSAGE_SIZE = \"1024\" }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.limits,
+            Limits {
+                max_connections: 3,
+                max_concurrent_streams: 8,
+                max_in_flight: 4,
+                call_timeout: Some(Duration::from_secs(2)),
+            }
+        );
+        assert_eq!(config.max_message_size, 4 << 20);
+        let (a, b) = (&config.plugins[0], &config.plugins[1]);
+        assert_eq!(a.idempotent, ["echo.v1.Echo/Echo", "echo.v1.Echo/Expand"]);
+        assert_eq!(a.env[MAX_MESSAGE_SIZE_VAR], "4194304");
+        assert_eq!(
+            b.env[MAX_MESSAGE_SIZE_VAR], "1024",
+            "the file's own value wins"
+        );
+
+        let config = parse("[mesh]\ncall_timeout = \"0s\"\nmax_message_size = 2048\n").unwrap();
+        assert_eq!(config.limits.call_timeout, None, "0s means none");
+        assert_eq!(config.max_message_size, 2048);
+        for (text, bytes) in [("512 KiB", 512 << 10), ("1GiB", 1 << 30), ("4096B", 4096)] {
+            let size = parse_size(&RawSize::Text(text.into()));
+            assert_eq!(size, Some(bytes), "{text}");
+        }
     }
 
     #[test]
@@ -645,6 +824,23 @@ mod tests {
                 "not found on PATH",
             ),
             ("[[plugin]\n", 1, ""),
+            (
+                "[mesh]\nmax_message_size = \"huge\"\n",
+                2,
+                "such as \"16MiB\"",
+            ),
+            ("[mesh]\nmax_message_size = \"2GiB\"\n", 2, "1KiB to 1GiB"),
+            (
+                "[mesh]\nlisten = \"127.0.0.1:0\"\nmax_in_flight = 0\n",
+                3,
+                "max_in_flight = 0 is out of range; use 1 to",
+            ),
+            ("[mesh]\ncall_timeout = \"soon\"\n", 2, "or \"0s\" for none"),
+            (
+                "[[plugin]]\nname = \"a\"\ncommand = \"sh\"\nidempotent = [\n  \"echo.v1.Echo/Echo\",\n  \"Echo\",\n]\n",
+                6,
+                "idempotent: \"Echo\" is not a method; write package.Service/Method",
+            ),
         ];
         for (text, line, needle) in cases {
             let error = parse(text).unwrap_err();

@@ -52,6 +52,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let supervisor = Arc::new(Supervisor::new(registry.clone(), config.socket.clone()));
     let manager = ManagerService::new(supervisor.clone(), config.clone());
     let router = Router::builder(registry)
+        .limits(config.limits.clone())
         .add_service(manager.clone().into_server())
         .build()
         .await;

@@ -21,7 +21,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The call failed after it was sent; it may have reached the instance.
-    #[error("call to {address} failed: {source}")]
+    #[error("call to {address} failed: {}", with_cause(source))]
     Call {
         /// The instance's address.
         address: Address,
@@ -63,6 +63,14 @@ impl Error {
                 tonic::Status::invalid_argument(message)
             }
         }
+    }
+}
+
+/// hyper's errors print their kind only ("connection error"): add what caused it.
+fn with_cause(error: &hyper::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
     }
 }
 

@@ -43,6 +43,17 @@ impl ServiceName {
         Self::new(format!("plugin.{name}"))
     }
 
+    /// Checks `name` without allocating when it is valid (the router does this per call).
+    pub(crate) fn check(name: &[u8]) -> Result<&str, InvalidName> {
+        let invalid = |reason: String| InvalidName {
+            name: String::from_utf8_lossy(name).into_owned(),
+            reason,
+        };
+        let text = std::str::from_utf8(name).map_err(|_| invalid("it is not UTF-8".into()))?;
+        validate(text).map_err(invalid)?;
+        Ok(text)
+    }
+
     /// The name as text.
     pub fn as_str(&self) -> &str {
         &self.0

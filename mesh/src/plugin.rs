@@ -28,6 +28,12 @@ pub const PLUGIN_SOCKET: &str = "PLUGIN_SOCKET";
 pub const PLUGIN_NAME: &str = "PLUGIN_NAME";
 /// This instance's id (`echo-0`).
 pub const PLUGIN_INSTANCE: &str = "PLUGIN_INSTANCE";
+/// The largest gRPC message, in bytes, the mesh is configured to carry (`[mesh]
+/// max_message_size`); read it with [`Plugin::max_message_size`].
+pub const MAX_MESSAGE_SIZE_VAR: &str = "MESH_MAX_MESSAGE_SIZE";
+/// The largest message when `MESH_MAX_MESSAGE_SIZE` is not set: 16 MiB (tonic's own default
+/// is 4 MiB, too small for a 4 MiB payload with its framing).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
 
 /// Why a plugin could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +71,7 @@ pub struct Plugin {
     socket: PathBuf,
     name: String,
     instance: String,
+    max_message_size: usize,
     routes: RoutesBuilder,
     services: Vec<&'static str>,
     descriptors: Vec<&'static [u8]>,
@@ -76,6 +83,7 @@ impl std::fmt::Debug for Plugin {
             .field("socket", &self.socket)
             .field("name", &self.name)
             .field("instance", &self.instance)
+            .field("max_message_size", &self.max_message_size)
             .field("services", &self.services)
             .finish_non_exhaustive()
     }
@@ -88,7 +96,15 @@ impl Plugin {
         let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
         let (socket, name, instance) = (var(PLUGIN_SOCKET), var(PLUGIN_NAME), var(PLUGIN_INSTANCE));
         match (socket, name, instance) {
-            (Some(socket), Some(name), Some(instance)) => Ok(Self::new(socket, name, instance)),
+            (Some(socket), Some(name), Some(instance)) => {
+                let plugin = Self::new(socket, name, instance);
+                Ok(
+                    match var(MAX_MESSAGE_SIZE_VAR).and_then(|v| v.parse().ok()) {
+                        Some(size) => plugin.with_max_message_size(size),
+                        None => plugin,
+                    },
+                )
+            }
             (socket, name, instance) => Err(PluginError::MissingEnv {
                 missing: [
                     (PLUGIN_SOCKET, socket.is_none()),
@@ -112,6 +128,7 @@ impl Plugin {
             socket: socket.into(),
             name: name.into(),
             instance: instance.into(),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             routes: RoutesBuilder::default(),
             services: Vec::new(),
             descriptors: Vec::new(),
@@ -126,6 +143,32 @@ impl Plugin {
     /// This instance's id (`echo-0`).
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// The largest message the mesh carries (`MESH_MAX_MESSAGE_SIZE`, else 16 MiB).
+    ///
+    /// tonic keeps the decoding limit inside each generated server (4 MiB unless told), so the
+    /// SDK cannot raise it for you: apply it to each service you add.
+    ///
+    /// ```no_run
+    /// # use mesh_proto::echo::v1::echo_server::{Echo, EchoServer};
+    /// # fn run<E: Echo>(plugin: mesh::plugin::Plugin, echo: E) -> mesh::plugin::Plugin {
+    /// let limit = plugin.max_message_size();
+    /// plugin.add_service(
+    ///     EchoServer::new(echo)
+    ///         .max_decoding_message_size(limit)
+    ///         .max_encoding_message_size(limit),
+    /// )
+    /// # }
+    /// ```
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+
+    /// Sets the largest message (see [`Plugin::max_message_size`]).
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
     }
 
     /// Serves a tonic service; health reports it `SERVING` once the plugin serves.

@@ -5,10 +5,11 @@
 
 use std::{fmt, io, path::PathBuf, str::FromStr};
 
+use bytes::Bytes;
+use http_body::Body as HttpBody;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpStream, UnixStream};
-use tonic::body::Body;
 
 /// Where an instance or a router can be reached.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -56,11 +57,34 @@ impl fmt::Display for Address {
     }
 }
 
+/// A boxed error, as hyper takes them from bodies.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body that can be sent on a connection: hyper's `Incoming` (the router forwards it as it
+/// came, unboxed) or tonic's `Body` (clients).
+pub(crate) trait SendBody: HttpBody<Data = Bytes> + Send + Unpin + 'static {
+    /// The body's error, boxed.
+    fn box_error(error: Self::Error) -> BoxError;
+}
+
+impl<B> SendBody for B
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn box_error(error: Self::Error) -> BoxError {
+        error.into()
+    }
+}
+
 /// Sends requests on one HTTP/2 connection.
-pub(crate) type Sender = http2::SendRequest<Body>;
+pub(crate) type Sender<B> = http2::SendRequest<B>;
 
 /// Opens an HTTP/2 connection to `address` and spawns the task that drives it.
-pub(crate) async fn connect(address: &Address) -> io::Result<Sender> {
+pub(crate) async fn connect<B>(address: &Address) -> io::Result<Sender<B>>
+where
+    B: HttpBody<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
+{
     match address {
         Address::Unix(path) => handshake(UnixStream::connect(path).await?).await,
         Address::Tcp(hostport) => {
@@ -72,9 +96,10 @@ pub(crate) async fn connect(address: &Address) -> io::Result<Sender> {
     }
 }
 
-async fn handshake<S>(stream: S) -> io::Result<Sender>
+async fn handshake<S, B>(stream: S) -> io::Result<Sender<B>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: HttpBody<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
 {
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(WINDOW)

@@ -382,7 +382,17 @@ impl Instance {
                     .unwrap_or_default()
                     .to_string(),
             )]
-            .into(),
+            .into_iter()
+            // The router and mesh::connect retry calls to these methods on another instance.
+            .chain((!plugin.idempotent.is_empty()).then(|| {
+                (
+                    mesh::registry::labels::IDEMPOTENT.to_owned(),
+                    mesh::registry::labels::idempotent(
+                        plugin.idempotent.iter().map(String::as_str),
+                    ),
+                )
+            }))
+            .collect(),
         };
         match self.registry.register(instance, None) {
             Ok(lease) => Some(lease.id),

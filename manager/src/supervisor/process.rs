@@ -13,7 +13,7 @@ use nix::{
 use tokio::process::{Child, Command};
 
 use super::logs::{LogBook, Stream};
-use crate::config::{Limits, PluginConfig};
+use crate::config::{PluginConfig, ResourceLimits};
 
 /// What a started instance needs to know.
 #[derive(Debug, Clone)]
@@ -97,7 +97,7 @@ enum Output {
 /// In the child, before exec: die with the manager (SIGKILL when it dies, even if it is
 /// SIGKILLed itself), and apply the resource limits.
 #[allow(unsafe_code)]
-fn before_exec(command: &mut Command, limits: Limits) {
+fn before_exec(command: &mut Command, limits: ResourceLimits) {
     use nix::sys::resource::{Resource, setrlimit};
     let parent = std::process::id();
     let limits = [

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod lifecycle;
+mod router;
 mod routing;
 mod supervision;
 mod support;

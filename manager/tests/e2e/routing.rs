@@ -11,14 +11,14 @@ use crate::{
     support::{Mesh, grpcurl, grpcurl_ok},
 };
 
-fn echo(message: &str) -> EchoRequest {
+pub fn echo(message: &str) -> EchoRequest {
     EchoRequest {
         message: message.into(),
     }
 }
 
 /// All four kinds of call, each checked for content and order.
-async fn all_four_kinds(client: &mut EchoClient<Channel>) {
+pub async fn all_four_kinds(client: &mut EchoClient<Channel>) {
     let reply = client.echo(echo("one")).await.unwrap().into_inner();
     assert_eq!(reply.message, "one");
     assert!(reply.instance.starts_with("echo-"), "{}", reply.instance);

@@ -74,15 +74,21 @@ impl Mesh {
     /// Starts `mesh up` with `plugins` (TOML `[[plugin]]` tables; `{echo}` stands for the
     /// echo-plugin binary) and waits until the router listens.
     pub async fn start(plugins: &str) -> Mesh {
+        Self::start_with("", plugins).await
+    }
+
+    /// Like [`Mesh::start`], with more `[mesh]` settings (TOML lines such as
+    /// `listen = "127.0.0.1:0"`).
+    pub async fn start_with(settings: &str, plugins: &str) -> Mesh {
         let dir = short_tempdir();
         let config = dir.path().join("mesh.toml");
-        write_config(&dir, plugins);
+        write_config(&dir, settings, plugins);
         Mesh::launch(dir, config).await
     }
 
     /// Rewrites the config file with `plugins` (for reloads).
     pub fn rewrite(&self, plugins: &str) {
-        write_config(&self.dir, plugins);
+        write_config(&self.dir, "", plugins);
     }
 
     /// Starts `mesh up` again on the same config and directories (after this one was killed).
@@ -134,6 +140,33 @@ impl Mesh {
                 self.output()
             ),
         }
+    }
+
+    /// Waits until the manager printed `n` lines containing `needle`; returns them.
+    pub async fn wait_lines(&self, needle: &str, n: usize) -> Vec<String> {
+        let mut lines = self.lines.clone();
+        let matching = |lines: &[String]| -> Vec<String> {
+            lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect()
+        };
+        let found =
+            tokio::time::timeout(DEADLINE, lines.wait_for(|l| matching(l).len() >= n)).await;
+        match found {
+            Ok(Ok(lines)) => matching(&lines),
+            _ => panic!(
+                "not {n} lines containing {needle:?} within {DEADLINE:?}; output:\n{}",
+                self.output()
+            ),
+        }
+    }
+
+    /// The router's TCP address (`127.0.0.1:PORT`), as `mesh up` printed it (needs `listen`).
+    pub async fn tcp_address(&self) -> String {
+        let line = self.wait_line("router listening on http://").await;
+        line.rsplit("http://").next().unwrap().trim().to_owned()
     }
 
     /// Everything the manager printed so far.
@@ -266,9 +299,9 @@ impl Registered {
     }
 }
 
-fn write_config(dir: &tempfile::TempDir, plugins: &str) {
+fn write_config(dir: &tempfile::TempDir, settings: &str, plugins: &str) {
     let text = format!(
-        "[mesh]\nruntime_dir = \"{}\"\n\n{}",
+        "[mesh]\nruntime_dir = \"{}\"\n{settings}\n{}",
         dir.path().join("run").display(),
         plugins.replace("{echo}", &echo_plugin().display().to_string())
     );

@@ -21,7 +21,6 @@ use tonic::{Streaming, body::Body};
 use crate::{
     Error, ServiceName,
     balance::{Balancer, ResponseBody, Target},
-    router::targets,
     runtime,
     transport::Address,
 };
@@ -122,7 +121,7 @@ async fn connect_local(socket: &Path, name: ServiceName) -> Result<Channel, Erro
         .map_err(|_| unreachable(tonic::Status::deadline_exceeded("no answer in 5 s")))?
         .map_err(unreachable)?
         .ok_or_else(|| unreachable(tonic::Status::unavailable("the router ended the watch")))?;
-    let balancer = Arc::new(Balancer::new(targets(&first.instances)));
+    let balancer = Arc::new(Balancer::new(&first.instances));
     let follower = tokio::spawn(follow(
         router,
         name.clone(),
@@ -157,7 +156,7 @@ async fn watch(
 async fn follow(
     router: Channel,
     name: ServiceName,
-    balancer: std::sync::Weak<Balancer>,
+    balancer: std::sync::Weak<Balancer<Body>>,
     mut stream: Streaming<WatchResponse>,
 ) {
     let mut backoff = Duration::from_millis(50);
@@ -166,7 +165,7 @@ async fn follow(
             let Some(balancer) = balancer.upgrade() else {
                 return;
             };
-            balancer.update(targets(&update.instances));
+            balancer.update(&update.instances);
             backoff = Duration::from_millis(50);
         }
         loop {
@@ -203,7 +202,7 @@ pub struct Channel {
 }
 
 struct Inner {
-    balancer: Arc<Balancer>,
+    balancer: Arc<Balancer<Body>>,
     authority: Authority,
     name: ServiceName,
     follower: Option<JoinHandle<()>>,
@@ -232,10 +231,10 @@ impl Channel {
     pub fn to_address(address: Address, authority: &str) -> Self {
         Self {
             inner: Arc::new(Inner {
-                balancer: Arc::new(Balancer::new(vec![Target {
+                balancer: Arc::new(Balancer::fixed(Target {
                     id: address.to_string(),
                     address,
-                }])),
+                })),
                 authority: authority
                     .parse()
                     .unwrap_or_else(|_| self::authority("localhost")),

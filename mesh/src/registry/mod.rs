@@ -6,6 +6,7 @@
 //! rebuild per reader. Readers learn of changes through version counters ([`tokio::sync::watch`]),
 //! which coalesce bursts instead of queueing them.
 
+pub mod labels;
 mod service;
 
 use std::{

@@ -3,13 +3,23 @@
 //!
 //! - [`route`] decides where a call goes (`mesh-service` header, else `:authority`);
 //! - [`upstream`] keeps one balancer per service, following the registry;
+//! - [`deadline`] enforces `grpc-timeout` and the default call timeout;
+//! - [`limit`] holds connections and calls in flight under their limits;
+//! - [`body`] is the answer's body: the router's own, or an instance's streamed through;
 //! - this module accepts HTTP/2 connections and forwards calls, bodies and trailers streamed
 //!   both ways, so flow control holds end to end and a cancelled call resets the upstream stream.
+//!
+//! A forwarded call costs: one header lookup for its route, one for its deadline, a lock-free
+//! map read, two counters (in flight in the router and on the instance) and hyper's own work.
+//! Request and response bodies pass through unboxed.
 
+mod body;
+mod deadline;
+mod limit;
 mod route;
 mod upstream;
 
-use std::{convert::Infallible, future::Future, io, sync::Arc};
+use std::{convert::Infallible, future::Future, io, sync::Arc, time::Duration};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -17,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
+    time::Instant,
 };
 use tonic::{
     Status,
@@ -26,16 +37,18 @@ use tonic::{
 };
 use tower::ServiceExt;
 
+pub use limit::Limits;
 pub use route::SERVICE_HEADER;
-pub(crate) use upstream::targets;
 
 use crate::{
-    ServiceName,
     registry::{Registry, RegistryService},
     transport,
 };
+use body::{Forwarded, RouterBody};
+use deadline::{Deadlines, Expiry};
+use limit::Gauge;
 use route::Route;
-use upstream::Upstreams;
+use upstream::{Upstream, Upstreams};
 
 /// The mesh router. Cheap to clone; clones serve the same routes.
 #[derive(Clone)]
@@ -46,13 +59,21 @@ pub struct Router {
 struct Inner {
     local: Routes,
     upstreams: Arc<Upstreams>,
+    deadlines: Deadlines,
+    /// Forwarded calls in flight.
+    in_flight: Arc<Gauge>,
+    /// Client connections open, over all listeners.
+    connections: Arc<Gauge>,
+    max_concurrent_streams: u32,
 }
 
-/// Builds a [`Router`]: the registry it serves and routes by, and extra local services.
+/// Builds a [`Router`]: the registry it serves and routes by, extra local services, and its
+/// [`Limits`].
 pub struct RouterBuilder {
     registry: Registry,
     routes: RoutesBuilder,
     names: Vec<&'static str>,
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Router {
@@ -62,12 +83,13 @@ impl std::fmt::Debug for Router {
 }
 
 impl Router {
-    /// A router over `registry`.
+    /// A router over `registry`, with the default [`Limits`].
     pub fn builder(registry: Registry) -> RouterBuilder {
         RouterBuilder {
             registry,
             routes: RoutesBuilder::default(),
             names: Vec::new(),
+            limits: Limits::default(),
         }
     }
 
@@ -114,7 +136,9 @@ impl Router {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http.initial_stream_window_size(transport::WINDOW)
-            .initial_connection_window_size(transport::CONNECTION_WINDOW);
+            .initial_connection_window_size(transport::CONNECTION_WINDOW)
+            .max_concurrent_streams(self.inner.max_concurrent_streams);
+        let mut refused_logged: Option<Instant> = None;
         tokio::pin!(shutdown);
         loop {
             let stream = tokio::select! {
@@ -124,10 +148,22 @@ impl Router {
                     Err(error) => {
                         // EMFILE and friends: log, breathe, keep serving what is open.
                         tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
+            };
+            let Some(permit) = self.inner.connections.try_acquire() else {
+                // Closed at once: the client sees UNAVAILABLE now rather than a hang.
+                if refused_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    refused_logged = Some(Instant::now());
+                    tracing::warn!(
+                        "refusing connections: {} are open (max_connections)",
+                        self.inner.connections.max()
+                    );
+                }
+                drop(stream);
+                continue;
             };
             let inner = self.inner.clone();
             let service = hyper::service::service_fn(move |request| {
@@ -139,6 +175,7 @@ impl Router {
                 if let Err(error) = connection.await {
                     tracing::debug!(%error, "router connection ended");
                 }
+                drop(permit);
             });
         }
         graceful.shutdown().await;
@@ -147,33 +184,66 @@ impl Router {
 }
 
 impl Inner {
-    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
-        match route::route(&request) {
-            Route::Local => match self.local.clone().oneshot(request).await {
-                Ok(response) => response,
-                Err(never) => match never {},
+    async fn handle(&self, request: Request<Incoming>) -> Response<RouterBody> {
+        let upstream = match route::route(&request) {
+            Route::Local => {
+                let response = match self.local.clone().oneshot(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                };
+                return response.map(RouterBody::Local);
+            }
+            Route::Service(service) => match self.upstreams.get(service) {
+                Some(upstream) => upstream,
+                None => return self.unknown(service).into_http(),
             },
-            Route::Service(service) => self.forward(service, request).await,
             Route::Invalid(error) => {
-                Status::invalid_argument(format!("{SERVICE_HEADER} header: {error}")).into_http()
+                return Status::invalid_argument(format!("{SERVICE_HEADER} header: {error}"))
+                    .into_http();
+            }
+        };
+        self.forward(upstream, request).await
+    }
+
+    async fn forward(
+        &self,
+        upstream: Arc<Upstream>,
+        mut request: Request<Incoming>,
+    ) -> Response<RouterBody> {
+        let Some(permit) = self.in_flight.try_acquire() else {
+            return Status::resource_exhausted(format!(
+                "the router is at its limit of {} calls in flight (max_in_flight); retry later",
+                self.in_flight.max()
+            ))
+            .into_http();
+        };
+        let service = upstream.name.as_str();
+        let Some(timeout) = self.deadlines.apply(request.headers_mut()) else {
+            return match upstream.balancer.send(request, service).await {
+                Ok(response) => {
+                    response.map(|body| RouterBody::Forwarded(Forwarded::new(body, None, permit)))
+                }
+                Err(error) => error.to_status().into_http(),
+            };
+        };
+        let mut expiry = Expiry::start(timeout);
+        let sent = tokio::select! {
+            biased;
+            sent = upstream.balancer.send(request, service) => Some(sent),
+            () = expiry.expired() => None,
+        };
+        match sent {
+            // Dropping the call resets its stream: the cancellation reaches the plugin.
+            None => expiry.status(service).into_http(),
+            Some(Err(error)) => error.to_status().into_http(),
+            Some(Ok(response)) => {
+                let deadline = Some((expiry, upstream.name.clone()));
+                response.map(|body| RouterBody::Forwarded(Forwarded::new(body, deadline, permit)))
             }
         }
     }
 
-    async fn forward(&self, service: ServiceName, request: Request<Incoming>) -> Response<Body> {
-        let Some(balancer) = self.upstreams.get(&service) else {
-            return self.unknown(&service).into_http();
-        };
-        match balancer
-            .send(request.map(Body::new), service.as_str())
-            .await
-        {
-            Ok(response) => response.map(Body::new),
-            Err(error) => error.to_status().into_http(),
-        }
-    }
-
-    fn unknown(&self, service: &ServiceName) -> Status {
+    fn unknown(&self, service: &str) -> Status {
         let names = self.upstreams.names();
         let known = if names.is_empty() {
             "none is registered".to_owned()
@@ -188,6 +258,12 @@ impl Inner {
 }
 
 impl RouterBuilder {
+    /// Sets the router's limits and default call timeout.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Serves `service` on the router itself (next to the registry, health and reflection).
     pub fn add_service<S>(mut self, service: S) -> Self
     where
@@ -224,12 +300,17 @@ impl RouterBuilder {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        let upstreams = Arc::new(Upstreams::default());
-        upstreams.follow(self.registry);
+        let upstreams = Arc::new(Upstreams::new(self.registry));
+        upstreams.follow();
+        let limits = self.limits;
         Router {
             inner: Arc::new(Inner {
                 local: self.routes.routes().prepare(),
                 upstreams,
+                deadlines: Deadlines::new(limits.call_timeout),
+                in_flight: Gauge::new(limits.max_in_flight),
+                connections: Gauge::new(limits.max_connections),
+                max_concurrent_streams: limits.max_concurrent_streams,
             }),
         }
     }

@@ -14,11 +14,11 @@ const ROUTER_NAMES: &[&str] = &["localhost", "mesh"];
 
 /// Where a call goes.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Route {
+pub(crate) enum Route<'a> {
     /// The router's own services (registry, manager, health, reflection).
     Local,
-    /// Forwarded to an instance of this service.
-    Service(ServiceName),
+    /// Forwarded to an instance of this service (a valid name, borrowed from the request).
+    Service(&'a str),
     /// The `mesh-service` header holds no valid name.
     Invalid(InvalidName),
 }
@@ -26,13 +26,12 @@ pub(crate) enum Route {
 /// Routes `request`: its `mesh-service` header if any, else its authority. Calls to the
 /// `mesh.v1` API, and authorities that are an IP address, `localhost`, `mesh` or not a service
 /// name at all (grpcurl's socket path, a host name with capitals), reach the router itself.
-pub(crate) fn route<B>(request: &Request<B>) -> Route {
+pub(crate) fn route<B>(request: &Request<B>) -> Route<'_> {
     if request.uri().path().starts_with("/mesh.v1.") {
         return Route::Local;
     }
     if let Some(value) = request.headers().get(SERVICE_HEADER) {
-        let name = String::from_utf8_lossy(value.as_bytes());
-        return match ServiceName::new(name.as_ref()) {
+        return match ServiceName::check(value.as_bytes()) {
             Ok(name) => Route::Service(name),
             Err(e) => Route::Invalid(e),
         };
@@ -49,7 +48,7 @@ pub(crate) fn route<B>(request: &Request<B>) -> Route {
     if host.is_empty() || ROUTER_NAMES.contains(&host) || host.parse::<IpAddr>().is_ok() {
         return Route::Local;
     }
-    match ServiceName::new(host) {
+    match ServiceName::check(host.as_bytes()) {
         Ok(name) => Route::Service(name),
         Err(_) => Route::Local,
     }
@@ -77,8 +76,8 @@ mod tests {
             .unwrap()
     }
 
-    fn service(name: &str) -> Route {
-        Route::Service(ServiceName::new(name).unwrap())
+    fn service(name: &str) -> Route<'_> {
+        Route::Service(name)
     }
 
     #[test]

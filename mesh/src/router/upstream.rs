@@ -1,53 +1,104 @@
 //! The router's view of the registry: one balancer per service name, kept current by a task
-//! that follows every change. The per-call path reads a sharded map and never the registry.
+//! that follows every change. A call reads the map without a lock (it is swapped whole when a
+//! service first appears, which is rare) and reads the registry only for a name the map does
+//! not have yet, so a service is routable as soon as it is registered.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
-use dashmap::DashMap;
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
 
 use crate::{
     ServiceName,
-    balance::{Balancer, Target},
+    balance::Balancer,
     registry::{Registry, Snapshot},
 };
 
+type Balancers = HashMap<ServiceName, Arc<Upstream>>;
+
+/// One service behind the router.
+pub(crate) struct Upstream {
+    pub(crate) name: ServiceName,
+    pub(crate) balancer: Balancer<Incoming>,
+}
+
 /// Balancers by service name.
-#[derive(Default)]
 pub(crate) struct Upstreams {
-    balancers: DashMap<ServiceName, Arc<Balancer>>,
+    balancers: ArcSwap<Balancers>,
+    registry: Registry,
 }
 
 impl Upstreams {
+    pub(crate) fn new(registry: Registry) -> Self {
+        Self {
+            balancers: ArcSwap::default(),
+            registry,
+        }
+    }
+
     /// The balancer of `service`, if it was ever registered.
-    pub(crate) fn get(&self, service: &ServiceName) -> Option<Arc<Balancer>> {
-        self.balancers.get(service).map(|b| b.value().clone())
+    pub(crate) fn get(&self, service: &str) -> Option<Arc<Upstream>> {
+        match self.balancers.load().get(service) {
+            Some(upstream) => Some(upstream.clone()),
+            None => self.catch_up(service),
+        }
+    }
+
+    /// A name registered a moment ago, before the follower task saw it: take it from the
+    /// registry now. Adds it only if still absent, so it never overwrites newer news.
+    #[cold]
+    fn catch_up(&self, service: &str) -> Option<Arc<Upstream>> {
+        let instances = self.registry.resolve(service);
+        if instances.is_empty() {
+            return None;
+        }
+        let name = ServiceName::new(service).ok()?;
+        Some(self.insert(name, &instances))
+    }
+
+    /// Adds `service` unless it is there already; returns the one in the map.
+    fn insert(&self, service: ServiceName, instances: &Snapshot) -> Arc<Upstream> {
+        let fresh = Arc::new(Upstream {
+            name: service.clone(),
+            balancer: Balancer::new(instances),
+        });
+        self.balancers.rcu(|current| {
+            if current.contains_key(&service) {
+                Arc::clone(current)
+            } else {
+                let mut next = Balancers::clone(current);
+                next.insert(service.clone(), fresh.clone());
+                Arc::new(next)
+            }
+        });
+        self.balancers.load()[&service].clone()
     }
 
     /// Names with at least one instance, sorted.
     pub(crate) fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .balancers
+            .load()
             .iter()
-            .filter(|entry| entry.value().len() > 0)
-            .map(|entry| entry.key().to_string())
+            .filter(|(_, upstream)| upstream.balancer.len() > 0)
+            .map(|(name, _)| name.to_string())
             .collect();
         names.sort();
         names
     }
 
+    /// The follower's news, the newest there is: it updates what `catch_up` added.
     fn apply(&self, service: ServiceName, instances: &Snapshot) {
-        let targets = targets(instances);
-        match self.balancers.get(&service) {
-            Some(balancer) => balancer.update(targets),
-            None => {
-                self.balancers
-                    .insert(service, Arc::new(Balancer::new(targets)));
-            }
+        let existing = self.balancers.load().get(&service).cloned();
+        match existing {
+            Some(upstream) => upstream.balancer.update(instances),
+            None => self.insert(service, instances).balancer.update(instances),
         }
     }
 
     /// Applies every registry change until the registry or these upstreams are gone.
-    pub(crate) fn follow(self: &Arc<Self>, registry: Registry) {
+    pub(crate) fn follow(self: &Arc<Self>) {
+        let registry = self.registry.clone();
         let weak = Arc::downgrade(self);
         let mut changes = registry.watch_all();
         let (initial, mut seen) = registry.changes_since(0);
@@ -67,22 +118,4 @@ impl Upstreams {
             }
         });
     }
-}
-
-/// The instances a balancer can dial; ones with unreadable endpoints are skipped (the registry
-/// validates endpoints, so this only guards against a future backend that does not).
-pub(crate) fn targets(instances: &[crate::registry::Instance]) -> Vec<Target> {
-    instances
-        .iter()
-        .filter_map(|instance| match instance.endpoint.parse() {
-            Ok(address) => Some(Target {
-                id: instance.id.clone(),
-                address,
-            }),
-            Err(error) => {
-                tracing::warn!(service = %instance.service, instance = %instance.id, %error, "skipping instance");
-                None
-            }
-        })
-        .collect()
 }

@@ -29,6 +29,8 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     /// The router's limits and default call timeout.
     pub limits: Limits,
+    /// Router worker threads, each serving calls start to end on its own.
+    pub router_threads: usize,
     /// The largest gRPC message plugins accept and send, in bytes; handed to each plugin as
     /// `MESH_MAX_MESSAGE_SIZE` (the router itself streams messages without a limit of its own).
     pub max_message_size: usize,
@@ -208,6 +210,7 @@ struct RawMesh {
     max_connections: Option<Spanned<u64>>,
     max_concurrent_streams: Option<Spanned<u64>>,
     max_in_flight: Option<Spanned<u64>>,
+    router_threads: Option<Spanned<u64>>,
 }
 
 /// A size in bytes, or text with a unit (`"16MiB"`).
@@ -300,6 +303,19 @@ impl Config {
             })?),
         };
         let limits = limits(&mesh, &at)?;
+        let router_threads = match &mesh.router_threads {
+            None => default_router_threads(),
+            Some(n) if (1..=MAX_ROUTER_THREADS).contains(n.get_ref()) => *n.get_ref() as usize,
+            Some(n) => {
+                return Err(at(
+                    Some(n.span()),
+                    format!(
+                        "router_threads = {} is out of range; use 1 to {MAX_ROUTER_THREADS}",
+                        n.get_ref()
+                    ),
+                ));
+            }
+        };
         let max_message_size = match &mesh.max_message_size {
             None => DEFAULT_MAX_MESSAGE_SIZE,
             Some(size) => parse_size(size.get_ref())
@@ -462,10 +478,18 @@ impl Config {
             socket,
             listen,
             limits,
+            router_threads,
             max_message_size,
             plugins,
         })
     }
+}
+
+const MAX_ROUTER_THREADS: u64 = 64;
+
+/// One router thread per core, up to four: more rarely pays for the connections each keeps.
+fn default_router_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 /// Resolves `user` and `group` to ids. Dropping privileges needs root; naming the user the

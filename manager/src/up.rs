@@ -21,6 +21,9 @@ pub enum UpError {
     /// The router socket could not be bound.
     #[error("router socket: {0}")]
     Socket(#[from] runtime::SocketError),
+    /// The router's worker threads could not be started.
+    #[error("cannot start the router threads: {0}")]
+    Workers(#[source] std::io::Error),
     /// A signal handler could not be installed.
     #[error("cannot handle signals: {0}")]
     Signal(#[source] std::io::Error),
@@ -68,28 +71,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     });
 
     let (stopping, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let mut servers = Vec::new();
-    {
-        let router = router.clone();
-        servers.push(tokio::spawn(
-            router.serve_unix(listener, stopped(stop_rx.clone())),
-        ));
-    }
     println!("mesh: router listening on unix:{}", config.socket.display());
-    if let Some(tcp) = tcp {
-        let addr = tcp.local_addr().map_err(|source| UpError::Listen {
-            addr: config.listen.expect("set"),
-            source,
-        })?;
-        println!("mesh: router listening on http://{addr}");
-        let router = router.clone();
-        servers.push(tokio::spawn(
-            router.serve_tcp(tcp, stopped(stop_rx.clone())),
-        ));
-    }
+    let tcp = match tcp {
+        Some(tcp) => {
+            let addr = tcp.local_addr().map_err(|source| UpError::Listen {
+                addr: config.listen.expect("set"),
+                source,
+            })?;
+            println!("mesh: router listening on http://{addr}");
+            Some(tcp.into_std().map_err(UpError::Workers)?)
+        }
+        None => None,
+    };
+    let listener = listener.into_std().map_err(UpError::Workers)?;
+    let workers = router
+        .spawn_workers(config.router_threads, listener, tcp, stop_rx)
+        .map_err(UpError::Workers)?;
     println!(
         "mesh: try `MESH_SOCKET={} cargo run --example client` or \
          `grpcurl -plaintext -unix -authority plugin.<name> {} list`",
@@ -115,8 +112,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!("stopping: deregistering and stopping plugins");
     supervisor.shutdown().await;
     let _ = stopping.send(true);
-    for server in servers {
-        let _ = server.await;
+    if let Err(error) = workers.join().await {
+        tracing::warn!(%error, "router workers");
     }
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("stopped");

@@ -47,6 +47,9 @@ pub enum SupervisorError {
 
 /// Runs plugins. Share it behind an `Arc`.
 pub struct Supervisor {
+    /// Instance tasks run here, whichever thread asks for them (the control API is served on
+    /// the router's threads).
+    runtime: tokio::runtime::Handle,
     registry: Registry,
     mesh_socket: PathBuf,
     plugins: Mutex<BTreeMap<String, Arc<Slot>>>,
@@ -112,8 +115,10 @@ pub struct ReloadReport {
 impl Supervisor {
     /// A supervisor registering ready instances in `registry`; plugins learn the router socket
     /// `mesh_socket` through `MESH_SOCKET`.
+    /// Call it on the runtime the instances should run on.
     pub fn new(registry: Registry, mesh_socket: PathBuf) -> Self {
         Self {
+            runtime: tokio::runtime::Handle::current(),
             registry,
             mesh_socket,
             plugins: Mutex::default(),
@@ -191,7 +196,7 @@ impl Supervisor {
         InstanceHandle {
             status: status_rx,
             stop,
-            task: tokio::spawn(instance.run()),
+            task: self.runtime.spawn(instance.run()),
         }
     }
 

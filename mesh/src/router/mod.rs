@@ -18,6 +18,7 @@ mod deadline;
 mod limit;
 mod route;
 mod upstream;
+mod workers;
 
 use std::{convert::Infallible, future::Future, io, sync::Arc, time::Duration};
 
@@ -39,6 +40,7 @@ use tower::ServiceExt;
 
 pub use limit::Limits;
 pub use route::SERVICE_HEADER;
+pub use workers::Workers;
 
 use crate::{
     registry::{Registry, RegistryService},
@@ -90,6 +92,24 @@ impl Router {
             routes: RoutesBuilder::default(),
             names: Vec::new(),
             limits: Limits::default(),
+        }
+    }
+
+    /// The same router for another thread: same routes, limits and counters, but its own
+    /// connections to instances, so that a call is handled start to end on the thread that
+    /// accepted it. Call it on that thread's runtime: it follows the registry from there.
+    pub fn for_this_thread(&self) -> Router {
+        let upstreams = Arc::new(Upstreams::new(self.inner.upstreams.registry().clone()));
+        upstreams.follow();
+        Router {
+            inner: Arc::new(Inner {
+                local: self.inner.local.clone(),
+                upstreams,
+                deadlines: self.inner.deadlines.clone(),
+                in_flight: self.inner.in_flight.clone(),
+                connections: self.inner.connections.clone(),
+                max_concurrent_streams: self.inner.max_concurrent_streams,
+            }),
         }
     }
 

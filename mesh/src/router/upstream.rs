@@ -36,6 +36,11 @@ impl Upstreams {
         }
     }
 
+    /// The registry these upstreams follow.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The balancer of `service`, if it was ever registered.
     pub(crate) fn get(&self, service: &str) -> Option<Arc<Upstream>> {
         match self.balancers.load().get(service) {

@@ -21,6 +21,11 @@ use tonic::transport::{Endpoint, Uri};
 
 /// Bytes in each request's message (and so in each reply's).
 pub(crate) const MESSAGE_BYTES: usize = 64;
+/// A single call may take this long while waiting for a first success.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between failed calls while waiting for a first success (Tokio's timer resolution):
+/// times taken this way are good to about a millisecond.
+const RETRY_PAUSE: Duration = Duration::from_millis(1);
 /// Extra time a bounded run gets before the harness gives up on it as hung.
 const WATCHDOG_SLACK: Duration = Duration::from_secs(30);
 
@@ -121,12 +126,22 @@ impl Client {
     }
 }
 
-/// One call that must succeed within `within` (a first call, before measuring).
-pub(crate) async fn call_once(client: &Client, within: Duration) -> anyhow::Result<()> {
+/// Calls until one succeeds (an instance coming back, a router still learning of an instance
+/// the registry already shows); returns when it did, or the last failure after `within`.
+pub(crate) async fn first_success(client: &Client, within: Duration) -> anyhow::Result<Instant> {
     let mut client = client.clone();
-    match tokio::time::timeout(within, client.call(&request())).await {
-        Ok(result) => Ok(result?),
-        Err(_) => anyhow::bail!("no answer within {within:?}"),
+    let request = request();
+    let deadline = Instant::now() + within;
+    loop {
+        let error = match tokio::time::timeout(CALL_TIMEOUT, client.call(&request)).await {
+            Ok(Ok(())) => return Ok(Instant::now()),
+            Ok(Err(status)) => status.to_string(),
+            Err(_) => format!("no answer within {CALL_TIMEOUT:?}"),
+        };
+        if Instant::now() > deadline {
+            anyhow::bail!("no call succeeded within {within:?}; last: {error}");
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
     }
 }
 

@@ -41,6 +41,11 @@ impl Supervised {
         })
     }
 
+    /// The child's pid.
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
     /// Its stdout, if it was piped and not taken yet.
     pub(crate) fn take_stdout(&mut self) -> Option<tokio::process::ChildStdout> {
         self.child.stdout.take()

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::{
     Bins,
-    calls::{Client, request},
+    calls::{Client, first_success},
     mesh_up::{MeshSpec, MeshUp, SERVICE, pid_of},
 };
 
@@ -21,11 +21,6 @@ use crate::{
 const READY_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a killed instance may take to be back before the run fails.
 const BACK_DEADLINE: Duration = Duration::from_secs(30);
-/// A single call may take this long while an instance comes back.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pause between failed calls while waiting for an instance to answer again (Tokio's timer
-/// resolution): the call times are good to about a millisecond.
-const RETRY_PAUSE: Duration = Duration::from_millis(1);
 
 /// One start of `mesh up` with N instances.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -83,19 +78,19 @@ pub(crate) async fn crash_to_routed(
     let mesh = MeshUp::start(bins, &spec).await?;
     mesh.wait_registry(READY_DEADLINE, |found| found.len() == 1)
         .await?;
-    let mut routed = Client::mesh(Channel::to_address(
+    let routed = Client::mesh(Channel::to_address(
         Address::Unix(mesh.socket.clone()),
         SERVICE,
     ));
-    let mut direct = Client::mesh(
+    let direct = Client::mesh(
         Connector::local(&mesh.socket)
             .connect(SERVICE)
             .await
             .context("mesh::connect")?,
     );
     // Both channels hold a connection to the instance before it is killed.
-    first_success(&mut routed, BACK_DEADLINE).await?;
-    first_success(&mut direct, BACK_DEADLINE).await?;
+    first_success(&routed, BACK_DEADLINE).await?;
+    first_success(&direct, BACK_DEADLINE).await?;
 
     let mut runs = Vec::new();
     for _ in 0..repeats {
@@ -118,8 +113,8 @@ pub(crate) async fn crash_to_routed(
             .await
             .context("waiting for the killed instance to be registered again")?;
         let (router_at, direct_at) = tokio::join!(
-            first_success(&mut routed, BACK_DEADLINE),
-            first_success(&mut direct, BACK_DEADLINE)
+            first_success(&routed, BACK_DEADLINE),
+            first_success(&direct, BACK_DEADLINE)
         );
         runs.push(CrashRun {
             registry_ms: ms(back_at - killed_at),
@@ -132,23 +127,6 @@ pub(crate) async fn crash_to_routed(
     drop((routed, direct));
     mesh.stop().await?;
     Ok(runs)
-}
-
-/// Calls until a call succeeds; returns when it did.
-async fn first_success(client: &mut Client, within: Duration) -> anyhow::Result<Instant> {
-    let request = request();
-    let deadline = Instant::now() + within;
-    loop {
-        let error = match tokio::time::timeout(CALL_TIMEOUT, client.call(&request)).await {
-            Ok(Ok(())) => return Ok(Instant::now()),
-            Ok(Err(status)) => status.to_string(),
-            Err(_) => format!("no answer within {CALL_TIMEOUT:?}"),
-        };
-        if Instant::now() > deadline {
-            anyhow::bail!("no call succeeded within {within:?}; last: {error}");
-        }
-        tokio::time::sleep(RETRY_PAUSE).await;
-    }
 }
 
 fn ms(duration: Duration) -> f64 {

@@ -16,6 +16,7 @@ mod child;
 mod lifecycle;
 mod mesh_up;
 mod nginx;
+mod procstat;
 mod registry;
 mod report;
 mod side_by_side;

@@ -180,6 +180,11 @@ impl MeshUp {
         }
     }
 
+    /// The manager's pid (the router runs in this process).
+    pub(crate) fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// Stops `mesh up` (SIGTERM: it deregisters and stops its plugins) and waits for it.
     pub(crate) async fn stop(self) -> anyhow::Result<()> {
         // The directory (with the log) lives until the end of this function.

@@ -94,6 +94,14 @@ impl Nginx {
         })
     }
 
+    /// The master's and the workers' pids.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        let master = self.process.pid();
+        let mut pids = vec![master];
+        pids.extend(crate::procstat::children(master));
+        pids
+    }
+
     /// Stops nginx (fast shutdown of master and workers).
     pub(crate) async fn stop(self) -> anyhow::Result<()> {
         self.process.stop(Duration::from_secs(5)).await?;

@@ -12,6 +12,7 @@ use crate::{
     Settings,
     calls::{MESSAGE_BYTES, Variant},
     lifecycle::{CrashRun, SpawnRun},
+    procstat::{Costs, Usage},
     registry::RegistryResult,
     stats::Summary,
 };
@@ -30,6 +31,8 @@ pub(crate) struct Report {
     pub(crate) machine: Machine,
     pub(crate) settings: Settings,
     pub(crate) latency: Vec<LatencyRow>,
+    /// CPU time and context switches by process during the sequential calls.
+    pub(crate) costs: Vec<CostRow>,
     pub(crate) throughput: Vec<ThroughputRow>,
     pub(crate) spawn: Vec<SpawnRow>,
     pub(crate) crash: Vec<CrashRow>,
@@ -98,6 +101,16 @@ pub(crate) struct LatencyRow {
     pub(crate) first_error: Option<String>,
 }
 
+/// What each process spent on one variant's sequential calls (totals over every round).
+#[derive(Debug, Serialize)]
+pub(crate) struct CostRow {
+    pub(crate) variant: Variant,
+    pub(crate) label: &'static str,
+    /// Calls made, failed ones included.
+    pub(crate) calls: u64,
+    pub(crate) costs: Costs,
+}
+
 /// Throughput of one variant at one number of calls in flight.
 #[derive(Debug, Serialize)]
 pub(crate) struct ThroughputRow {
@@ -110,6 +123,10 @@ pub(crate) struct ThroughputRow {
     pub(crate) rounds: Vec<f64>,
     pub(crate) errors: u64,
     pub(crate) first_error: Option<String>,
+    /// Calls made in every round, failed ones included.
+    pub(crate) calls: u64,
+    /// What each process spent on them.
+    pub(crate) costs: Costs,
 }
 
 /// Spawn-to-ready for one number of instances.
@@ -181,6 +198,7 @@ impl Report {
             machine: Machine::probe(),
             settings,
             latency: Vec::new(),
+            costs: Vec::new(),
             throughput: Vec::new(),
             spawn: Vec::new(),
             crash: Vec::new(),
@@ -342,6 +360,21 @@ impl Report {
                 &rows,
             ));
         }
+        if !self.costs.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n### Where a sequential call's time goes\n\n\
+                 CPU time (µs) · context switches, per call, by process, over the sequential \
+                 calls above (`/proc/PID/task/*/schedstat` and `*_ctxt_switches`). Each switch \
+                 is a thread going to sleep and being woken: a hop.\n"
+            );
+            let rows = self
+                .costs
+                .iter()
+                .map(|r| cost_cells(r.variant, r.label, r.calls, &r.costs))
+                .collect::<Vec<_>>();
+            out.push_str(&table(&COST_HEADER, &rows));
+        }
         if !self.throughput.is_empty() {
             let _ = writeln!(
                 out,
@@ -380,6 +413,26 @@ impl Report {
             }
             let header: Vec<&str> = header.iter().map(String::as_str).collect();
             out.push_str(&table(&header, &rows));
+            // The cost of a call under load, at the target's level (or the highest measured).
+            let level = if s.in_flight.contains(&64) {
+                Some(64)
+            } else {
+                s.in_flight.iter().copied().max()
+            };
+            if let Some(level) = level {
+                let _ = writeln!(
+                    out,
+                    "\nCPU time (µs) · context switches per call at {level} in flight, by \
+                     process, over every round:\n"
+                );
+                let rows = self
+                    .throughput
+                    .iter()
+                    .filter(|r| r.in_flight == level)
+                    .map(|r| cost_cells(r.variant, r.label, r.calls, &r.costs))
+                    .collect::<Vec<_>>();
+                out.push_str(&table(&COST_HEADER, &rows));
+            }
         }
         if !self.spawn.is_empty() {
             let _ = writeln!(
@@ -575,32 +628,68 @@ const METHOD: &str = r#"
 const PROFILING: &str = r#"
 ## Profiling the hot path
 
-The release profile keeps line tables (`debug = "line-tables-only"`), so profiles have
-symbols and lines without a special build. Let the harness be the load and profile one way at
-a time:
+The cheapest profile is above: the harness samples each process's CPU time and context
+switches around every measurement (`/proc/PID/task/*/schedstat` and `*_ctxt_switches`), so
+the cost tables show what the client, the router, the plugin and nginx each spend per call,
+and how many times their threads slept and were woken.
+
+For where inside a process, let the harness be the load and profile one way at a time. The
+release profile keeps line tables (`debug = "line-tables-only"`) but no frame pointers, so
+perf must unwind with DWARF; `perf` is Debian's `linux-perf`, and `libc6-dbg` names libc's
+internals (without it perf attributes libc samples to the nearest exported symbol).
 
 ```sh
 cargo build --release --workspace
 
-# CPU profile of every process taking part (client, router, plugin), one way at a time:
-perf record -a -g -o perf.router.data -- \
-  target/release/mesh-bench --parts throughput --variants c --in-flight 64 --duration 10s --rounds 1
-perf report -i perf.router.data --sort comm,dso,symbol
+# Sampled CPU profile of every process taking part (mesh-bench = client, mesh = router,
+# echo-plugin = plugin), here the router on its Unix socket at 64 calls in flight:
+perf record -e cpu-clock -F 499 -a --call-graph dwarf,16384 -o perf.data -- \
+  target/release/mesh-bench --parts throughput --variants c --in-flight 64 --duration 3s --rounds 1
+perf report -i perf.data --no-children --sort pid,dso      # which process, which library
+perf report -i perf.data --no-children --tid TID,TID --sort sym   # one process's threads
 
-# Off-CPU time and thread hops (wake-ups between threads cost ~30 µs each on the 2-core VM):
-perf sched record -- target/release/mesh-bench --parts latency --variants b --quick
-perf sched latency --sort max
-
-# Instruction-level costs and allocations per call with callgrind (slow: quick mode, one way).
+# Exact instruction counts, and who calls what how often (slow: one way, a few thousand calls):
 valgrind --tool=callgrind --trace-children=yes --callgrind-out-file=callgrind.%p \
-  target/release/mesh-bench --parts latency --variants b --quick
-callgrind_annotate --inclusive=yes callgrind.<pid of mesh-bench>
+  target/release/mesh-bench --parts latency --variants c --calls 2000 --rounds 1
+callgrind_annotate callgrind.PID                  # PID of `mesh up`: the router's side
+callgrind_annotate --tree=caller callgrind.PID    # callers of tokio::task::spawn, malloc, memcpy
 ```
 
-`perf` is Debian's `linux-perf`, valgrind is `valgrind`. In the callgrind output the harness's
-own process is the client side of (b); with `--variants c`, the `mesh` process's file is the
-router's side.
+Divide callgrind's counts by the calls made (the run's calls plus 500 warm-up calls and one
+first call) to get instructions, spawned tasks and allocations per call.
 "#;
+
+/// Columns of the tables of what each process spends per call.
+const COST_HEADER: [&str; 7] = [
+    "",
+    "way to the plugin",
+    "client (harness)",
+    "mesh up (router)",
+    "echo plugin",
+    "nginx",
+    "all",
+];
+
+/// One row of a cost table: CPU µs · context switches per call, by process.
+fn cost_cells(variant: Variant, label: &str, calls: u64, costs: &Costs) -> Vec<String> {
+    let per_call = |usage: Usage| {
+        let calls = calls.max(1) as f64;
+        format!(
+            "{:.1} · {:.1}",
+            usage.cpu_ns as f64 / 1000.0 / calls,
+            usage.switches as f64 / calls
+        )
+    };
+    vec![
+        format!("({})", variant.letter()),
+        label.to_owned(),
+        per_call(costs.client),
+        per_call(costs.router),
+        per_call(costs.plugin),
+        per_call(costs.nginx),
+        per_call(costs.total()),
+    ]
+}
 
 /// `12345 ±3%`: the median and half the spread of the rounds.
 fn with_spread(median: f64, rounds: &[f64]) -> String {

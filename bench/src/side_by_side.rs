@@ -10,9 +10,11 @@ use mesh::{Address, Channel, Connector};
 use crate::{
     Bins, Settings,
     calls::{self, Client, Load, Sequential, Variant},
-    mesh_up::{MeshSpec, MeshUp, SERVICE, socket_of},
-    nginx, progress,
-    report::{LatencyRow, Report, ThroughputRow},
+    mesh_up::{MeshSpec, MeshUp, SERVICE, pid_of, socket_of},
+    nginx,
+    procstat::{Costs, Processes},
+    progress,
+    report::{CostRow, LatencyRow, Report, ThroughputRow},
     stats::{self, Summary},
 };
 
@@ -30,10 +32,13 @@ struct Pooled {
     round_medians: Vec<f64>,
     errors: u64,
     first_error: Option<String>,
+    /// What each process spent meanwhile.
+    costs: Costs,
 }
 
 impl Pooled {
-    fn add(&mut self, run: Sequential) {
+    fn add(&mut self, run: Sequential, costs: Costs) {
+        self.costs += costs;
         if let Some(median) = stats::median(&run.samples_us) {
             self.round_medians.push(median);
         }
@@ -95,12 +100,19 @@ pub(crate) async fn run(
                 None => continue,
             },
         };
-        calls::call_once(&client, FIRST_CALL_LIMIT)
+        // The router learns of instances a moment after the registry shows them: retry.
+        calls::first_success(&client, FIRST_CALL_LIMIT)
             .await
             .with_context(|| format!("first call over ({})", variant.letter()))?;
         clients.push((variant, client));
     }
 
+    let processes = Processes {
+        client: vec![std::process::id()],
+        router: vec![mesh.pid()],
+        plugin: pid_of(&instances[0]).into_iter().collect(),
+        nginx: nginx.as_ref().map(nginx::Nginx::pids).unwrap_or_default(),
+    };
     if latency {
         for (_, client) in &clients {
             calls::sequential(client, s.warm_calls, LATENCY_LIMIT).await?;
@@ -112,7 +124,9 @@ pub(crate) async fn run(
                 s.rounds, s.calls
             ));
             for ((_, client), pool) in clients.iter().zip(&mut pooled) {
-                pool.add(calls::sequential(client, s.calls, LATENCY_LIMIT).await?);
+                let before = processes.costs();
+                let run = calls::sequential(client, s.calls, LATENCY_LIMIT).await?;
+                pool.add(run, processes.costs() - before);
             }
         }
         for ((variant, _), pool) in clients.iter().zip(pooled) {
@@ -121,7 +135,14 @@ pub(crate) async fn run(
                 round_medians,
                 errors,
                 first_error,
+                costs,
             } = pool;
+            report.costs.push(CostRow {
+                variant: *variant,
+                label: variant.label(),
+                calls: samples.len() as u64 + errors,
+                costs,
+            });
             let Some(us) = Summary::of(&mut samples) else {
                 bail!(
                     "no sequential call over ({}) succeeded: {}",
@@ -148,7 +169,7 @@ pub(crate) async fn run(
     }
 
     if throughput {
-        let mut points: Vec<Vec<Vec<Load>>> =
+        let mut points: Vec<Vec<Vec<(Load, Costs)>>> =
             vec![vec![Vec::new(); s.in_flight.len()]; clients.len()];
         for round in 1..=s.rounds {
             for (k, &in_flight) in s.in_flight.iter().enumerate() {
@@ -159,16 +180,22 @@ pub(crate) async fn run(
                 ));
                 for (c, (_, client)) in clients.iter().enumerate() {
                     calls::load(client, in_flight, s.warmup, s.max_calls).await?;
-                    points[c][k]
-                        .push(calls::load(client, in_flight, s.duration, s.max_calls).await?);
+                    let before = processes.costs();
+                    let load = calls::load(client, in_flight, s.duration, s.max_calls).await?;
+                    points[c][k].push((load, processes.costs() - before));
                 }
             }
         }
         for ((variant, _), per_level) in clients.iter().zip(points) {
             for (&in_flight, loads) in s.in_flight.iter().zip(per_level) {
-                let rounds: Vec<f64> = loads.iter().map(Load::rate).collect();
-                let errors = loads.iter().map(|l| l.errors).sum();
-                let first_error = loads.iter().find_map(|l| l.first_error.clone());
+                let rounds: Vec<f64> = loads.iter().map(|(l, _)| l.rate()).collect();
+                let errors = loads.iter().map(|(l, _)| l.errors).sum();
+                let first_error = loads.iter().find_map(|(l, _)| l.first_error.clone());
+                let calls = loads.iter().map(|(l, _)| l.ok + l.errors).sum();
+                let mut costs = Costs::default();
+                for (_, spent) in &loads {
+                    costs += *spent;
+                }
                 if errors > 0 {
                     report.notes.push(format!(
                         "({}) {errors} calls failed at {in_flight} in flight; first: {}",
@@ -184,6 +211,8 @@ pub(crate) async fn run(
                     rounds,
                     errors,
                     first_error,
+                    calls,
+                    costs,
                 });
             }
         }
@@ -217,7 +246,7 @@ async fn start_nginx(plugin: &Path, report: &mut Report) -> Option<(nginx::Nginx
     };
     let checked = async {
         let client = Client::tonic_tcp(started.addr).await?;
-        calls::call_once(&client, FIRST_CALL_LIMIT)
+        calls::first_success(&client, FIRST_CALL_LIMIT)
             .await
             .context("first call through nginx")?;
         anyhow::Ok(client)

@@ -163,7 +163,9 @@ http {{
 
     upstream echo {{
         server unix:{upstream};
-        keepalive 64;
+        # nginx does not multiplex upstream gRPC: one connection per call in flight, so the
+        # idle pool must hold as many as the most calls in flight measured.
+        keepalive 1024;
         keepalive_requests 1000000;
         keepalive_timeout 300s;
     }}

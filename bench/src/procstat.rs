@@ -72,34 +72,49 @@ pub(crate) struct Processes {
 }
 
 impl Processes {
-    /// Their usage so far.
+    /// Their usage so far, with the machine's.
     pub(crate) fn costs(&self) -> Costs {
         Costs {
             client: Usage::of(&self.client),
             router: Usage::of(&self.router),
             plugin: Usage::of(&self.plugin),
             nginx: Usage::of(&self.nginx),
+            machine_ns: machine_busy_ns(),
+            wall_ns: wall_ns(),
         }
     }
 }
 
-/// Usage of each of the [`Processes`].
+/// Usage of each of the [`Processes`], and of the whole machine; a difference of two samples
+/// is what was spent between them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub(crate) struct Costs {
     pub(crate) client: Usage,
     pub(crate) router: Usage,
     pub(crate) plugin: Usage,
     pub(crate) nginx: Usage,
+    /// CPU time every CPU spent busy (`/proc/stat`: user, nice, system, irq, softirq, steal).
+    pub(crate) machine_ns: u64,
+    /// Wall-clock time.
+    pub(crate) wall_ns: u64,
 }
 
 impl Costs {
-    /// All of them together.
+    /// The benchmark's processes together.
     pub(crate) fn total(&self) -> Usage {
         let mut total = self.client;
         total += self.router;
         total += self.plugin;
         total += self.nginx;
         total
+    }
+
+    /// CPU time taken by everything else (other processes, kernel threads, the hypervisor's
+    /// steal), in CPUs' worth: the noise the measurement ran under. `/proc/stat` counts in
+    /// 10 ms ticks, so short spans read coarsely.
+    pub(crate) fn others_cpus(&self) -> f64 {
+        let others = self.machine_ns.saturating_sub(self.total().cpu_ns);
+        others as f64 / self.wall_ns.max(1) as f64
     }
 }
 
@@ -111,6 +126,8 @@ impl Sub for Costs {
             router: self.router - earlier.router,
             plugin: self.plugin - earlier.plugin,
             nginx: self.nginx - earlier.nginx,
+            machine_ns: self.machine_ns.saturating_sub(earlier.machine_ns),
+            wall_ns: self.wall_ns.saturating_sub(earlier.wall_ns),
         }
     }
 }
@@ -121,7 +138,42 @@ impl AddAssign for Costs {
         self.router += other.router;
         self.plugin += other.plugin;
         self.nginx += other.nginx;
+        self.machine_ns += other.machine_ns;
+        self.wall_ns += other.wall_ns;
     }
+}
+
+/// Busy time of every CPU so far, ns, from the first line of `/proc/stat` (in USER_HZ ticks,
+/// 100 per second on Linux whatever the kernel's own tick).
+fn machine_busy_ns() -> u64 {
+    const NS_PER_TICK: u64 = 10_000_000;
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0;
+    };
+    let Some(cpu) = stat.lines().find(|line| line.starts_with("cpu ")) else {
+        return 0;
+    };
+    // user nice system idle iowait irq softirq steal guest guest_nice; guest time is already
+    // in user.
+    let ticks: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum();
+    busy * NS_PER_TICK
+}
+
+/// Nanoseconds since the first call: a clock that subtracts.
+fn wall_ns() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
 }
 
 /// Context switches in a thread's `status` file.

@@ -326,6 +326,13 @@ impl Report {
                  percentiles over every call.\n",
                 s.calls, s.rounds
             );
+            if let Some((mean, most)) = others_cpus(self.costs.iter().map(|r| &r.costs)) {
+                let _ = writeln!(
+                    out,
+                    "Everything else on the machine took {mean:.2} CPUs on average meanwhile \
+                     (at most {most:.2} during one run).\n"
+                );
+            }
             let a = self.median_us(Variant::A);
             let rows = self
                 .latency
@@ -386,6 +393,13 @@ impl Report {
                 humantime::format_duration(s.warmup),
                 s.max_calls
             );
+            if let Some((mean, most)) = others_cpus(self.throughput.iter().map(|r| &r.costs)) {
+                let _ = writeln!(
+                    out,
+                    "Everything else on the machine took {mean:.2} CPUs on average meanwhile \
+                     (at most {most:.2} during one point, all rounds).\n"
+                );
+            }
             let mut header = vec!["".to_owned(), "way to the plugin".to_owned()];
             header.extend(s.in_flight.iter().map(|n| format!("{n} in flight")));
             header.push("errors".into());
@@ -669,6 +683,20 @@ const COST_HEADER: [&str; 7] = [
     "nginx",
     "all",
 ];
+
+/// CPUs' worth of time taken by everything but the benchmark during the call measurements:
+/// the mean over them, and the most during one.
+fn others_cpus<'a>(costs: impl Iterator<Item = &'a Costs>) -> Option<(f64, f64)> {
+    let mut all = Costs::default();
+    let mut most: f64 = 0.0;
+    let mut any = false;
+    for cost in costs {
+        all += *cost;
+        most = most.max(cost.others_cpus());
+        any = true;
+    }
+    any.then(|| (all.others_cpus(), most))
+}
 
 /// One row of a cost table: CPU µs · context switches per call, by process.
 fn cost_cells(variant: Variant, label: &str, calls: u64, costs: &Costs) -> Vec<String> {

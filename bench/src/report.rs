@@ -623,9 +623,14 @@ const METHOD: &str = r#"
   `mesh::connect("plugin.echo")`: it resolves through the router's `Registry.Watch` and then calls
   the instance's socket itself. **(c)** and **(d)** send every call through the router, on its
   Unix socket and on TCP (`listen = "127.0.0.1:0"`). **(e)** is Debian's nginx with `grpc_pass`
-  to the same instance socket over an upstream `keepalive` pool (`keepalive_requests` and
-  `http2_max_concurrent_streams` raised so it never closes or queues during a run), reached by
-  tonic's `Channel` on TCP. Every way hits the same single echo-plugin instance.
+  to the same instance socket over an upstream `keepalive` pool (1024 idle connections, as
+  nginx opens one upstream connection per call in flight; `http2_max_concurrent_streams 1024`),
+  reached by tonic's `Channel` on TCP. nginx recycles the client's connection every 10 000
+  calls (`keepalive_requests`; its default is 1000): without a limit its per-connection memory
+  grows with every call and its throughput falls to a quarter within seconds, while each
+  GOAWAY fails the calls the client had already started on the old connection. Those failures
+  are counted in the errors column and not in calls/s. Every way hits the same single
+  echo-plugin instance.
 - Sequential calls run in a Tokio task (as a server's handler would), one at a time, with the
   variants interleaved round by round so that drifting background load hits them alike.
 - Throughput keeps N calls in flight (N tasks sharing one channel, each calling again as soon as

@@ -21,3 +21,8 @@ lint:
 # Everything CI runs.
 ci:
     .ci/run
+
+# The benchmark of issue 5: writes docs/performance.{md,json} (--quick: smoke run; --help: knobs).
+bench *args:
+    cargo build --release --workspace
+    target/release/mesh-bench {{args}}

@@ -1,0 +1,266 @@
+//! The side-by-side part: one `mesh up` with one echo instance, nginx in front of the same
+//! instance, a client for each way of calling, then sequential latency and throughput with the
+//! ways interleaved round by round.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, bail};
+use mesh::{Address, Channel, Connector};
+
+use crate::{
+    Bins, Settings,
+    calls::{self, Client, Load, Sequential, Variant},
+    mesh_up::{MeshSpec, MeshUp, SERVICE, pid_of, socket_of},
+    nginx,
+    procstat::{Costs, Processes},
+    progress,
+    report::{CostRow, LatencyRow, Report, ThroughputRow},
+    stats::{self, Summary},
+};
+
+/// How long one variant's sequential calls of one round may take.
+const LATENCY_LIMIT: Duration = Duration::from_secs(60);
+/// How long the first call over each way may take.
+const FIRST_CALL_LIMIT: Duration = Duration::from_secs(5);
+/// How long `mesh up` may take to register its instance.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// One variant's sequential calls, every round pooled.
+#[derive(Default)]
+struct Pooled {
+    samples: Vec<f64>,
+    round_medians: Vec<f64>,
+    errors: u64,
+    first_error: Option<String>,
+    /// What each process spent meanwhile.
+    costs: Costs,
+}
+
+impl Pooled {
+    fn add(&mut self, run: Sequential, costs: Costs) {
+        self.costs += costs;
+        if let Some(median) = stats::median(&run.samples_us) {
+            self.round_medians.push(median);
+        }
+        self.samples.extend(run.samples_us);
+        self.errors += run.errors;
+        if self.first_error.is_none() {
+            self.first_error = run.first_error;
+        }
+    }
+}
+
+/// Latency and throughput of every selected variant against one echo instance.
+pub(crate) async fn run(
+    bins: &Bins,
+    s: &Settings,
+    latency: bool,
+    throughput: bool,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    progress("starting mesh up with one echo instance (router on a Unix socket and TCP)");
+    let spec = MeshSpec {
+        instances: 1,
+        backoff_base: None,
+        tcp: true,
+    };
+    let mesh = MeshUp::start(bins, &spec).await?;
+    let (_, instances) = mesh
+        .wait_registry(READY_DEADLINE, |found| found.len() == 1)
+        .await?;
+    let plugin = socket_of(&instances[0])?;
+
+    let mut nginx = None;
+    let mut clients = Vec::new();
+    for &variant in &s.variants {
+        let client = match variant {
+            Variant::A => Client::tonic_unix(&plugin).await?,
+            Variant::B => Client::mesh(
+                Connector::local(&mesh.socket)
+                    .connect(SERVICE)
+                    .await
+                    .context("mesh::connect")?,
+            ),
+            Variant::C => Client::mesh(Channel::to_address(
+                Address::Unix(mesh.socket.clone()),
+                SERVICE,
+            )),
+            Variant::D => {
+                let addr = mesh
+                    .tcp
+                    .clone()
+                    .context("mesh up did not print its TCP address")?;
+                Client::mesh(Channel::to_address(Address::Tcp(addr), SERVICE))
+            }
+            Variant::E => match start_nginx(&plugin, report).await {
+                Some((started, client)) => {
+                    nginx = Some(started);
+                    client
+                }
+                None => continue,
+            },
+        };
+        // The router learns of instances a moment after the registry shows them: retry.
+        calls::first_success(&client, FIRST_CALL_LIMIT)
+            .await
+            .with_context(|| format!("first call over ({})", variant.letter()))?;
+        clients.push((variant, client));
+    }
+
+    let processes = Processes {
+        client: vec![std::process::id()],
+        router: vec![mesh.pid()],
+        plugin: pid_of(&instances[0]).into_iter().collect(),
+        nginx: nginx.as_ref().map(nginx::Nginx::pids).unwrap_or_default(),
+    };
+    if latency {
+        for (_, client) in &clients {
+            calls::sequential(client, s.warm_calls, LATENCY_LIMIT).await?;
+        }
+        let mut pooled: Vec<Pooled> = clients.iter().map(|_| Pooled::default()).collect();
+        for round in 1..=s.rounds {
+            progress(format!(
+                "latency round {round}/{}: {} sequential calls per variant",
+                s.rounds, s.calls
+            ));
+            for ((_, client), pool) in clients.iter().zip(&mut pooled) {
+                let before = processes.costs();
+                let run = calls::sequential(client, s.calls, LATENCY_LIMIT).await?;
+                pool.add(run, processes.costs() - before);
+            }
+        }
+        for ((variant, _), pool) in clients.iter().zip(pooled) {
+            let Pooled {
+                mut samples,
+                round_medians,
+                errors,
+                first_error,
+                costs,
+            } = pool;
+            report.costs.push(CostRow {
+                variant: *variant,
+                label: variant.label(),
+                calls: samples.len() as u64 + errors,
+                costs,
+            });
+            let Some(us) = Summary::of(&mut samples) else {
+                bail!(
+                    "no sequential call over ({}) succeeded: {}",
+                    variant.letter(),
+                    first_error.unwrap_or_default()
+                );
+            };
+            if errors > 0 {
+                report.notes.push(format!(
+                    "({}) {errors} sequential calls failed; first: {}",
+                    variant.letter(),
+                    first_error.clone().unwrap_or_default()
+                ));
+            }
+            report.latency.push(LatencyRow {
+                variant: *variant,
+                label: variant.label(),
+                us,
+                round_medians_us: round_medians,
+                errors,
+                first_error,
+            });
+        }
+    }
+
+    if throughput {
+        let mut points: Vec<Vec<Vec<(Load, Costs)>>> =
+            vec![vec![Vec::new(); s.in_flight.len()]; clients.len()];
+        for round in 1..=s.rounds {
+            for (k, &in_flight) in s.in_flight.iter().enumerate() {
+                progress(format!(
+                    "throughput round {round}/{}: {in_flight} in flight, {} per variant",
+                    s.rounds,
+                    humantime::format_duration(s.duration)
+                ));
+                for (c, (_, client)) in clients.iter().enumerate() {
+                    calls::load(client, in_flight, s.warmup, s.max_calls).await?;
+                    let before = processes.costs();
+                    let load = calls::load(client, in_flight, s.duration, s.max_calls).await?;
+                    points[c][k].push((load, processes.costs() - before));
+                }
+            }
+        }
+        for ((variant, _), per_level) in clients.iter().zip(points) {
+            for (&in_flight, loads) in s.in_flight.iter().zip(per_level) {
+                let rounds: Vec<f64> = loads.iter().map(|(l, _)| l.rate()).collect();
+                let errors = loads.iter().map(|(l, _)| l.errors).sum();
+                let first_error = loads.iter().find_map(|(l, _)| l.first_error.clone());
+                let calls = loads.iter().map(|(l, _)| l.ok + l.errors).sum();
+                let mut costs = Costs::default();
+                for (_, spent) in &loads {
+                    costs += *spent;
+                }
+                if errors > 0 {
+                    report.notes.push(format!(
+                        "({}) {errors} calls failed at {in_flight} in flight; first: {}",
+                        variant.letter(),
+                        first_error.clone().unwrap_or_default()
+                    ));
+                }
+                report.throughput.push(ThroughputRow {
+                    variant: *variant,
+                    label: variant.label(),
+                    in_flight,
+                    calls_per_s: stats::median(&rounds).unwrap_or(0.0),
+                    rounds,
+                    errors,
+                    first_error,
+                    calls,
+                    costs,
+                });
+            }
+        }
+    }
+
+    drop(clients);
+    if let Some(nginx) = nginx {
+        nginx.stop().await?;
+    }
+    mesh.stop().await
+}
+
+/// Starts nginx in front of the plugin socket and checks one call through it; on any trouble
+/// notes why (e) is skipped and returns `None`, so a machine without nginx still gets a report.
+async fn start_nginx(plugin: &Path, report: &mut Report) -> Option<(nginx::Nginx, Client)> {
+    let Some(binary) = nginx::find() else {
+        report.notes.push(
+            "(e) skipped: nginx is not installed (on Debian: apt-get install -y nginx)".into(),
+        );
+        return None;
+    };
+    progress(format!("starting {}", binary.display()));
+    let started = match nginx::Nginx::start(&binary, plugin).await {
+        Ok(started) => started,
+        Err(error) => {
+            report
+                .notes
+                .push(format!("(e) skipped: nginx did not start: {error:#}"));
+            return None;
+        }
+    };
+    let checked = async {
+        let client = Client::tonic_tcp(started.addr).await?;
+        calls::first_success(&client, FIRST_CALL_LIMIT)
+            .await
+            .context("first call through nginx")?;
+        anyhow::Ok(client)
+    };
+    match checked.await {
+        Ok(client) => {
+            report.machine.nginx = Some(started.version.clone());
+            Some((started, client))
+        }
+        Err(error) => {
+            report
+                .notes
+                .push(format!("(e) skipped: nginx does not pass calls: {error:#}"));
+            None
+        }
+    }
+}

@@ -48,6 +48,9 @@ pub(crate) struct Machine {
     pub(crate) nproc: usize,
     pub(crate) cpu: String,
     pub(crate) kernel: String,
+    /// The cpuidle driver (`haltpoll` on KVM guests): how idle CPUs wait decides what a
+    /// wake-up costs.
+    pub(crate) cpuidle: String,
     /// `/proc/loadavg` (1, 5, 15 minutes) when the run started and when it ended: other work
     /// on the machine shows here.
     pub(crate) load_before: String,
@@ -70,10 +73,14 @@ impl Machine {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|k| k.trim().to_owned())
             .unwrap_or_else(|_| "unknown".into());
+        let cpuidle = std::fs::read_to_string("/sys/devices/system/cpu/cpuidle/current_driver")
+            .map(|d| d.trim().to_owned())
+            .unwrap_or_else(|_| "none".into());
         Self {
             nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
             cpu,
             kernel,
+            cpuidle,
             load_before: loadavg(),
             load_after: String::new(),
             nginx: None,
@@ -590,8 +597,9 @@ impl Report {
              - Command: `{}` (`just bench` builds the workspace in release mode and runs the \
                full default run)\n\
              - Date: {} (UTC); the run took {:.0} s\n\
-             - Machine: {} CPUs (`nproc`), {}, Linux {}\n\
-             - Load average (1/5/15 min): {} before, {} after\n\
+             - Machine: {} CPUs (`nproc`), {}, Linux {}, cpuidle driver {}\n\
+             - Load average (1/5/15 min): {} before, {} after (which counts the run's own \
+               processes)\n\
              - Client: Tokio {} runtime; {MESSAGE_BYTES}-byte messages; plugins run by the release \
                `mesh up`, one echo instance serving every way of calling\n\
              - nginx: {}\n",
@@ -601,6 +609,7 @@ impl Report {
             m.nproc,
             m.cpu,
             m.kernel,
+            m.cpuidle,
             m.load_before,
             m.load_after,
             s.runtime,
@@ -639,8 +648,13 @@ const METHOD: &str = r#"
   instances show. Crash-to-routed-again kills the instance with SIGKILL and reads the registry
   and retries calls every millisecond (so those figures are good to about 1 ms);
   `backoff_reset = "1ms"` makes every kill a first restart.
-- The machine is shared: read the round-to-round spread and the load average before trusting a
-  difference smaller than that spread. Timing thresholds live here, never in `cargo test`.
+- The machine is shared: each table says how many CPUs' worth of time everything else took
+  while it was measured; read the round-to-round spread before trusting a difference smaller
+  than it. On a virtual machine whose idle CPUs halt, a wake-up of a halted CPU goes through
+  the hypervisor: the same run on a machine kept busy by other work gives every way lower
+  latencies (fewer halted CPUs to wake) and different absolute numbers, while the ratios
+  between the ways move much less. Compare ratios from one run; timing thresholds live here,
+  never in `cargo test`.
 "#;
 
 /// How to profile the hot path, for the page.

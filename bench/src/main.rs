@@ -260,7 +260,12 @@ impl Bins {
                 );
             }
         }
-        Ok(bins)
+        // The config that names echo-plugin lives in a temporary directory: a relative
+        // --bin-dir would be resolved from there.
+        Ok(Self {
+            mesh: bins.mesh.canonicalize()?,
+            echo_plugin: bins.echo_plugin.canonicalize()?,
+        })
     }
 }
 

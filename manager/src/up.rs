@@ -52,6 +52,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
     let registry = Registry::new();
+    let closing = registry.clone();
     let supervisor = Arc::new(Supervisor::new(registry.clone(), config.socket.clone()));
     let manager = ManagerService::new(supervisor.clone(), config.clone());
     let router = Router::builder(registry)
@@ -111,6 +112,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     shutdown.await;
     tracing::info!("stopping: deregistering and stopping plugins");
     supervisor.shutdown().await;
+    // Watch streams (every mesh::connect channel has one) would keep the router draining.
+    closing.close();
     let _ = stopping.send(true);
     if let Err(error) = workers.join().await {
         tracing::warn!(%error, "router workers");

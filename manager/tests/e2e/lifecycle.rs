@@ -69,12 +69,22 @@ async fn sigterm_stops_every_plugin_and_cleans_up() {
     let mut mesh = Mesh::start(TWO_ECHOES).await;
     let instances = mesh.wait_instances("plugin.echo", 2).await;
     let pids: Vec<u32> = instances.iter().map(|i| i.pid).collect();
+    // A connected client (its registry watch stays open) must not hold the shutdown up.
+    let client = mesh.connect("plugin.echo").await;
 
+    let asked = std::time::Instant::now();
     let status = mesh.stop_with(Signal::SIGTERM).await;
     assert!(
         status.success(),
         "mesh up exits 0 after SIGTERM: {status:?}"
     );
+    // Well under the router's 10 s drain limit: the watch ended rather than being cut off.
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        asked.elapsed()
+    );
+    drop(client);
     wait_gone(&pids, Duration::from_secs(5)).await;
     for instance in &instances {
         assert!(

@@ -29,7 +29,7 @@ pub(crate) const FAILURES_TO_EJECT: u32 = 5;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One instance as the balancer sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Target {
     pub(crate) id: String,
     pub(crate) address: Address,

@@ -86,15 +86,14 @@ impl<B: SendBody> Balancer<B> {
 
     fn set(&self, targets: Vec<Target>, idempotent: Idempotent) {
         let current = self.current.load();
+        // Keyed, so that a large service updates in linear time.
+        let known: std::collections::HashMap<&Target, &Arc<Endpoint<B>>> =
+            current.endpoints.iter().map(|e| (&e.target, e)).collect();
         let endpoints = targets
             .into_iter()
-            .map(|target| {
-                current
-                    .endpoints
-                    .iter()
-                    .find(|e| e.target == target)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(target, self.clock)))
+            .map(|target| match known.get(&target) {
+                Some(endpoint) => Arc::clone(endpoint),
+                None => Arc::new(Endpoint::new(target, self.clock)),
             })
             .collect();
         self.current.store(Arc::new(Current {

@@ -84,6 +84,8 @@ struct Inner {
     state: Mutex<State>,
     /// Bumped on every change of any service.
     version: watch::Sender<u64>,
+    /// True once the registry is closed: its watches end.
+    closed: watch::Sender<bool>,
     reaper: OnceLock<()>,
 }
 
@@ -247,6 +249,20 @@ impl Registry {
             .map(|(name, entry)| (name.clone(), entry.snapshot()))
             .collect();
         (changed, version)
+    }
+
+    /// Ends every watch of this registry (its gRPC `Watch` streams), so that a router can shut
+    /// down while clients are still connected. Registrations keep working.
+    pub fn close(&self) {
+        self.inner.closed.send_replace(true);
+    }
+
+    /// Completes once [`Registry::close`] was called.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closed = self.inner.closed.subscribe();
+        async move {
+            let _ = closed.wait_for(|closed| *closed).await;
+        }
     }
 
     fn publish(&self) {

@@ -127,7 +127,9 @@ impl registry_server::Registry for RegistryService {
         let service =
             ServiceName::new(service).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let changes = registry.watch(&service);
-        // The first item is the set now; then one item per (coalesced) change.
+        let closed = registry.closed();
+        // The first item is the set now; then one item per (coalesced) change, until the
+        // registry closes (the router shuts down: watchers must not hold it open).
         let stream = stream::unfold((changes, true), move |(mut changes, first)| {
             let registry = registry.clone();
             let service = service.clone();
@@ -140,13 +142,14 @@ impl registry_server::Registry for RegistryService {
                 Some((Ok(watch_response(&service, &instances)), (changes, false)))
             }
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(stream.take_until(closed))))
     }
 }
 
 /// Every service with instances now, then each service that changes, with its new set.
 fn watch_all(registry: Registry) -> WatchStream {
     let changes = registry.watch_all();
+    let closed = registry.closed();
     let batches = stream::unfold((changes, 0u64, true), move |(mut changes, seen, first)| {
         let registry = registry.clone();
         async move {
@@ -164,5 +167,5 @@ fn watch_all(registry: Registry) -> WatchStream {
             Some((stream::iter(batch), (changes, version, false)))
         }
     });
-    Box::pin(batches.flatten())
+    Box::pin(batches.flatten().take_until(closed))
 }

@@ -52,6 +52,9 @@ use limit::Gauge;
 use route::Route;
 use upstream::{Upstream, Upstreams};
 
+/// How long a shutting-down router lets open calls finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The mesh router. Cheap to clone; clones serve the same routes.
 #[derive(Clone)]
 pub struct Router {
@@ -198,7 +201,14 @@ impl Router {
                 drop(permit);
             });
         }
-        graceful.shutdown().await;
+        // Open calls may finish; a stream that never ends (a client's watch, a chat) must not
+        // hold the shutdown forever.
+        if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("calls still open after {DRAIN_TIMEOUT:?} of draining; closing them");
+        }
         Ok(())
     }
 }

@@ -44,7 +44,14 @@ impl Upstreams {
     /// The balancer of `service`, if it was ever registered.
     pub(crate) fn get(&self, service: &str) -> Option<Arc<Upstream>> {
         match self.balancers.load().get(service) {
-            Some(upstream) => Some(upstream.clone()),
+            Some(upstream) if upstream.balancer.len() > 0 => Some(upstream.clone()),
+            Some(upstream) => {
+                // No instance here, but one may have registered a moment ago (a restart):
+                // the registry has the newest view.
+                let upstream = upstream.clone();
+                upstream.balancer.update(&self.registry.resolve(service));
+                Some(upstream)
+            }
             None => self.catch_up(service),
         }
     }

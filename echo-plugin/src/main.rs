@@ -234,13 +234,17 @@ fn echo_metadata(metadata: &MetadataMap) -> MetadataMap {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        logs.init();
+    } else {
+        // Captured by the manager, which stamps every line itself.
+        logs.with_ansi(false).without_time().init();
+    }
     let plugin = match Plugin::from_env() {
         Ok(plugin) => plugin,
         Err(error) => {

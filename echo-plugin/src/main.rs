@@ -232,7 +232,10 @@ fn echo_metadata(metadata: &MetadataMap) -> MetadataMap {
     echoed
 }
 
-#[tokio::main]
+// One thread: a light handler is done long before another thread could be woken to help,
+// and on a many-core machine a work-stealing runtime spends more waking idle workers than
+// echoing. Scale an echo plugin with instances (`mesh scale echo N`), one core each.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(

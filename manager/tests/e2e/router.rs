@@ -28,7 +28,7 @@ use tonic_health::pb::{
 
 use crate::{
     routing::{all_four_kinds, echo},
-    support::{DEADLINE, Mesh, echo_plugin, grpcurl_ok, short_tempdir},
+    support::{DEADLINE, Mesh, echo_plugin, eventually, grpcurl_ok, short_tempdir},
 };
 
 /// Three echo instances, `Echo` marked idempotent (so a call lost with an instance is retried).
@@ -330,15 +330,6 @@ fn load(
     (tally, done)
 }
 
-/// Waits (polling every 10 ms) until `condition` holds; fails after [`DEADLINE`].
-async fn until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "not within {DEADLINE:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn kill_9_of_an_instance_under_load_fails_no_call_through_the_router_or_directly() {
     let mesh = Mesh::start_with(TCP, THREE_ECHOES).await;
@@ -350,7 +341,7 @@ async fn kill_9_of_an_instance_under_load_fails_no_call_through_the_router_or_di
     let direct = client(mesh.connect("plugin.echo").await);
     let (direct, direct_done) = load(direct, 32, run_for, stop);
 
-    until("both paths carried calls, some to echo-1", || {
+    eventually("both paths carried calls, some to echo-1", DEADLINE, || {
         let carried = |tally: &Tally| {
             tally.calls.load(Ordering::Relaxed) > 300 && tally.answered_by("echo-1") > 20
         };
@@ -402,7 +393,7 @@ async fn an_instance_registered_under_load_receives_calls_through_the_router_and
     let run_for = Duration::from_secs(20);
     let (routed, routed_done) = load(via_tcp(&mesh).await, 8, run_for, stop.clone());
     let (direct, direct_done) = load(client(direct_channel.clone()), 8, run_for, stop.clone());
-    until("the load runs", || {
+    eventually("the load runs", DEADLINE, || {
         routed.calls.load(Ordering::Relaxed) > 50 && direct.calls.load(Ordering::Relaxed) > 50
     })
     .await;
@@ -462,9 +453,11 @@ async fn an_instance_registered_under_load_receives_calls_through_the_router_and
         })
     };
 
-    until("echo-extra answers through the router and directly", || {
-        routed.answered_by("echo-extra") > 10 && direct.answered_by("echo-extra") > 10
-    })
+    eventually(
+        "echo-extra answers through the router and directly",
+        DEADLINE,
+        || routed.answered_by("echo-extra") > 10 && direct.answered_by("echo-extra") > 10,
+    )
     .await;
     assert_eq!(
         direct_channel.instances(),

@@ -148,6 +148,9 @@ impl fmt::Display for RuntimeKind {
 pub(crate) struct Settings {
     quick: bool,
     runtime: RuntimeKind,
+    /// `MESH_BUSY_POLL=1`: the client, the router's workers and the plugin poll instead of
+    /// sleeping (the variable reaches `mesh up` and its plugins through the environment).
+    pub(crate) busy_poll: bool,
     variants: Vec<Variant>,
     rounds: u32,
     calls: usize,
@@ -181,6 +184,7 @@ impl Settings {
         let settings = Self {
             quick,
             runtime: cli.runtime,
+            busy_poll: mesh::runtime::busy_poll_from_env(),
             variants,
             rounds: cli.rounds.unwrap_or(choose(quick, 3, 1)),
             calls: cli.calls.unwrap_or(choose(quick, 2000, 300)),
@@ -302,6 +306,8 @@ fn main() -> ExitCode {
     };
     // Dropping `run` on a signal stops every child process it started (their guards' Drop).
     let outcome = runtime.block_on(async {
+        let polling = settings.busy_poll.then(mesh::runtime::busy_poll);
+        let _stop_polling = abort_on_drop(polling);
         tokio::select! {
             result = run(&cli, settings) => Some(result),
             () = interrupted() => None,
@@ -474,4 +480,17 @@ async fn run(cli: &Cli, settings: Settings) -> anyhow::Result<Report> {
 fn summary(values: impl Iterator<Item = f64>) -> anyhow::Result<Summary> {
     let mut values: Vec<f64> = values.collect();
     Summary::of(&mut values).context("nothing was measured")
+}
+
+/// Aborts the busy-polling task (if any) when the run ends.
+fn abort_on_drop(task: Option<tokio::task::JoinHandle<()>>) -> impl Drop {
+    struct Abort(Option<tokio::task::JoinHandle<()>>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            if let Some(task) = &self.0 {
+                task.abort();
+            }
+        }
+    }
+    Abort(task)
 }

@@ -239,6 +239,9 @@ fn config_text(bins: &Bins, spec: &MeshSpec, dir: &Path) -> String {
     if spec.tcp {
         text.push_str("listen = \"127.0.0.1:0\"\n");
     }
+    if mesh::runtime::busy_poll_from_env() {
+        text.push_str("busy_poll = true\n");
+    }
     text.push_str(&format!(
         "\n[[plugin]]\nname = \"echo\"\ncommand = {:?}\ninstances = {}\nstop_grace = \"2s\"\n\
          # Every kill measures the first restart: the delay starts over after 1 ms of readiness,\n\

@@ -600,7 +600,7 @@ impl Report {
              - Machine: {} CPUs (`nproc`), {}, Linux {}, cpuidle driver {}\n\
              - Load average (1/5/15 min): {} before, {} after (which counts the run's own \
                processes)\n\
-             - Client: Tokio {} runtime; {MESSAGE_BYTES}-byte messages; plugins run by the release \
+             - Client: Tokio {} runtime{}; {MESSAGE_BYTES}-byte messages; plugins run by the release \
                `mesh up`, one echo instance serving every way of calling\n\
              - nginx: {}\n",
             self.command,
@@ -613,6 +613,11 @@ impl Report {
             m.load_before,
             m.load_after,
             s.runtime,
+            if s.busy_poll {
+                ", busy-polling (MESH_BUSY_POLL=1: client, router workers and plugin never sleep)"
+            } else {
+                ""
+            },
             m.nginx.as_deref().unwrap_or("not run")
         );
         let _ = writeln!(out, "## Results\n");

@@ -31,6 +31,8 @@ pub struct Config {
     pub limits: Limits,
     /// Router worker threads, each serving calls start to end on its own.
     pub router_threads: usize,
+    /// Router workers poll their sockets instead of sleeping: lower latency, one busy core each.
+    pub busy_poll: bool,
     /// The largest gRPC message plugins accept and send, in bytes; handed to each plugin as
     /// `MESH_MAX_MESSAGE_SIZE` (the router itself streams messages without a limit of its own).
     pub max_message_size: usize,
@@ -211,6 +213,8 @@ struct RawMesh {
     max_concurrent_streams: Option<Spanned<u64>>,
     max_in_flight: Option<Spanned<u64>>,
     router_threads: Option<Spanned<u64>>,
+    #[serde(default)]
+    busy_poll: bool,
 }
 
 /// A size in bytes, or text with a unit (`"16MiB"`).
@@ -479,6 +483,7 @@ impl Config {
             listen,
             limits,
             router_threads,
+            busy_poll: mesh.busy_poll,
             max_message_size,
             plugins,
         })
@@ -796,6 +801,7 @@ mod tests {
             "relative to the config file"
         );
         assert_eq!(config.listen, Some("127.0.0.1:0".parse().unwrap()));
+        assert!(!config.busy_poll, "off unless asked for");
         let plugin = &config.plugins[0];
         assert!(
             plugin.command.is_absolute(),
@@ -877,5 +883,14 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn busy_poll_is_opt_in() {
+        let config = parse("[mesh]\nbusy_poll = true\nrouter_threads = 2\n").unwrap();
+        assert!(config.busy_poll);
+        assert_eq!(config.router_threads, 2);
+        let error = parse("[mesh]\nbusy_poll = \"yes\"\n").unwrap_err();
+        assert_eq!(error.line, Some(2), "{error}");
     }
 }

@@ -86,7 +86,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let listener = listener.into_std().map_err(UpError::Workers)?;
     let workers = router
-        .spawn_workers(config.router_threads, listener, tcp, stop_rx)
+        .spawn_workers(
+            config.router_threads,
+            listener,
+            tcp,
+            stop_rx,
+            config.busy_poll,
+        )
         .map_err(UpError::Workers)?;
     println!(
         "mesh: try `MESH_SOCKET={} cargo run --example client` or \

@@ -270,6 +270,8 @@ impl Plugin {
                 .await;
         }
         let maintenance = maintenance.map(|m| tokio::spawn(m(health.clone(), statuses.clone())));
+        // Opt-in: the manager's config sets MESH_BUSY_POLL=1 in the plugin's env.
+        let polling = runtime::busy_poll_from_env().then(runtime::busy_poll);
         tracing::info!(
             socket = %self.socket.display(),
             instance = %self.instance,
@@ -293,6 +295,9 @@ impl Plugin {
             .await;
         if let Some(maintenance) = maintenance {
             maintenance.abort();
+        }
+        if let Some(polling) = polling {
+            polling.abort();
         }
         let _ = std::fs::remove_file(&self.socket);
         served?;

@@ -49,6 +49,29 @@ pub enum SocketError {
     },
 }
 
+/// Environment variable: `1` makes plugins built with the SDK busy-poll (see [`busy_poll`]).
+pub const MESH_BUSY_POLL: &str = "MESH_BUSY_POLL";
+
+/// Whether `MESH_BUSY_POLL=1` is set.
+pub fn busy_poll_from_env() -> bool {
+    std::env::var(MESH_BUSY_POLL).is_ok_and(|v| v == "1")
+}
+
+/// Keeps the current thread's runtime from ever going to sleep: a task that yields forever,
+/// so the runtime polls its sockets between other tasks instead of parking in `epoll_wait`.
+///
+/// A call then costs no thread wake-ups on this side (on the 2-core VM a direct call fell
+/// from 34 to 17 µs with client and plugin both polling), at the price of one core kept
+/// busy while idle. Use it on a single-threaded runtime, on a machine with a core to spare for
+/// each polling thread; abort the handle to stop.
+pub fn busy_poll() -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async {
+        loop {
+            tokio::task::yield_now().await;
+        }
+    })
+}
+
 /// The default runtime directory: `$XDG_RUNTIME_DIR/mesh`, else `$TMPDIR/mesh-<uid>`.
 pub fn default_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
@@ -137,6 +160,41 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_polling_runtime_still_serves_sockets_and_stops_polling_when_asked() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let polling = busy_poll();
+            let (mut a, mut b) = tokio::net::UnixStream::pair().unwrap();
+            let echo = tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut byte = [0u8; 1];
+                for _ in 0..100 {
+                    b.read_exact(&mut byte).await.unwrap();
+                    b.write_all(&byte).await.unwrap();
+                }
+            });
+            let round_trips = async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut byte = [0u8; 1];
+                for i in 0..100u8 {
+                    a.write_all(&[i]).await.unwrap();
+                    a.read_exact(&mut byte).await.unwrap();
+                    assert_eq!(byte[0], i);
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(10), round_trips)
+                .await
+                .expect("sockets are served while the runtime polls");
+            echo.await.unwrap();
+            polling.abort();
+            assert!(polling.await.unwrap_err().is_cancelled());
+        });
+    }
 
     #[test]
     fn too_long_paths_are_named_with_the_fix() {

@@ -584,3 +584,40 @@ async fn connections_over_the_limit_are_closed_at_once_and_the_others_served() {
         "now"
     );
 }
+
+#[tokio::test]
+async fn busy_polling_router_and_plugin_still_route_every_kind_of_call() {
+    // One polling worker and one polling plugin: two busy cores on a 2-core machine, so the
+    // test stays short.
+    let mesh = Mesh::start_with(
+        "busy_poll = true\nrouter_threads = 1\n",
+        "[[plugin]]\nname = \"echo\"\ncommand = \"{echo}\"\nenv = { MESH_BUSY_POLL = \"1\" }\n",
+    )
+    .await;
+    let plugin = mesh.wait_instances("plugin.echo", 1).await[0].pid;
+    let through_router = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo");
+    all_four_kinds(&mut EchoClient::new(through_router)).await;
+    all_four_kinds(&mut EchoClient::new(mesh.connect("plugin.echo").await)).await;
+
+    // Idle, both keep a core busy: that is what polling means. Watching them for half a
+    // second is the thing under test; each gets at least 10 % of it even on a shared machine.
+    let before = [cpu_ticks(plugin), cpu_ticks(mesh.pid())];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = [cpu_ticks(plugin), cpu_ticks(mesh.pid())];
+    for (who, (b, a)) in ["plugin", "router"].iter().zip(before.iter().zip(after)) {
+        assert!(a - b >= 5, "the {who} polled only {} ticks of 50", a - b);
+    }
+}
+
+/// User plus system CPU time of `pid`, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // After the command name: state is field 3, utime 14 and stime 15 (1-based, in proc(5)).
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}

@@ -25,12 +25,16 @@ pub struct Workers {
 impl Router {
     /// Serves `unix` (and `tcp`, if any) on `threads` worker threads until `shutdown` turns
     /// true, each thread with its own single-threaded runtime and instance connections.
+    ///
+    /// With `busy_poll` each worker polls its sockets instead of sleeping
+    /// ([`crate::runtime::busy_poll`]): no wake-up per call, one core busy per worker.
     pub fn spawn_workers(
         &self,
         threads: usize,
         unix: std::os::unix::net::UnixListener,
         tcp: Option<std::net::TcpListener>,
         shutdown: watch::Receiver<bool>,
+        busy_poll: bool,
     ) -> io::Result<Workers> {
         unix.set_nonblocking(true)?;
         if let Some(tcp) = &tcp {
@@ -46,7 +50,7 @@ impl Router {
             let shutdown = shutdown.clone();
             let thread = thread::Builder::new()
                 .name(format!("mesh-router-{index}"))
-                .spawn(move || serve(router, unix, tcp, shutdown))?;
+                .spawn(move || serve(router, unix, tcp, shutdown, busy_poll))?;
             workers.threads.push(thread);
         }
         Ok(workers)
@@ -58,12 +62,14 @@ fn serve(
     unix: std::os::unix::net::UnixListener,
     tcp: Option<std::net::TcpListener>,
     shutdown: watch::Receiver<bool>,
+    busy_poll: bool,
 ) -> io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let router = router.for_this_thread();
+        let _polling = busy_poll.then(crate::runtime::busy_poll).map(AbortOnDrop);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
@@ -95,5 +101,14 @@ impl Workers {
         })
         .await
         .map_err(io::Error::other)?
+    }
+}
+
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

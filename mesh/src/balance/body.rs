@@ -3,7 +3,7 @@
 
 use std::{
     pin::Pin,
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
 };
 
 use bytes::Bytes;
@@ -11,48 +11,10 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::{endpoint::InFlight, replay::Replay};
-use crate::transport::{BoxError, SendBody};
 
-/// A request body as one attempt sends it.
-pub(crate) enum RequestBody<B> {
-    /// The caller's body as it came: the call is sent once.
-    Once(B),
-    /// A copy that can be sent again (idempotent methods).
-    Replay(Replay<B>),
-}
-
-impl<B: SendBody> HttpBody for RequestBody<B> {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Self::Once(body) => Poll::Ready(match ready!(Pin::new(body).poll_frame(cx)) {
-                Some(Ok(frame)) => Some(Ok(frame)),
-                Some(Err(error)) => Some(Err(B::box_error(error))),
-                None => None,
-            }),
-            Self::Replay(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Once(body) => body.is_end_stream(),
-            Self::Replay(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Once(body) => body.size_hint(),
-            Self::Replay(_) => SizeHint::default(),
-        }
-    }
-}
+/// A request body as one attempt sends it: a copy of the caller's body that can be sent again
+/// while the call may still be retried (see `Balancer::send`).
+pub(crate) type RequestBody<B> = Replay<B>;
 
 /// The body of a response from an instance; the call counts as in flight until it is dropped,
 /// and an error while reading it counts against the instance's health.

@@ -1,7 +1,9 @@
 //! A request body that can be sent again: what the first attempt read from the caller is kept
 //! (up to a cap), so a retry replays it and then reads on where the first attempt stopped.
 //!
-//! Used only for calls to idempotent methods: other calls never pay for it. Copies share one
+//! Every call keeps its body this way until its answer's headers arrive: an idempotent call
+//! may then be sent again after any failure, any other call only when the instance refused it
+//! unprocessed. Copies share one
 //! state behind an uncontended lock; only the newest copy (the current attempt) reads from the
 //! caller, so an old attempt that hyper has not dropped yet cannot steal a frame. Once a call
 //! is answered it is [`Replay::commit`]ted: the buffer is freed and frames pass straight through.

@@ -86,17 +86,15 @@ impl Upstreams {
         self.balancers.load()[&service].clone()
     }
 
-    /// Names with at least one instance, sorted.
+    /// Names with at least one instance, sorted, from the registry itself: this thread's
+    /// follower may not have seen the newest registrations yet, and an error message must not
+    /// say "none is registered" when one is. Only the unknown-name path asks.
     pub(crate) fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .balancers
-            .load()
-            .iter()
-            .filter(|(_, upstream)| upstream.balancer.len() > 0)
+        self.registry
+            .list()
+            .into_iter()
             .map(|(name, _)| name.to_string())
-            .collect();
-        names.sort();
-        names
+            .collect()
     }
 
     /// The follower's news, the newest there is: it updates what `catch_up` added.

@@ -21,13 +21,13 @@ use mesh_proto::{
     },
 };
 use tokio::task::JoinSet;
-use tonic::{Code, Request, metadata::MetadataValue};
+use tonic::{Code, Request};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
 use crate::{
-    routing::{all_four_kinds, echo},
+    routing::{all_four_kinds, echo, metadata_and_trailers_round_trip},
     support::{DEADLINE, Mesh, echo_plugin, eventually, grpcurl_ok, short_tempdir},
 };
 
@@ -81,31 +81,7 @@ async fn tcp_carries_every_kind_of_call_with_metadata_trailers_and_4_mib_message
     let mut tcp = via_tcp(&mesh).await;
     all_four_kinds(&mut tcp).await;
 
-    // ASCII and binary metadata reach the plugin, and its echo comes back.
-    let mut request = Request::new(echo("meta"));
-    request
-        .metadata_mut()
-        .insert("x-trace", "abc-123".parse().unwrap());
-    request
-        .metadata_mut()
-        .insert_bin("x-blob-bin", MetadataValue::from_bytes(&[0, 1, 2, 255]));
-    let response = tcp.echo(request).await.unwrap();
-    assert_eq!(response.metadata().get("x-trace").unwrap(), "abc-123");
-    let blob = response.metadata().get_bin("x-blob-bin").unwrap();
-    assert_eq!(&blob.to_bytes().unwrap()[..], &[0, 1, 2, 255]);
-
-    // A status and its metadata travel in the trailers.
-    let mut request = Request::new(echo("refused on purpose"));
-    request
-        .metadata_mut()
-        .insert("x-echo-status", "9".parse().unwrap());
-    request
-        .metadata_mut()
-        .insert("x-detail", "why".parse().unwrap());
-    let status = tcp.echo(request).await.unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
-    assert_eq!(status.message(), "refused on purpose");
-    assert_eq!(status.metadata().get("x-detail").unwrap(), "why");
+    metadata_and_trailers_round_trip(&mut tcp).await;
 
     // 4 MiB each way, through the router and directly.
     let big = "x".repeat(4 << 20);

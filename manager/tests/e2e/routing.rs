@@ -55,6 +55,41 @@ pub async fn all_four_kinds(client: &mut EchoClient<Channel>) {
     assert_eq!(replies, ["x", "y", "z"]);
 }
 
+/// Metadata, ASCII and binary, goes to the plugin and its echo comes back; an error status and
+/// its metadata travel in the trailers.
+pub async fn metadata_and_trailers_round_trip(client: &mut EchoClient<Channel>) {
+    // Metadata, ASCII and binary, goes to the plugin and its echo comes back.
+    let mut request = Request::new(echo("meta"));
+    request
+        .metadata_mut()
+        .insert("x-trace", "abc-123".parse().unwrap());
+    request
+        .metadata_mut()
+        .insert_bin("x-blob-bin", MetadataValue::from_bytes(&[0, 1, 2, 255]));
+    let response = client.echo(request).await.unwrap();
+    assert_eq!(response.metadata().get("x-trace").unwrap(), "abc-123");
+    let blob = response
+        .metadata()
+        .get_bin("x-blob-bin")
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+    assert_eq!(&blob[..], &[0, 1, 2, 255]);
+
+    // An error status and its metadata travel in the trailers.
+    let mut request = Request::new(echo("refused on purpose"));
+    request
+        .metadata_mut()
+        .insert("x-echo-status", "9".parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-detail", "why".parse().unwrap());
+    let status = client.echo(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(status.message(), "refused on purpose");
+    assert_eq!(status.metadata().get("x-detail").unwrap(), "why");
+}
+
 #[tokio::test]
 async fn connect_spreads_calls_across_instances_and_streams_work() {
     let mesh = Mesh::start(TWO_ECHOES).await;
@@ -90,36 +125,7 @@ async fn the_router_forwards_every_kind_of_call_with_metadata_and_trailers() {
     let mut client = EchoClient::new(through_router.clone());
     all_four_kinds(&mut client).await;
 
-    // Metadata, ASCII and binary, goes to the plugin and its echo comes back.
-    let mut request = Request::new(echo("meta"));
-    request
-        .metadata_mut()
-        .insert("x-trace", "abc-123".parse().unwrap());
-    request
-        .metadata_mut()
-        .insert_bin("x-blob-bin", MetadataValue::from_bytes(&[0, 1, 2, 255]));
-    let response = client.echo(request).await.unwrap();
-    assert_eq!(response.metadata().get("x-trace").unwrap(), "abc-123");
-    let blob = response
-        .metadata()
-        .get_bin("x-blob-bin")
-        .unwrap()
-        .to_bytes()
-        .unwrap();
-    assert_eq!(&blob[..], &[0, 1, 2, 255]);
-
-    // An error status and its metadata travel in the trailers.
-    let mut request = Request::new(echo("refused on purpose"));
-    request
-        .metadata_mut()
-        .insert("x-echo-status", "9".parse().unwrap());
-    request
-        .metadata_mut()
-        .insert("x-detail", "why".parse().unwrap());
-    let status = client.echo(request).await.unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
-    assert_eq!(status.message(), "refused on purpose");
-    assert_eq!(status.metadata().get("x-detail").unwrap(), "why");
+    metadata_and_trailers_round_trip(&mut client).await;
 
     // The mesh-service header routes as well as the authority does.
     let mut by_header = EchoClient::new(Channel::to_address(

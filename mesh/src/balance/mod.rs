@@ -106,8 +106,15 @@ impl<B: SendBody> Balancer<B> {
         self.current.load().endpoints.len()
     }
 
-    /// Sends `request` to one instance of `service`, and to another when it failed before it
-    /// could have been processed, or at any point before its answer for an idempotent method.
+    /// Sends `request` to one instance of `service`, and to another when the instance provably
+    /// never processed it — the connection handed it back unsent, or the instance refused the
+    /// stream (`REFUSED_STREAM`, or a graceful `GOAWAY` below it) — or, for an idempotent
+    /// method, after any failure before its answer began.
+    ///
+    /// The body is kept (up to a limit) until then: an uncontended lock and a header copy per
+    /// call, against a call that would otherwise fail while an instance drains. An idempotent
+    /// call's answer is handed on only once its first frame is here, since until then it can
+    /// still be sent elsewhere if the instance dies.
     pub(crate) async fn send(
         &self,
         request: Request<B>,
@@ -117,24 +124,7 @@ impl<B: SendBody> Balancer<B> {
         if current.endpoints.is_empty() {
             return Err(Error::NoInstance(service.to_owned()));
         }
-        if current.idempotent.contains(request.uri().path()) {
-            self.send_again_if_needed(&current, request, service).await
-        } else {
-            self.send_once(&current, request, service).await
-        }
-    }
-
-    /// Any other method: sent again only when the instance provably never processed it — the
-    /// connection handed the request back unsent, or the instance refused the stream
-    /// (`REFUSED_STREAM`, or a graceful `GOAWAY` below it). The body is kept (up to a limit)
-    /// until the answer's headers arrive, then passed straight through: a uncontended lock and
-    /// a header copy per call, against a call that would otherwise fail while an instance drains.
-    async fn send_once(
-        &self,
-        current: &Current<B>,
-        request: Request<B>,
-        service: &str,
-    ) -> Result<Response<ResponseBody>, Error> {
+        let idempotent = current.idempotent.contains(request.uri().path());
         let (head, body) = request.into_parts();
         let keeper = Replay::new(body);
         let mut tried = Tried::default();
@@ -154,71 +144,12 @@ impl<B: SendBody> Balancer<B> {
                 }
             };
             let request = Request::from_parts(head.clone(), body);
-            match sender.try_send_request(request).await {
-                Ok(response) => {
+            let error = match sender.try_send_request(request).await {
+                Ok(response) if !idempotent => {
                     keeper.commit();
                     return Ok(answered(response, None, in_flight));
                 }
-                Err(mut error) => {
-                    if error.take_message().is_some() {
-                        last_error = Some(handed_back(endpoint, error.into_error()));
-                        continue;
-                    }
-                    let error = error.into_error();
-                    let failure = Failure::of(&error);
-                    if failure == Failure::Failed {
-                        endpoint.health.failed();
-                    }
-                    let error = Error::Call {
-                        address: endpoint.target.address.clone(),
-                        source: error,
-                    };
-                    if failure != Failure::Unprocessed {
-                        return Err(error);
-                    }
-                    tracing::debug!(instance = %endpoint.target.id, %error, "call refused unprocessed; sending it elsewhere");
-                    last_error = Some(error);
-                }
-            }
-        }
-        Err(last_error.unwrap_or_else(|| Error::NoInstance(service.to_owned())))
-    }
-
-    /// Idempotent methods: the body is kept (up to a limit) and the call is sent again after
-    /// any failure before its answer began.
-    async fn send_again_if_needed(
-        &self,
-        current: &Current<B>,
-        request: Request<B>,
-        service: &str,
-    ) -> Result<Response<ResponseBody>, Error> {
-        let (head, body) = request.into_parts();
-        let keeper = Replay::new(body);
-        let mut tried = Tried::default();
-        let mut last_error = None;
-        for _ in 0..MAX_ATTEMPTS.min(current.endpoints.len()) {
-            // None once the body outgrew the limit or failed: what was sent cannot be re-sent.
-            let Some(body) = keeper.again() else { break };
-            let index = self.pick(&current.endpoints, &tried);
-            tried.push(index);
-            let endpoint = &current.endpoints[index];
-            let in_flight = InFlight::new(&endpoint.health);
-            let mut sender = match endpoint.sender().await {
-                Ok(sender) => sender,
-                Err(source) => {
-                    last_error = Some(connect_failed(endpoint, source));
-                    continue;
-                }
-            };
-            let mut request = Request::new(body);
-            *request.method_mut() = head.method.clone();
-            *request.uri_mut() = head.uri.clone();
-            *request.version_mut() = head.version;
-            *request.headers_mut() = head.headers.clone();
-            let error = match sender.try_send_request(request).await {
                 Ok(response) => {
-                    // Hand the answer on only once its first frame is here: until then it can
-                    // still be sent elsewhere if the instance dies.
                     let (parts, mut incoming) = response.into_parts();
                     match incoming.frame().await {
                         Some(Err(error)) => error,
@@ -238,23 +169,24 @@ impl<B: SendBody> Balancer<B> {
                     error.into_error()
                 }
             };
-            match Failure::of(&error) {
-                Failure::Local => {
-                    return Err(Error::Call {
-                        address: endpoint.target.address.clone(),
-                        source: error,
-                    });
-                }
-                Failure::Failed => {
-                    endpoint.health.failed();
-                }
-                Failure::Unprocessed => {}
+            let failure = Failure::of(&error);
+            if failure == Failure::Failed {
+                endpoint.health.failed();
             }
-            tracing::debug!(instance = %endpoint.target.id, %error, "idempotent call failed; sending it again");
-            last_error = Some(Error::Call {
+            let error = Error::Call {
                 address: endpoint.target.address.clone(),
                 source: error,
-            });
+            };
+            let again = match failure {
+                Failure::Unprocessed => true,
+                Failure::Failed => idempotent,
+                Failure::Local => false,
+            };
+            if !again {
+                return Err(error);
+            }
+            tracing::debug!(instance = %endpoint.target.id, %error, "call failed unanswered; sending it elsewhere");
+            last_error = Some(error);
         }
         Err(last_error.unwrap_or_else(|| Error::NoInstance(service.to_owned())))
     }

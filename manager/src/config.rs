@@ -33,6 +33,9 @@ pub struct Config {
     pub router_threads: usize,
     /// Router workers poll their sockets instead of sleeping: lower latency, one busy core each.
     pub busy_poll: bool,
+    /// How long a router worker keeps polling after a call before it sleeps, and a lone
+    /// forwarded call spins on its answer ([`mesh::runtime::set_spin`]); zero: never.
+    pub spin: Duration,
     /// The largest gRPC message plugins accept and send, in bytes; handed to each plugin as
     /// `MESH_MAX_MESSAGE_SIZE` (the router itself streams messages without a limit of its own).
     pub max_message_size: usize,
@@ -215,6 +218,7 @@ struct RawMesh {
     router_threads: Option<Spanned<u64>>,
     #[serde(default)]
     busy_poll: bool,
+    spin: Option<Spanned<String>>,
 }
 
 /// A size in bytes, or text with a unit (`"16MiB"`).
@@ -319,6 +323,22 @@ impl Config {
                     ),
                 ));
             }
+        };
+        let spin = match &mesh.spin {
+            None => runtime::spin(),
+            Some(text) => humantime::parse_duration(text.get_ref())
+                .ok()
+                .filter(|d| *d <= MAX_SPIN)
+                .ok_or_else(|| {
+                    at(
+                        Some(text.span()),
+                        format!(
+                            "spin = {:?}: write a duration up to 1ms such as \"100us\", or \"0s\" to never spin (default {:?})",
+                            text.get_ref(),
+                            runtime::DEFAULT_SPIN
+                        ),
+                    )
+                })?,
         };
         let max_message_size = match &mesh.max_message_size {
             None => DEFAULT_MAX_MESSAGE_SIZE,
@@ -484,6 +504,7 @@ impl Config {
             limits,
             router_threads,
             busy_poll: mesh.busy_poll,
+            spin,
             max_message_size,
             plugins,
         })
@@ -491,6 +512,10 @@ impl Config {
 }
 
 const MAX_ROUTER_THREADS: u64 = 64;
+
+/// The longest spin window the config accepts: past a millisecond, spinning costs more CPU
+/// than the sleep it saves is worth.
+const MAX_SPIN: Duration = Duration::from_millis(1);
 
 /// One router thread per core, up to four: more rarely pays for the connections each keeps.
 fn default_router_threads() -> usize {
@@ -882,6 +907,19 @@ mod tests {
                     .starts_with(&format!("/etc/mesh/mesh.toml:{line}: ")),
                 "{error}"
             );
+        }
+    }
+
+    #[test]
+    fn spin_is_a_short_duration() {
+        let config = parse("[mesh]\nspin = \"250us\"\n").unwrap();
+        assert_eq!(config.spin, Duration::from_micros(250));
+        let config = parse("[mesh]\nspin = \"0s\"\n").unwrap();
+        assert_eq!(config.spin, Duration::ZERO, "0s turns it off");
+        for bad in ["\"soon\"", "\"2ms\""] {
+            let error = parse(&format!("[mesh]\nspin = {bad}\n")).unwrap_err();
+            let text = error.to_string();
+            assert!(text.contains(":2:") && text.contains("up to 1ms"), "{text}");
         }
     }
 

@@ -21,13 +21,13 @@ pub enum Error {
         source: io::Error,
     },
     /// The call failed after it was sent; it may have reached the instance.
-    #[error("call to {address} failed: {}", with_cause(source))]
+    #[error("call to {address} failed: {source}")]
     Call {
         /// The instance's address.
         address: Address,
         /// Why.
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     /// The router could not be reached or refused to resolve.
     #[error(
@@ -63,14 +63,6 @@ impl Error {
                 tonic::Status::invalid_argument(message)
             }
         }
-    }
-}
-
-/// hyper's errors print their kind only ("connection error"): add what caused it.
-fn with_cause(error: &hyper::Error) -> String {
-    match std::error::Error::source(error) {
-        Some(cause) => format!("{error}: {cause}"),
-        None => error.to_string(),
     }
 }
 

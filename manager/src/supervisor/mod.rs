@@ -344,11 +344,18 @@ impl Supervisor {
         if config.socket != current.socket
             || config.listen != current.listen
             || config.runtime_dir != current.runtime_dir
+            || config.limits != current.limits
+            || config.router_threads != current.router_threads
+            || config.busy_poll != current.busy_poll
         {
-            report
-                .ignored
-                .push("[mesh] socket, listen and runtime_dir apply at the next mesh up".into());
+            report.ignored.push(
+                "[mesh] socket, listen, runtime_dir, router limits, router_threads and busy_poll \
+                 apply at the next mesh up"
+                    .into(),
+            );
         }
+        // The spin window is read on every call: it applies at once.
+        mesh::runtime::set_spin(config.spin);
         let names: Vec<String> = self.plugins().keys().cloned().collect();
         for name in names {
             if !config.plugins.iter().any(|p| p.name == name) {

@@ -585,6 +585,37 @@ async fn busy_polling_router_and_plugin_still_route_every_kind_of_call() {
     }
 }
 
+#[tokio::test]
+async fn a_router_lingers_only_after_calls_and_sleeps_when_idle() {
+    // Default settings: after each call a worker keeps polling for the spin window (100 µs),
+    // and a caller alone spins on its answer; neither changes what a call returns.
+    let mesh = Mesh::start_with("router_threads = 1\n", ONE_ECHO).await;
+    mesh.wait_instances("plugin.echo", 1).await;
+    let through_router = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo");
+    all_four_kinds(&mut EchoClient::new(through_router.clone())).await;
+    let mut echo_client = EchoClient::new(through_router);
+    for n in 0..200 {
+        let message = format!("call {n}");
+        let reply = echo_client.echo(echo(&message)).await.unwrap().into_inner();
+        assert_eq!(reply.message, message);
+    }
+
+    // Idle, the router sleeps: half a second costs it a few ticks at most (health checks),
+    // where a worker that kept polling would take about 50.
+    let before = cpu_ticks(mesh.pid());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let used = cpu_ticks(mesh.pid()) - before;
+    assert!(used <= 5, "the idle router used {used} ticks of 50");
+}
+
+#[tokio::test]
+async fn a_router_that_never_spins_still_routes_every_kind_of_call() {
+    let mesh = Mesh::start_with("spin = \"0s\"\n", ONE_ECHO).await;
+    mesh.wait_instances("plugin.echo", 1).await;
+    let through_router = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo");
+    all_four_kinds(&mut EchoClient::new(through_router)).await;
+}
+
 /// User plus system CPU time of `pid`, in clock ticks (1/100 s).
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

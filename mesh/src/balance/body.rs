@@ -1,5 +1,5 @@
-//! The bodies of a balanced call: the request as one attempt sends it, and the response that
-//! keeps the call counted against its instance until it is dropped.
+//! The body of a balanced call's answer, which keeps the call counted against its instance
+//! until it is dropped.
 
 use std::{
     pin::Pin,
@@ -8,25 +8,21 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
 
-use super::{endpoint::InFlight, replay::Replay};
-
-/// A request body as one attempt sends it: a copy of the caller's body that can be sent again
-/// while the call may still be retried (see `Balancer::send`).
-pub(crate) type RequestBody<B> = Replay<B>;
+use super::endpoint::InFlight;
+use crate::transport::RecvBody;
 
 /// The body of a response from an instance; the call counts as in flight until it is dropped,
 /// and an error while reading it counts against the instance's health.
 pub struct ResponseBody {
-    inner: Incoming,
+    inner: RecvBody,
     /// A frame read before the call was handed to the caller (see `Balancer::send`).
     first: Option<Frame<Bytes>>,
     in_flight: InFlight,
 }
 
 impl ResponseBody {
-    pub(crate) fn new(inner: Incoming, first: Option<Frame<Bytes>>, in_flight: InFlight) -> Self {
+    pub(crate) fn new(inner: RecvBody, first: Option<Frame<Bytes>>, in_flight: InFlight) -> Self {
         Self {
             inner,
             first,
@@ -43,12 +39,12 @@ impl std::fmt::Debug for ResponseBody {
 
 impl HttpBody for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         if let Some(first) = self.first.take() {
             return Poll::Ready(Some(Ok(first)));
         }

@@ -18,8 +18,7 @@ use std::{
 use arc_swap::ArcSwapOption;
 use tokio::time::Instant;
 
-use super::body::RequestBody;
-use crate::transport::{self, Address, SendBody, Sender};
+use crate::transport::{self, Address, Sender};
 
 /// How long an ejected instance is passed over while others are available.
 pub(crate) const EJECT_FOR: Duration = Duration::from_secs(1);
@@ -51,14 +50,14 @@ impl Clock {
 }
 
 /// An instance and its connection.
-pub(crate) struct Endpoint<B> {
+pub(crate) struct Endpoint {
     pub(crate) target: Target,
-    sender: ArcSwapOption<Sender<RequestBody<B>>>,
+    sender: ArcSwapOption<Sender>,
     connecting: tokio::sync::Mutex<()>,
     pub(crate) health: Arc<Health>,
 }
 
-impl<B: SendBody> Endpoint<B> {
+impl Endpoint {
     pub(crate) fn new(target: Target, clock: Clock) -> Self {
         Self {
             health: Arc::new(Health {
@@ -75,7 +74,7 @@ impl<B: SendBody> Endpoint<B> {
     }
 
     /// The open connection, or a new one; concurrent callers share one connection attempt.
-    pub(crate) async fn sender(&self) -> io::Result<Sender<RequestBody<B>>> {
+    pub(crate) async fn sender(&self) -> io::Result<Sender> {
         if let Some(sender) = self.open_sender() {
             return Ok(sender);
         }
@@ -91,7 +90,7 @@ impl<B: SendBody> Endpoint<B> {
         Ok(sender)
     }
 
-    fn open_sender(&self) -> Option<Sender<RequestBody<B>>> {
+    fn open_sender(&self) -> Option<Sender> {
         let guard = self.sender.load();
         guard
             .as_ref()
@@ -187,7 +186,7 @@ mod tests {
     use super::*;
 
     fn health() -> Arc<Health> {
-        let endpoint: Endpoint<http_body_util::Empty<bytes::Bytes>> = Endpoint::new(
+        let endpoint = Endpoint::new(
             Target {
                 id: "echo-0".into(),
                 address: "unix:/tmp/echo-0.sock".parse().unwrap(),

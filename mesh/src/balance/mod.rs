@@ -21,12 +21,11 @@ mod endpoint;
 mod replay;
 mod retry;
 
-use std::sync::Arc;
+use std::{marker::PhantomData, sync::Arc};
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 pub use body::ResponseBody;
 pub(crate) use endpoint::Target;
@@ -34,7 +33,11 @@ use endpoint::{Clock, Endpoint, Health, InFlight};
 use replay::Replay;
 use retry::{Failure, Idempotent};
 
-use crate::{Error, registry::Instance, transport::SendBody};
+use crate::{
+    Error,
+    registry::Instance,
+    transport::{RecvBody, SendBody, SendError},
+};
 
 /// Attempts per call, the first included.
 const MAX_ATTEMPTS: usize = 3;
@@ -42,13 +45,15 @@ const MAX_ATTEMPTS: usize = 3;
 /// The instances of one service, a connection to each, and which of its methods may be sent
 /// twice.
 pub(crate) struct Balancer<B> {
-    current: ArcSwap<Current<B>>,
+    current: ArcSwap<Current>,
     clock: Clock,
+    /// The request body type every call sends.
+    body: PhantomData<fn(B)>,
 }
 
 /// One consistent view, swapped whole on every change so a call reads it without a lock.
-struct Current<B> {
-    endpoints: Vec<Arc<Endpoint<B>>>,
+struct Current {
+    endpoints: Vec<Arc<Endpoint>>,
     idempotent: Idempotent,
 }
 
@@ -75,6 +80,7 @@ impl<B: SendBody> Balancer<B> {
                 idempotent: Idempotent::default(),
             }),
             clock: Clock::new(),
+            body: PhantomData,
         }
     }
 
@@ -86,7 +92,7 @@ impl<B: SendBody> Balancer<B> {
     fn set(&self, targets: Vec<Target>, idempotent: Idempotent) {
         let current = self.current.load();
         // Keyed, so that a large service updates in linear time.
-        let known: std::collections::HashMap<&Target, &Arc<Endpoint<B>>> =
+        let known: std::collections::HashMap<&Target, &Arc<Endpoint>> =
             current.endpoints.iter().map(|e| (&e.target, e)).collect();
         let endpoints = targets
             .into_iter()
@@ -136,7 +142,7 @@ impl<B: SendBody> Balancer<B> {
             tried.push(index);
             let endpoint = &current.endpoints[index];
             let in_flight = InFlight::new(&endpoint.health);
-            let mut sender = match endpoint.sender().await {
+            let sender = match endpoint.sender().await {
                 Ok(sender) => sender,
                 Err(source) => {
                     last_error = Some(connect_failed(endpoint, source));
@@ -144,7 +150,7 @@ impl<B: SendBody> Balancer<B> {
                 }
             };
             let request = Request::from_parts(head.clone(), body);
-            let error = match sender.try_send_request(request).await {
+            let error = match sender.send(request).await {
                 Ok(response) if !idempotent => {
                     keeper.commit();
                     return Ok(answered(response, None, in_flight));
@@ -161,13 +167,14 @@ impl<B: SendBody> Balancer<B> {
                         }
                     }
                 }
-                Err(mut error) => {
-                    if error.take_message().is_some() {
-                        last_error = Some(handed_back(endpoint, error.into_error()));
-                        continue;
-                    }
-                    error.into_error()
+                Err(SendError {
+                    error,
+                    unsent: true,
+                }) => {
+                    last_error = Some(handed_back(endpoint, error));
+                    continue;
                 }
+                Err(SendError { error, .. }) => error,
             };
             let failure = Failure::of(&error);
             if failure == Failure::Failed {
@@ -193,7 +200,7 @@ impl<B: SendBody> Balancer<B> {
 
     /// Power of two choices over calls in flight, among instances not yet tried for this call
     /// and not sitting out; if every untried instance sits out, among the untried ones.
-    fn pick(&self, endpoints: &[Arc<Endpoint<B>>], tried: &Tried) -> usize {
+    fn pick(&self, endpoints: &[Arc<Endpoint>], tried: &Tried) -> usize {
         let n = endpoints.len();
         if n == 1 {
             return 0;
@@ -259,7 +266,7 @@ impl Tried {
 
 /// A gRPC answer of `UNAVAILABLE` with no body (trailers-only): the instance says it cannot
 /// serve, which counts against its health like a failed call.
-fn is_unavailable(response: &Response<Incoming>) -> bool {
+fn is_unavailable(response: &Response<RecvBody>) -> bool {
     response
         .headers()
         .get("grpc-status")
@@ -267,7 +274,7 @@ fn is_unavailable(response: &Response<Incoming>) -> bool {
 }
 
 fn answered(
-    response: Response<Incoming>,
+    response: Response<RecvBody>,
     first: Option<http_body::Frame<bytes::Bytes>>,
     in_flight: InFlight,
 ) -> Response<ResponseBody> {
@@ -275,7 +282,7 @@ fn answered(
     response.map(|body| ResponseBody::new(body, first, in_flight))
 }
 
-fn record(health: &Health, response: &Response<Incoming>) {
+fn record(health: &Health, response: &Response<RecvBody>) {
     if is_unavailable(response) {
         health.failed();
     } else {
@@ -283,7 +290,7 @@ fn record(health: &Health, response: &Response<Incoming>) {
     }
 }
 
-fn connect_failed<B>(endpoint: &Endpoint<B>, source: std::io::Error) -> Error {
+fn connect_failed(endpoint: &Endpoint, source: std::io::Error) -> Error {
     endpoint.health.eject();
     Error::Connect {
         address: endpoint.target.address.clone(),
@@ -292,7 +299,7 @@ fn connect_failed<B>(endpoint: &Endpoint<B>, source: std::io::Error) -> Error {
 }
 
 /// The connection gave the request back unsent: it is closing. Safe to send elsewhere.
-fn handed_back<B: SendBody>(endpoint: &Endpoint<B>, error: hyper::Error) -> Error {
+fn handed_back(endpoint: &Endpoint, error: h2::Error) -> Error {
     endpoint.disconnect();
     endpoint.health.eject();
     Error::Connect {

@@ -57,19 +57,11 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
-    /// Classifies an error from sending a request on a connection.
-    pub(crate) fn of(error: &hyper::Error) -> Self {
-        let Some(h2) = std::error::Error::source(error).and_then(|e| e.downcast_ref::<h2::Error>())
-        else {
-            return Self::Failed;
-        };
-        Self::of_h2(h2)
-    }
-
-    fn of_h2(error: &h2::Error) -> Self {
+    /// Classifies an error from a call on a connection.
+    pub(crate) fn of(error: &h2::Error) -> Self {
         if !error.is_remote() {
-            // A reset this side asked for (hyper resets the stream when the caller's body
-            // fails); one h2 made itself means the instance broke the protocol.
+            // A reset this side asked for (the request body failed, or the caller gave up);
+            // one h2 made itself means the instance broke the protocol.
             return if error.is_reset() && !error.is_library() {
                 Self::Local
             } else {

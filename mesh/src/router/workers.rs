@@ -69,7 +69,11 @@ fn serve(
         .build()?;
     runtime.block_on(async move {
         let router = router.for_this_thread();
-        let _polling = busy_poll.then(crate::runtime::busy_poll).map(AbortOnDrop);
+        let _polling = AbortOnDrop(if busy_poll {
+            crate::runtime::busy_poll()
+        } else {
+            crate::runtime::linger()
+        });
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };

@@ -1,15 +1,19 @@
 //! Endpoint addresses and HTTP/2 connections to them.
 //!
-//! One multiplexed HTTP/2 connection per endpoint carries every call to it; calls go straight
-//! to hyper's connection task, without tonic's `Buffer` in between.
+//! One multiplexed HTTP/2 connection per endpoint carries every call to it. Calls drive the
+//! connection themselves ([`client`]): no tonic `Buffer` task, no hyper dispatch task in
+//! between.
+
+pub(crate) mod client;
+mod spin_io;
 
 use std::{fmt, io, path::PathBuf, str::FromStr};
 
 use bytes::Bytes;
 use http_body::Body as HttpBody;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpStream, UnixStream};
+
+pub(crate) use client::{RecvBody, SendError, Sender};
 
 /// Where an instance or a router can be reached.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -77,42 +81,17 @@ where
     }
 }
 
-/// Sends requests on one HTTP/2 connection.
-pub(crate) type Sender<B> = http2::SendRequest<B>;
-
-/// Opens an HTTP/2 connection to `address` and spawns the task that drives it.
-pub(crate) async fn connect<B>(address: &Address) -> io::Result<Sender<B>>
-where
-    B: HttpBody<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
-{
+/// Opens an HTTP/2 connection to `address`; its calls drive it (see [`client`]).
+pub(crate) async fn connect(address: &Address) -> io::Result<Sender> {
     match address {
-        Address::Unix(path) => handshake(UnixStream::connect(path).await?).await,
+        Address::Unix(path) => client::handshake(UnixStream::connect(path).await?).await,
         Address::Tcp(hostport) => {
             let stream = TcpStream::connect(hostport.as_str()).await?;
             // gRPC messages are small and latency-bound: never wait for Nagle.
             stream.set_nodelay(true)?;
-            handshake(stream).await
+            client::handshake(stream).await
         }
     }
-}
-
-async fn handshake<S, B>(stream: S) -> io::Result<Sender<B>>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    B: HttpBody<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
-{
-    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(io::Error::other)?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "connection closed");
-        }
-    });
-    Ok(sender)
 }
 
 /// Per-stream flow-control window: large enough that a 4 MiB message needs few round trips,

@@ -162,9 +162,13 @@ impl Sender {
             }
         }
         let awaiting = Awaiting::enter();
+        // Spin only within the window from the first wait, however often this is polled.
+        let mut spin_until = None;
         let answer = poll_fn(|cx| {
+            let until = *spin_until.get_or_insert_with(|| Instant::now() + spin());
+            let until = awaiting.alone().then_some(until);
             self.shared
-                .poll_driving(cx, awaiting.alone(), |cx| Pin::new(&mut response).poll(cx))
+                .poll_driving(cx, until, |cx| Pin::new(&mut response).poll(cx))
         })
         .await;
         drop(awaiting);
@@ -172,7 +176,7 @@ impl Sender {
             Ok(response) => Ok(response.map(|stream| RecvBody {
                 stream,
                 shared: self.shared.clone(),
-                answered: Instant::now(),
+                spin_until: Instant::now() + spin(),
                 data_done: false,
             })),
             Err(error) => Err(SendError {
@@ -246,6 +250,20 @@ impl Wake for Driver {
 /// The connection's own task: polls it whenever woken, until it ends.
 struct Drive(Arc<Shared>);
 
+impl Drop for Drive {
+    /// Ended, or dropped with its runtime: close the connection, so that calls waiting on it
+    /// fail (h2 fails its streams) rather than wait for a task that is gone, and the next
+    /// call opens a new one.
+    fn drop(&mut self) {
+        let mut connection = match self.0.connection.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *connection = None;
+        self.0.closed.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Future for Drive {
     type Output = ();
 
@@ -307,21 +325,19 @@ impl Shared {
         }
     }
 
-    /// Polls `target` (a stream's answer or body) with `cx`. When it is not ready and `spin`
-    /// holds, polls the connection from this task until it is, for up to the spin window.
+    /// Polls `target` (a stream's answer or body) with `cx`. When it is not ready, polls the
+    /// connection from this task until it is, or until `spin_until` if any.
     fn poll_driving<T>(
         &self,
         cx: &mut Context<'_>,
-        spin: bool,
+        spin_until: Option<Instant>,
         mut target: impl FnMut(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
         // A runtime that lingers polls while idle, without holding up its other tasks.
-        let window = if spin && !crate::runtime::lingers_here() {
-            self::spin()
-        } else {
-            Duration::ZERO
+        let Some(until) = spin_until.filter(|_| !crate::runtime::lingers_here()) else {
+            return target(cx);
         };
-        if window.is_zero() {
+        if Instant::now() >= until {
             return target(cx);
         }
         // While spinning, the stream's waker is a no-op: the connection, polled here, would
@@ -330,13 +346,12 @@ impl Shared {
         if let Poll::Ready(value) = target(&mut quiet) {
             return Poll::Ready(value);
         }
-        let start = Instant::now();
         loop {
             let ended = self.poll_connection(false, true).is_ready();
             if let Poll::Ready(value) = target(&mut quiet) {
                 return Poll::Ready(value);
             }
-            if ended || start.elapsed() >= window {
+            if ended || Instant::now() >= until {
                 break;
             }
             // No `sched_yield` here (unlike `runtime::linger`): on the 2-core VM a caller that
@@ -418,15 +433,16 @@ impl<B: SendBody> Future for Pipe<B> {
 pub(crate) struct RecvBody {
     stream: RecvStream,
     shared: Arc<Shared>,
-    /// When the headers arrived: a body that follows within the spin window is part of the
-    /// same answer (a unary message and its trailers), one that does not is a stream.
-    answered: Instant,
+    /// The spin window from the headers' arrival: a body that follows within it is part of
+    /// the same answer (a unary message and its trailers); one that does not is a stream,
+    /// waited for asleep.
+    spin_until: Instant,
     data_done: bool,
 }
 
 impl RecvBody {
-    fn spin(&self) -> bool {
-        AWAITING.load(Ordering::Relaxed) == 0 && self.answered.elapsed() < spin()
+    fn spin_until(&self) -> Option<Instant> {
+        (AWAITING.load(Ordering::Relaxed) == 0).then_some(self.spin_until)
     }
 }
 
@@ -445,7 +461,7 @@ impl HttpBody for RecvBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
-        let spin = this.spin();
+        let spin = this.spin_until();
         if !this.data_done {
             let stream = &mut this.stream;
             match ready!(
@@ -604,6 +620,32 @@ mod tests {
                 .enumerate()
                 .all(|(n, c)| c.iter().all(|&b| b == n as u8))
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_runtime_is_gone_fails_its_calls_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("echo.sock");
+        serve_echo(&path);
+        // Connected on a runtime that then shuts down, taking the connection's task with it.
+        let sender = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async { connect(&path).await })
+            }
+        })
+        .await
+        .unwrap();
+        assert!(sender.is_closed());
+        let request = Request::post("http://t/x")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let error = within("orphan", sender.send(request)).await.unwrap_err();
+        assert!(error.unsent, "{error:?}");
     }
 
     #[tokio::test]

@@ -18,9 +18,9 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Most bytes one direct read takes: enough for many small calls, and a bounded slice of the
-/// read buffer to zero first.
-const DIRECT_READ: usize = 16 * 1024;
+/// Most bytes one direct read takes: a few small answers, and little of the read buffer to
+/// zero first (the kernel's read needs initialised memory).
+const DIRECT_READ: usize = 4 * 1024;
 
 /// A stream whose reads go to the kernel directly while its connection is polled by a
 /// spinning caller.

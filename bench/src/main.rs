@@ -151,6 +151,10 @@ pub(crate) struct Settings {
     /// `MESH_BUSY_POLL=1`: the client, the router's workers and the plugin poll instead of
     /// sleeping (the variable reaches `mesh up` and its plugins through the environment).
     pub(crate) busy_poll: bool,
+    /// How long a lone `mesh::connect` call spins on its answer, and a router worker keeps
+    /// polling after a call (`MESH_SPIN_US`, which reaches `mesh up` too; 0: never).
+    #[serde(rename = "spin_us", serialize_with = "as_us")]
+    pub(crate) spin: Duration,
     variants: Vec<Variant>,
     rounds: u32,
     calls: usize,
@@ -171,6 +175,10 @@ fn choose<T>(quick: bool, full: T, smoke: T) -> T {
     if quick { smoke } else { full }
 }
 
+fn as_us<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(duration.as_secs_f64() * 1e6)
+}
+
 fn as_ms<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_f64(duration.as_secs_f64() * 1000.0)
 }
@@ -185,6 +193,7 @@ impl Settings {
             quick,
             runtime: cli.runtime,
             busy_poll: mesh::runtime::busy_poll_from_env(),
+            spin: mesh::runtime::spin(),
             variants,
             rounds: cli.rounds.unwrap_or(choose(quick, 3, 1)),
             calls: cli.calls.unwrap_or(choose(quick, 2000, 300)),

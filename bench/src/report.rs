@@ -602,6 +602,7 @@ impl Report {
                processes)\n\
              - Client: Tokio {} runtime{}; {MESSAGE_BYTES}-byte messages; plugins run by the release \
                `mesh up`, one echo instance serving every way of calling\n\
+             - Spin window (`MESH_SPIN_US`, for the client and `mesh up`): {}\n\
              - nginx: {}\n",
             self.command,
             self.date,
@@ -617,6 +618,15 @@ impl Report {
                 ", busy-polling (MESH_BUSY_POLL=1: client, router workers and plugin never sleep)"
             } else {
                 ""
+            },
+            if s.spin.is_zero() {
+                "0 (no spinning: every wait sleeps)".to_owned()
+            } else {
+                format!(
+                    "{} µs (a `mesh::connect` call alone in the process polls its connection that \
+                     long before sleeping; router workers keep polling that long after a call)",
+                    s.spin.as_micros()
+                )
             },
             m.nginx.as_deref().unwrap_or("not run")
         );

@@ -42,7 +42,7 @@ use super::{CONNECTION_WINDOW, SendBody, WINDOW, spin_io::SpinIo};
 /// sleeps (`0` turns spinning off). See [`crate::runtime::set_spin`].
 pub const MESH_SPIN_US: &str = "MESH_SPIN_US";
 
-/// The spin window when [`MESH_SPIN_US`] is not set.
+/// The spin window when [`MESH_SPIN_US`] is not set, on two cores or more.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
 
 /// The spin window in nanoseconds; `u64::MAX` until it is first read or set.
@@ -50,6 +50,15 @@ static SPIN_NANOS: AtomicU64 = AtomicU64::new(u64::MAX);
 
 /// Calls in this process that have sent their request and wait for their answer's headers.
 static AWAITING: AtomicUsize = AtomicUsize::new(0);
+
+/// [`DEFAULT_SPIN`], or none on one core.
+fn default_spin() -> Duration {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        Duration::ZERO
+    } else {
+        DEFAULT_SPIN
+    }
+}
 
 /// Sets how long a call that is the only one waiting in this process polls its connection
 /// before it sleeps; zero turns spinning off. Overrides [`MESH_SPIN_US`].
@@ -60,23 +69,30 @@ pub fn set_spin(window: Duration) {
     );
 }
 
-/// The spin window: [`set_spin`]'s, else [`MESH_SPIN_US`]'s, else [`DEFAULT_SPIN`].
+/// The spin window: [`set_spin`]'s, else [`MESH_SPIN_US`]'s, else [`DEFAULT_SPIN`] — or none
+/// on a machine (or a CPU quota) of one core, where a spinning caller would only keep the
+/// instance it waits for off the CPU.
 pub fn spin() -> Duration {
     let nanos = SPIN_NANOS.load(Ordering::Relaxed);
     if nanos != u64::MAX {
         return Duration::from_nanos(nanos);
     }
-    let window = match std::env::var(MESH_SPIN_US) {
-        Ok(text) => match text.trim().parse::<u64>() {
-            Ok(micros) => Duration::from_micros(micros),
-            Err(_) => {
-                tracing::warn!(
-                    "{MESH_SPIN_US}={text:?} is not a number of microseconds; using {DEFAULT_SPIN:?}"
-                );
-                DEFAULT_SPIN
-            }
-        },
-        Err(_) => DEFAULT_SPIN,
+    let from_env = std::env::var(MESH_SPIN_US)
+        .ok()
+        .filter(|text| !text.trim().is_empty());
+    let window = match from_env
+        .as_deref()
+        .map(|text| (text, text.trim().parse::<u64>()))
+    {
+        Some((_, Ok(micros))) => Duration::from_micros(micros),
+        Some((text, Err(_))) => {
+            let window = default_spin();
+            tracing::warn!(
+                "{MESH_SPIN_US}={text:?} is not a number of microseconds; using {window:?}"
+            );
+            window
+        }
+        None => default_spin(),
     };
     set_spin(window);
     window

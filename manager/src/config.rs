@@ -33,8 +33,8 @@ pub struct Config {
     pub router_threads: usize,
     /// Router workers poll their sockets instead of sleeping: lower latency, one busy core each.
     pub busy_poll: bool,
-    /// How long a router worker keeps polling after a call before it sleeps, and a lone
-    /// forwarded call spins on its answer ([`mesh::runtime::set_spin`]); zero: never.
+    /// How long a router worker keeps polling after a call before it sleeps
+    /// ([`mesh::runtime::set_spin`], [`mesh::runtime::linger`]); zero: never.
     pub spin: Duration,
     /// The largest gRPC message plugins accept and send, in bytes; handed to each plugin as
     /// `MESH_MAX_MESSAGE_SIZE` (the router itself streams messages without a limit of its own).

@@ -430,6 +430,11 @@ impl<B: SendBody> Future for Pipe<B> {
                 Ok(data) => {
                     this.unchecked += data.len();
                     let end = this.body.is_end_stream();
+                    // An empty DATA frame that does not end the stream says nothing, and h2
+                    // servers close connections that receive more than 100 of them.
+                    if data.is_empty() && !end {
+                        continue;
+                    }
                     if this.stream.send_data(data, end).is_err() || end {
                         return Poll::Ready(());
                     }

@@ -156,12 +156,6 @@ impl Sender {
         };
         // A fresh handle is ready at once unless the connection failed.
         poll_fn(|cx| send.poll_ready(cx)).await.map_err(unsent)?;
-        let awaiting = Awaiting::enter();
-        // A call that will spin polls the connection itself right away: what h2 asks of the
-        // connection's task meanwhile (write this request) waits for it, instead of waking
-        // that task on another thread for nothing.
-        let mut driving =
-            (awaiting.alone() && self.shared.spins_here()).then(|| Driving::enter(&self.shared));
         let (head, body) = request.into_parts();
         let end = body.is_end_stream();
         let (mut response, stream) = send
@@ -183,28 +177,20 @@ impl Sender {
                 tokio::spawn(pipe);
             }
         }
+        let awaiting = Awaiting::enter();
         // Spin only within the window from the first wait, however often this is polled.
         let mut spin_until = None;
         let answer = poll_fn(|cx| {
             let until = *spin_until.get_or_insert_with(|| Instant::now() + spin());
             let until = awaiting.alone().then_some(until);
-            let polled = self
-                .shared
-                .poll_driving(cx, until, |cx| Pin::new(&mut response).poll(cx));
-            if polled.is_pending() {
-                // About to sleep: the connection's task takes over.
-                driving = None;
-            }
-            polled
+            self.shared
+                .poll_driving(cx, until, |cx| Pin::new(&mut response).poll(cx))
         })
         .await;
-        // The handles' clean-up is done by this call too, while it still drives.
-        drop((response, send));
-        drop(driving);
         drop(awaiting);
         match answer {
             Ok(response) => Ok(response.map(|stream| RecvBody {
-                stream: Some(stream),
+                stream,
                 shared: self.shared.clone(),
                 spin_until: Instant::now() + spin(),
                 data_done: false,
@@ -265,62 +251,15 @@ struct Driver {
     waker: AtomicWaker,
     /// The task was woken while a call held the connection: poll again once it lets go.
     wanted: AtomicBool,
-    /// Calls spinning on the connection now ([`Driving`]): wake-ups wait for them.
-    drivers: AtomicUsize,
-    /// h2 asked for the connection to be polled since a spinning call last polled it.
-    deferred: AtomicBool,
-}
-
-impl Driver {
-    /// h2 wants the connection polled: by the task, unless a spinning call will do it.
-    fn notify(&self) {
-        self.deferred.store(true, Ordering::SeqCst);
-        if self.drivers.load(Ordering::SeqCst) == 0 {
-            self.waker.wake();
-        }
-    }
 }
 
 impl Wake for Driver {
     fn wake(self: Arc<Self>) {
-        self.notify();
+        self.waker.wake();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.notify();
-    }
-}
-
-/// A call driving its connection from its own thread: while one is, h2's requests to poll
-/// the connection are left to it; when it stops it polls once more for what it left over, and
-/// the last to stop hands anything still pending to the connection's task. On a runtime whose
-/// connection task would run on another thread (a caller in `block_on`), each hand-off wakes
-/// that thread: without this a sequential call woke it 2.3 times, with it about none.
-///
-/// A wake-up is never lost: `notify` sets `deferred` before it reads `drivers`, and the last
-/// driver lowers `drivers` before it reads `deferred`, so one of the two sees the other. A
-/// driver exists only while a call is being polled, never while it sleeps.
-struct Driving<'a>(&'a Shared);
-
-impl<'a> Driving<'a> {
-    fn enter(shared: &'a Shared) -> Self {
-        shared.driver.drivers.fetch_add(1, Ordering::SeqCst);
-        Self(shared)
-    }
-}
-
-impl Drop for Driving<'_> {
-    fn drop(&mut self) {
-        let driver = &self.0.driver;
-        if driver.deferred.load(Ordering::SeqCst) {
-            // Still counted as a driver: what this poll asks for is deferred again.
-            let _ = self.0.poll_connection(false, false);
-        }
-        if driver.drivers.fetch_sub(1, Ordering::SeqCst) == 1
-            && driver.deferred.swap(false, Ordering::SeqCst)
-        {
-            driver.waker.wake();
-        }
+        self.waker.wake();
     }
 }
 
@@ -373,10 +312,6 @@ impl Shared {
         let Some(connection) = guard.as_mut() else {
             return Poll::Ready(());
         };
-        if !driver {
-            // This poll does whatever h2 asked for until now.
-            self.driver.deferred.store(false, Ordering::SeqCst);
-        }
         self.spinning.store(spinning, Ordering::Relaxed);
         let polled = Pin::new(connection).poll(&mut Context::from_waker(&self.waker));
         self.spinning.store(false, Ordering::Relaxed);
@@ -406,12 +341,6 @@ impl Shared {
         }
     }
 
-    /// Whether calls on this thread may spin: not on a runtime that lingers, which polls while
-    /// idle without holding up its other tasks, and not with spinning turned off.
-    fn spins_here(&self) -> bool {
-        !spin().is_zero() && !crate::runtime::lingers_here()
-    }
-
     /// Polls `target` (a stream's answer or body) with `cx`. When it is not ready, polls the
     /// connection from this task until it is, or until `spin_until` if any.
     fn poll_driving<T>(
@@ -420,13 +349,13 @@ impl Shared {
         spin_until: Option<Instant>,
         mut target: impl FnMut(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
-        let Some(until) = spin_until.filter(|_| self.spins_here()) else {
+        // A runtime that lingers polls while idle, without holding up its other tasks.
+        let Some(until) = spin_until.filter(|_| !crate::runtime::lingers_here()) else {
             return target(cx);
         };
         if Instant::now() >= until {
             return target(cx);
         }
-        let _driving = Driving::enter(self);
         // While spinning, the stream's waker is a no-op: the connection, polled here, would
         // otherwise wake this very task, which would then be polled again for nothing.
         let mut quiet = Context::from_waker(Waker::noop());
@@ -525,8 +454,7 @@ impl<B: SendBody> Future for Pipe<B> {
 
 /// The body of an answer: its messages, then its trailers.
 pub(crate) struct RecvBody {
-    /// `None` only while dropped.
-    stream: Option<RecvStream>,
+    stream: RecvStream,
     shared: Arc<Shared>,
     /// The spin window from the headers' arrival: a body that follows within it is part of
     /// the same answer (a unary message and its trailers); one that does not is a stream,
@@ -536,23 +464,8 @@ pub(crate) struct RecvBody {
 }
 
 impl RecvBody {
-    /// Until when a wait for this body spins, if it does.
     fn spin_until(&self) -> Option<Instant> {
-        (AWAITING.load(Ordering::Relaxed) == 0
-            && Instant::now() < self.spin_until
-            && self.shared.spins_here())
-        .then_some(self.spin_until)
-    }
-}
-
-impl Drop for RecvBody {
-    /// A body read while its call was spinning is dropped the same way: the clean-up h2 asks
-    /// of the connection is done here, not by waking its task.
-    fn drop(&mut self) {
-        if self.spin_until().is_some() {
-            let _driving = Driving::enter(&self.shared);
-            drop(self.stream.take());
-        }
+        (AWAITING.load(Ordering::Relaxed) == 0).then_some(self.spin_until)
     }
 }
 
@@ -570,16 +483,14 @@ impl HttpBody for RecvBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let spin = self.spin_until();
         let this = &mut *self;
-        let Some(stream) = this.stream.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let shared = &*this.shared;
-        // What reading asks of the connection (window updates) is done here while spinning.
-        let _driving = spin.map(|_| Driving::enter(shared));
+        let spin = this.spin_until();
         if !this.data_done {
-            match ready!(shared.poll_driving(cx, spin, |cx| stream.poll_data(cx))) {
+            let stream = &mut this.stream;
+            match ready!(
+                this.shared
+                    .poll_driving(cx, spin, |cx| stream.poll_data(cx))
+            ) {
                 Some(Ok(data)) => {
                     // Reading it frees as much of the window for the instance to send more.
                     let _ = stream.flow_control().release_capacity(data.len());
@@ -589,13 +500,16 @@ impl HttpBody for RecvBody {
                 None => this.data_done = true,
             }
         }
-        let trailers: Option<HeaderMap> =
-            ready!(shared.poll_driving(cx, spin, |cx| stream.poll_trailers(cx)))?;
+        let stream = &mut this.stream;
+        let trailers: Option<HeaderMap> = ready!(
+            this.shared
+                .poll_driving(cx, spin, |cx| stream.poll_trailers(cx))
+        )?;
         Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.stream.as_ref().is_none_or(RecvStream::is_end_stream)
+        self.stream.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

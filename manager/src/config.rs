@@ -520,8 +520,9 @@ const MAX_SPIN: Duration = Duration::from_millis(1);
 /// One router thread per two cores, at least one and up to four. The router shares the machine
 /// with the plugins and clients it serves, and a worker lingers briefly after each call (see
 /// `spin`): on the 2-core VM two workers left sequential calls through the router at ~95 µs
-/// for whole rounds in 3 runs of 6 (36 µs otherwise), one worker in none, at the same
-/// throughput. More than four rarely pays for the connections each keeps.
+/// for whole rounds in 3 runs of 6 (36 µs otherwise), one worker in none of 6 at the time, at
+/// the same throughput (docs/performance-analysis.md). More than four rarely pays for the
+/// connections each keeps.
 fn default_router_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 4))
 }

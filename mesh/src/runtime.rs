@@ -97,7 +97,7 @@ pub fn linger() -> tokio::task::JoinHandle<()> {
             if state.active() {
                 // Let a thread waiting for this core run: on a small machine, the plugin this
                 // worker waits for (on the 2-core VM, without it calls through the router
-                // took 90–170 µs instead of 35–40 in 5 runs of 8).
+                // took 90–170 µs instead of 35–40 in 6 runs of 8).
                 std::thread::yield_now();
                 tokio::task::yield_now().await;
                 continue;

@@ -143,8 +143,8 @@ impl Sender {
     }
 
     /// Sends `request` and waits for its answer's headers. The request body is sent from this
-    /// task as far as it is ready; a body still streaming when the headers are sent continues
-    /// in a task of its own.
+    /// task as far as it is ready at once (all of a unary one); the rest of a streaming body
+    /// goes on in a task of its own.
     pub(crate) async fn send<B: SendBody>(
         &self,
         request: Request<B>,

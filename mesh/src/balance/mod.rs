@@ -21,7 +21,7 @@ mod endpoint;
 mod replay;
 mod retry;
 
-use std::{marker::PhantomData, sync::Arc};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
@@ -44,11 +44,9 @@ const MAX_ATTEMPTS: usize = 3;
 
 /// The instances of one service, a connection to each, and which of its methods may be sent
 /// twice.
-pub(crate) struct Balancer<B> {
+pub(crate) struct Balancer {
     current: ArcSwap<Current>,
     clock: Clock,
-    /// The request body type every call sends.
-    body: PhantomData<fn(B)>,
 }
 
 /// One consistent view, swapped whole on every change so a call reads it without a lock.
@@ -57,7 +55,7 @@ struct Current {
     idempotent: Idempotent,
 }
 
-impl<B: SendBody> Balancer<B> {
+impl Balancer {
     /// A balancer over the registered `instances`.
     pub(crate) fn new(instances: &[Instance]) -> Self {
         let balancer = Self::empty();
@@ -80,7 +78,6 @@ impl<B: SendBody> Balancer<B> {
                 idempotent: Idempotent::default(),
             }),
             clock: Clock::new(),
-            body: PhantomData,
         }
     }
 
@@ -121,7 +118,7 @@ impl<B: SendBody> Balancer<B> {
     /// call, against a call that would otherwise fail while an instance drains. An idempotent
     /// call's answer is handed on only once its first frame is here, since until then it can
     /// still be sent elsewhere if the instance dies.
-    pub(crate) async fn send(
+    pub(crate) async fn send<B: SendBody>(
         &self,
         request: Request<B>,
         service: &str,
@@ -363,7 +360,7 @@ mod tests {
         }
     }
 
-    async fn call(balancer: &Balancer<Full<Bytes>>, method: &str) -> Result<&'static str, Error> {
+    async fn call(balancer: &Balancer, method: &str) -> Result<&'static str, Error> {
         let request = Request::post(format!("http://test.svc{method}"))
             .body(Full::new(Bytes::from_static(b"request")))
             .unwrap();
@@ -373,7 +370,7 @@ mod tests {
     }
 
     /// Instance `a` behaves as told, `b` answers; `T/Idem` is idempotent.
-    fn pair(dir: &Path, a: Behaviour) -> Balancer<Full<Bytes>> {
+    fn pair(dir: &Path, a: Behaviour) -> Balancer {
         let (path_a, path_b) = (dir.join("a.sock"), dir.join("b.sock"));
         serve(&path_a, a);
         serve(&path_b, Behaviour::Answer("b"));
@@ -383,7 +380,7 @@ mod tests {
         ])
     }
 
-    fn health_of(balancer: &Balancer<Full<Bytes>>, id: &str) -> Arc<Health> {
+    fn health_of(balancer: &Balancer, id: &str) -> Arc<Health> {
         let current = balancer.current.load();
         let endpoint = current
             .endpoints
@@ -450,7 +447,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path_b = dir.path().join("b.sock");
         serve(&path_b, Behaviour::Answer("b"));
-        let balancer: Balancer<Full<Bytes>> = Balancer::new(&[
+        let balancer: Balancer = Balancer::new(&[
             instance("a", &dir.path().join("nobody.sock"), ""),
             instance("b", &path_b, ""),
         ]);

@@ -156,7 +156,7 @@ async fn watch(
 async fn follow(
     router: Channel,
     name: ServiceName,
-    balancer: std::sync::Weak<Balancer<Body>>,
+    balancer: std::sync::Weak<Balancer>,
     mut stream: Streaming<WatchResponse>,
 ) {
     let mut backoff = Duration::from_millis(50);
@@ -202,7 +202,7 @@ pub struct Channel {
 }
 
 struct Inner {
-    balancer: Arc<Balancer<Body>>,
+    balancer: Arc<Balancer>,
     authority: Authority,
     name: ServiceName,
     follower: Option<JoinHandle<()>>,

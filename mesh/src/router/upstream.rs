@@ -6,7 +6,6 @@
 use std::{collections::HashMap, sync::Arc};
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
 
 use crate::{
     ServiceName,
@@ -19,7 +18,7 @@ type Balancers = HashMap<ServiceName, Arc<Upstream>>;
 /// One service behind the router.
 pub(crate) struct Upstream {
     pub(crate) name: ServiceName,
-    pub(crate) balancer: Balancer<Incoming>,
+    pub(crate) balancer: Balancer,
 }
 
 /// Balancers by service name.

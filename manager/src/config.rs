@@ -325,7 +325,8 @@ impl Config {
             }
         };
         let spin = match &mesh.spin {
-            None => runtime::spin(),
+            // Not the process's current window: a reload that drops the key goes back to this.
+            None => runtime::spin_from_env(),
             Some(text) => humantime::parse_duration(text.get_ref())
                 .ok()
                 .filter(|d| *d <= MAX_SPIN)

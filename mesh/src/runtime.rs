@@ -54,7 +54,7 @@ pub enum SocketError {
     },
 }
 
-pub use crate::transport::client::{DEFAULT_SPIN, MESH_SPIN_US, set_spin, spin};
+pub use crate::transport::client::{DEFAULT_SPIN, MESH_SPIN_US, set_spin, spin, spin_from_env};
 
 /// Environment variable: `1` makes plugins built with the SDK busy-poll (see [`busy_poll`]).
 pub const MESH_BUSY_POLL: &str = "MESH_BUSY_POLL";

@@ -77,10 +77,18 @@ pub fn spin() -> Duration {
     if nanos != u64::MAX {
         return Duration::from_nanos(nanos);
     }
+    let window = spin_from_env();
+    set_spin(window);
+    window
+}
+
+/// The spin window [`MESH_SPIN_US`] asks for, else [`DEFAULT_SPIN`] (none on one core),
+/// whatever [`set_spin`] said since.
+pub fn spin_from_env() -> Duration {
     let from_env = std::env::var(MESH_SPIN_US)
         .ok()
         .filter(|text| !text.trim().is_empty());
-    let window = match from_env
+    match from_env
         .as_deref()
         .map(|text| (text, text.trim().parse::<u64>()))
     {
@@ -93,9 +101,7 @@ pub fn spin() -> Duration {
             window
         }
         None => default_spin(),
-    };
-    set_spin(window);
-    window
+    }
 }
 
 /// Sends calls on one HTTP/2 connection. Clones share the connection.

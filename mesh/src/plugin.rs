@@ -296,7 +296,12 @@ impl Plugin {
             }
         };
         let served = Server::builder()
-            .layer(tower::layer::layer_fn(Lingering))
+            .layer(tower::util::MapRequestLayer::new(
+                |request: Request<Body>| {
+                    runtime::linger_touch();
+                    request
+                },
+            ))
             .initial_stream_window_size(transport::WINDOW)
             .initial_connection_window_size(transport::CONNECTION_WINDOW)
             .add_routes(self.routes.routes())
@@ -309,39 +314,6 @@ impl Plugin {
         let _ = std::fs::remove_file(&self.socket);
         served?;
         Ok(())
-    }
-}
-
-/// Counts each call as served ([`runtime::Serving`]) until its answer's headers, so that a
-/// plugin serving one call at a time lingers after it.
-#[derive(Clone)]
-struct Lingering<S>(S);
-
-impl<S> tower::Service<Request<Body>> for Lingering<S>
-where
-    S: tower::Service<Request<Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let serving = runtime::Serving::enter();
-        let answer = self.0.call(request);
-        Box::pin(async move {
-            let answer = answer.await;
-            drop(serving);
-            answer
-        })
     }
 }
 

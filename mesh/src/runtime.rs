@@ -115,57 +115,6 @@ pub fn linger() -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// A call being served on this thread, from its request to its answer's headers (or until
-/// its caller gives up): a call served alone marks the thread's work ([`linger_touch`]) when
-/// it comes and when it is answered, so a server serving one call at a time stays awake for
-/// the next. Under load a server has work enough, and lingering would only take CPU time
-/// from the clients and plugins beside it (on the 2-core VM a plugin that lingered at 16 calls
-/// in flight served 50 000 calls/s instead of 72 000).
-///
-/// It counts only on a thread that lingers: there, on a single-threaded runtime, a call is
-/// served start to end on one thread; elsewhere it does nothing.
-pub(crate) struct Serving {
-    /// Counted on this thread (it lingers).
-    counted: bool,
-    /// No other call was being served on this thread when this one came.
-    alone: bool,
-}
-
-thread_local! {
-    /// Calls this thread is serving now.
-    static SERVING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-impl Serving {
-    pub(crate) fn enter() -> Self {
-        if !lingers_here() {
-            return Self {
-                counted: false,
-                alone: false,
-            };
-        }
-        let alone = SERVING.with(|calls| calls.replace(calls.get() + 1)) == 0;
-        if alone {
-            linger_touch();
-        }
-        Self {
-            counted: true,
-            alone,
-        }
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        if self.counted {
-            SERVING.with(|calls| calls.set(calls.get().saturating_sub(1)));
-        }
-        if self.alone {
-            linger_touch();
-        }
-    }
-}
-
 /// Marks work on this thread: a runtime set up with [`linger`] keeps polling for the spin
 /// window from now. Does nothing on other threads.
 pub fn linger_touch() {

@@ -52,6 +52,31 @@ use limit::Gauge;
 use route::Route;
 use upstream::{Upstream, Upstreams};
 
+thread_local! {
+    /// Calls this worker thread is routing now, until their answers' headers.
+    static HANDLING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts a call in [`HANDLING`] until dropped (answered, or cancelled by its caller).
+struct Handling {
+    /// No other call was being routed on this thread when this one came.
+    alone: bool,
+}
+
+impl Handling {
+    fn enter() -> Self {
+        Self {
+            alone: HANDLING.with(|calls| calls.replace(calls.get() + 1)) == 0,
+        }
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        HANDLING.with(|calls| calls.set(calls.get() - 1));
+    }
+}
+
 /// How long a shutting-down router lets open calls finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -215,9 +240,18 @@ impl Router {
 
 impl Inner {
     async fn handle(&self, request: Request<Incoming>) -> Response<RouterBody> {
-        // A worker serving one call at a time stays awake for the next one.
-        let _serving = crate::runtime::Serving::enter();
-        self.route(request).await
+        // A worker serving one call at a time stays awake for the next one (see
+        // `runtime::linger`); under load it has work enough, and lingering would only take
+        // CPU time from the clients and plugins beside it.
+        let handling = Handling::enter();
+        if handling.alone {
+            crate::runtime::linger_touch();
+        }
+        let response = self.route(request).await;
+        if handling.alone {
+            crate::runtime::linger_touch();
+        }
+        response
     }
 
     async fn route(&self, request: Request<Incoming>) -> Response<RouterBody> {

@@ -33,9 +33,8 @@ pub struct Config {
     pub router_threads: usize,
     /// Router workers poll their sockets instead of sleeping: lower latency, one busy core each.
     pub busy_poll: bool,
-    /// How long a router worker, and a plugin built with the SDK, keep polling after a call
-    /// before they sleep ([`mesh::runtime::set_spin`], [`mesh::runtime::linger`]); handed to
-    /// plugins as `MESH_SPIN_US`; zero: never.
+    /// How long a router worker keeps polling after a call before it sleeps
+    /// ([`mesh::runtime::set_spin`], [`mesh::runtime::linger`]); zero: never.
     pub spin: Duration,
     /// The largest gRPC message plugins accept and send, in bytes; handed to each plugin as
     /// `MESH_MAX_MESSAGE_SIZE` (the router itself streams messages without a limit of its own).
@@ -55,8 +54,7 @@ pub struct PluginConfig {
     pub command: PathBuf,
     /// Arguments.
     pub args: Vec<String>,
-    /// Extra environment variables (with `MESH_MAX_MESSAGE_SIZE` and `MESH_SPIN_US` unless the
-    /// file sets them).
+    /// Extra environment variables (with `MESH_MAX_MESSAGE_SIZE` unless the file sets it).
     pub env: BTreeMap<String, String>,
     /// Methods that may be sent twice (`echo.v1.Echo/Echo`): a call to one is retried on
     /// another instance even after it may have reached the first. Its answer is handed on
@@ -465,8 +463,6 @@ impl Config {
             let mut env = p.env;
             env.entry(MAX_MESSAGE_SIZE_VAR.to_owned())
                 .or_insert_with(|| max_message_size.to_string());
-            env.entry(runtime::MESH_SPIN_US.to_owned())
-                .or_insert_with(|| spin.as_micros().to_string());
             let plugin = PluginConfig {
                 health_interval: duration(
                     "health_interval",
@@ -922,15 +918,8 @@ mod tests {
 
     #[test]
     fn spin_is_a_short_duration() {
-        let config = parse(
-            "[mesh]\nspin = \"250us\"\n\n[[plugin]]\nname = \"a\"\ncommand = \"sh\"\n\n\
-             [[plugin]]\nname = \"b\"\ncommand = \"sh\"\nenv = { MESH_SPIN_US = \"0\" }\n",
-        )
-        .unwrap();
+        let config = parse("[mesh]\nspin = \"250us\"\n").unwrap();
         assert_eq!(config.spin, Duration::from_micros(250));
-        // Plugins linger as long, unless their own env says otherwise.
-        assert_eq!(config.plugins[0].env[runtime::MESH_SPIN_US], "250");
-        assert_eq!(config.plugins[1].env[runtime::MESH_SPIN_US], "0");
         let config = parse("[mesh]\nspin = \"0s\"\n").unwrap();
         assert_eq!(config.spin, Duration::ZERO, "0s turns it off");
         for bad in ["\"soon\"", "\"2ms\""] {

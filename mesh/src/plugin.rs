@@ -270,16 +270,8 @@ impl Plugin {
                 .await;
         }
         let maintenance = maintenance.map(|m| tokio::spawn(m(health.clone(), statuses.clone())));
-        // Busy polling is opt-in (the manager's config sets MESH_BUSY_POLL=1 in the plugin's
-        // env). Otherwise the plugin lingers for the spin window after each call
-        // (MESH_SPIN_US, which the manager sets from `[mesh] spin`), so the caller's next call
-        // finds it awake; that takes effect on a single-threaded runtime, whose one thread
-        // serves every call (on the 2-core VM a direct call fell from ~33 to ~18 µs).
-        let polling = if runtime::busy_poll_from_env() {
-            runtime::busy_poll()
-        } else {
-            runtime::linger()
-        };
+        // Opt-in: the manager's config sets MESH_BUSY_POLL=1 in the plugin's env.
+        let polling = runtime::busy_poll_from_env().then(runtime::busy_poll);
         tracing::info!(
             socket = %self.socket.display(),
             instance = %self.instance,
@@ -296,12 +288,6 @@ impl Plugin {
             }
         };
         let served = Server::builder()
-            .layer(tower::util::MapRequestLayer::new(
-                |request: Request<Body>| {
-                    runtime::linger_touch();
-                    request
-                },
-            ))
             .initial_stream_window_size(transport::WINDOW)
             .initial_connection_window_size(transport::CONNECTION_WINDOW)
             .add_routes(self.routes.routes())
@@ -310,7 +296,9 @@ impl Plugin {
         if let Some(maintenance) = maintenance {
             maintenance.abort();
         }
-        polling.abort();
+        if let Some(polling) = polling {
+            polling.abort();
+        }
         let _ = std::fs::remove_file(&self.socket);
         served?;
         Ok(())

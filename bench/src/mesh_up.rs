@@ -9,7 +9,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use mesh::{Address, Channel, registry::Instance};
+use mesh::{Address, Channel};
+use mesh_proto::mesh::v1::Instance;
 use mesh_proto::mesh::v1::{WatchRequest, registry_client::RegistryClient};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},

@@ -1,4 +1,4 @@
-//! The in-process registry (`mesh::registry::Registry`) at scale: 100 000 registered instances,
+//! The in-process registry (`mesh_router::registry::Registry`) at scale: 100 000 registered instances,
 //! how long registering takes, how much memory they hold, and how fast `resolve` answers.
 //!
 //! Each layout is measured in a fresh process (the harness runs itself with a hidden flag), so
@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use mesh::registry::{Instance, Registry};
+use mesh_router::registry::{Instance, Registry};
 use serde::{Deserialize, Serialize};
 
 use crate::stats::Summary;

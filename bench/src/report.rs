@@ -520,7 +520,7 @@ impl Report {
         if !self.registry.is_empty() {
             let _ = writeln!(
                 out,
-                "\n### Registry with 100 000 instances (in process, `mesh::registry::Registry`)\n\n\
+                "\n### Registry with 100 000 instances (in process, `mesh_router::registry::Registry`)\n\n\
                  Each layout in a fresh process; memory is the growth of VmRSS.\n"
             );
             let mut header = vec!["".to_owned()];

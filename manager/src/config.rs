@@ -12,7 +12,8 @@ use std::{
     time::Duration,
 };
 
-use mesh::{ServiceName, plugin::MAX_MESSAGE_SIZE_VAR, registry::labels, router::Limits, runtime};
+use mesh::{ServiceName, labels, plugin::MAX_MESSAGE_SIZE_VAR, runtime};
+use mesh_router::Limits;
 use serde::Deserialize;
 use toml::Spanned;
 

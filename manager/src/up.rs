@@ -3,7 +3,8 @@
 
 use std::{future::Future, sync::Arc};
 
-use mesh::{registry::Registry, router::Router, runtime};
+use mesh::runtime;
+use mesh_router::{Router, registry::Registry};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,

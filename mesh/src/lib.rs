@@ -15,20 +15,20 @@
 //!
 //! - [`connect`] and [`Channel`]: a balanced channel to a service, for any tonic client;
 //! - [`plugin`]: the SDK plugin authors serve with;
-//! - [`registry`]: the in-memory registry and its gRPC service;
-//! - [`router`]: forwards calls by name;
-//! - [`runtime`]: where sockets live, and binding them safely.
+//! - [`runtime`]: where sockets live, and binding them safely;
+//! - [`labels`]: the registry labels with a meaning to the mesh;
+//! - [`balance`] and [`transport`]: the balancer and HTTP/2 client under every [`Channel`],
+//!   which the router (the `mesh-router` crate, not linked by applications) forwards with too.
 
-mod balance;
+pub mod balance;
 mod client;
 mod error;
+pub mod labels;
 mod name;
 pub mod plugin;
-mod reflection;
-pub mod registry;
-pub mod router;
+pub mod reflection;
 pub mod runtime;
-mod transport;
+pub mod transport;
 
 pub use balance::ResponseBody;
 pub use client::{Channel, Connector, MESH_ROUTER, connect};

@@ -43,8 +43,9 @@ impl ServiceName {
         Self::new(format!("plugin.{name}"))
     }
 
-    /// Checks `name` without allocating when it is valid (the router does this per call).
-    pub(crate) fn check(name: &[u8]) -> Result<&str, InvalidName> {
+    /// Checks `name` without allocating when it is valid (the router does this per call), and
+    /// returns it as text.
+    pub fn check(name: &[u8]) -> Result<&str, InvalidName> {
         let invalid = |reason: String| InvalidName {
             name: String::from_utf8_lossy(name).into_owned(),
             reason,

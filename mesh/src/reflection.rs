@@ -8,7 +8,7 @@ use tonic_reflection::server::{
 };
 
 /// Both reflection services for `services`, described by the encoded `descriptors`.
-pub(crate) fn services(
+pub fn services(
     descriptors: &[&'static [u8]],
     services: &[&'static str],
 ) -> Result<(V1Server<impl V1>, V1AlphaServer<impl V1Alpha>), Error> {

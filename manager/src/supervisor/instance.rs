@@ -10,7 +10,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use mesh::{Address, Channel, registry::Registry};
+use mesh::{Address, Channel};
+use mesh_router::registry::Registry;
 use tokio::{process::Child, sync::watch, time::Instant};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -367,9 +368,9 @@ impl Instance {
         }
     }
 
-    fn register(&self) -> Option<mesh::registry::LeaseId> {
+    fn register(&self) -> Option<mesh_router::registry::LeaseId> {
         let plugin = &self.launch.plugin;
-        let instance = mesh::registry::Instance {
+        let instance = mesh_router::registry::Instance {
             service: plugin.service.to_string(),
             id: self.launch.id.clone(),
             endpoint: Address::Unix(plugin.socket(&self.launch.id)).to_string(),
@@ -386,10 +387,8 @@ impl Instance {
             // The router and mesh::connect retry calls to these methods on another instance.
             .chain((!plugin.idempotent.is_empty()).then(|| {
                 (
-                    mesh::registry::labels::IDEMPOTENT.to_owned(),
-                    mesh::registry::labels::idempotent(
-                        plugin.idempotent.iter().map(String::as_str),
-                    ),
+                    mesh::labels::IDEMPOTENT.to_owned(),
+                    mesh::labels::idempotent(plugin.idempotent.iter().map(String::as_str)),
                 )
             }))
             .collect(),

@@ -21,7 +21,7 @@ use std::{
 
 pub use instance::{InstanceStatus, State};
 use logs::LogBook;
-use mesh::registry::Registry;
+use mesh_router::registry::Registry;
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::config::{Config, PluginConfig};

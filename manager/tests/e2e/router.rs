@@ -405,7 +405,7 @@ async fn an_instance_registered_under_load_receives_calls_through_the_router_and
                 id: "echo-extra".into(),
                 endpoint: format!("unix:{}", socket.display()),
                 labels: HashMap::from([(
-                    mesh::registry::labels::IDEMPOTENT.to_owned(),
+                    mesh::labels::IDEMPOTENT.to_owned(),
                     "echo.v1.Echo/Echo".to_owned(),
                 )]),
             }),

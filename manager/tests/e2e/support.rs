@@ -274,8 +274,8 @@ pub struct Registered {
     pub pid: u32,
 }
 
-impl From<&mesh::registry::Instance> for Registered {
-    fn from(i: &mesh::registry::Instance) -> Self {
+impl From<&mesh_router::registry::Instance> for Registered {
+    fn from(i: &mesh_router::registry::Instance) -> Self {
         Self {
             id: i.id.clone(),
             endpoint: i.endpoint.clone(),

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use http_body_util::BodyExt;
+use mesh_proto::mesh::v1::Instance;
 
 pub use body::ResponseBody;
 pub(crate) use endpoint::Target;
@@ -35,7 +36,6 @@ use retry::{Failure, Idempotent};
 
 use crate::{
     Error,
-    registry::Instance,
     transport::{RecvBody, SendBody, SendError},
 };
 
@@ -44,7 +44,7 @@ const MAX_ATTEMPTS: usize = 3;
 
 /// The instances of one service, a connection to each, and which of its methods may be sent
 /// twice.
-pub(crate) struct Balancer {
+pub struct Balancer {
     current: ArcSwap<Current>,
     clock: Clock,
 }
@@ -57,7 +57,7 @@ struct Current {
 
 impl Balancer {
     /// A balancer over the registered `instances`.
-    pub(crate) fn new(instances: &[Instance]) -> Self {
+    pub fn new(instances: &[Instance]) -> Self {
         let balancer = Self::empty();
         balancer.update(instances);
         balancer
@@ -82,7 +82,7 @@ impl Balancer {
     }
 
     /// Replaces the set of instances; instances already known keep their connection and health.
-    pub(crate) fn update(&self, instances: &[Instance]) {
+    pub fn update(&self, instances: &[Instance]) {
         self.set(targets(instances), Idempotent::of(instances));
     }
 
@@ -105,8 +105,13 @@ impl Balancer {
     }
 
     /// How many instances the balancer knows.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.current.load().endpoints.len()
+    }
+
+    /// Whether the balancer knows no instance (calls fail with [`Error::NoInstance`]).
+    pub fn is_empty(&self) -> bool {
+        self.current.load().endpoints.is_empty()
     }
 
     /// Sends `request` to one instance of `service`, and to another when the instance provably
@@ -118,7 +123,7 @@ impl Balancer {
     /// call, against a call that would otherwise fail while an instance drains. An idempotent
     /// call's answer is handed on only once its first frame is here, since until then it can
     /// still be sent elsewhere if the instance dies.
-    pub(crate) async fn send<B: SendBody>(
+    pub async fn send<B: SendBody>(
         &self,
         request: Request<B>,
         service: &str,
@@ -315,7 +320,7 @@ mod tests {
     use tokio::net::UnixListener;
 
     use super::*;
-    use crate::registry::labels;
+    use crate::labels;
 
     /// How a test instance treats every call.
     #[derive(Clone, Copy)]

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use h2::Reason;
 
-use crate::registry::{Instance, labels};
+use mesh_proto::mesh::v1::Instance;
+
+use crate::labels;
 
 /// The methods of a service that may be sent twice (`/echo.v1.Echo/Echo`), as every one of
 /// its instances declares in its [`labels::IDEMPOTENT`] label.

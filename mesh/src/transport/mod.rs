@@ -62,11 +62,11 @@ impl fmt::Display for Address {
 }
 
 /// A boxed error, as hyper takes them from bodies.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A body that can be sent on a connection: hyper's `Incoming` (the router forwards it as it
 /// came, unboxed) or tonic's `Body` (clients).
-pub(crate) trait SendBody: HttpBody<Data = Bytes> + Send + Unpin + 'static {
+pub trait SendBody: HttpBody<Data = Bytes> + Send + Unpin + 'static {
     /// The body's error, boxed.
     fn box_error(error: Self::Error) -> BoxError;
 }
@@ -96,9 +96,9 @@ pub(crate) async fn connect(address: &Address) -> io::Result<Sender> {
 
 /// Per-stream flow-control window: large enough that a 4 MiB message needs few round trips,
 /// small enough that a slow reader holds a bounded amount in memory.
-pub(crate) const WINDOW: u32 = 1 << 20;
+pub const WINDOW: u32 = 1 << 20;
 /// Per-connection window, shared by every stream on the connection.
-pub(crate) const CONNECTION_WINDOW: u32 = 8 << 20;
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
 
 #[cfg(test)]
 mod tests {

@@ -7,11 +7,9 @@ use std::{collections::HashMap, sync::Arc};
 
 use arc_swap::ArcSwap;
 
-use crate::{
-    ServiceName,
-    balance::Balancer,
-    registry::{Registry, Snapshot},
-};
+use mesh::{ServiceName, balance::Balancer};
+
+use crate::registry::{Registry, Snapshot};
 
 type Balancers = HashMap<ServiceName, Arc<Upstream>>;
 
@@ -43,7 +41,7 @@ impl Upstreams {
     /// The balancer of `service`, if it was ever registered.
     pub(crate) fn get(&self, service: &str) -> Option<Arc<Upstream>> {
         match self.balancers.load().get(service) {
-            Some(upstream) if upstream.balancer.len() > 0 => Some(upstream.clone()),
+            Some(upstream) if !upstream.balancer.is_empty() => Some(upstream.clone()),
             Some(upstream) => {
                 // No instance here, but one may have registered a moment ago (a restart):
                 // the registry has the newest view.

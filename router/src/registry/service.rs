@@ -11,7 +11,7 @@ use mesh_proto::mesh::v1::{
 use tonic::{Request, Response, Status};
 
 use super::{DEFAULT_TTL, Registry, Snapshot};
-use crate::ServiceName;
+use mesh::ServiceName;
 
 /// The gRPC face of a [`Registry`].
 #[derive(Debug, Clone)]

@@ -6,7 +6,6 @@
 //! rebuild per reader. Readers learn of changes through version counters ([`tokio::sync::watch`]),
 //! which coalesce bursts instead of queueing them.
 
-pub mod labels;
 mod service;
 
 use std::{
@@ -19,7 +18,7 @@ pub use mesh_proto::mesh::v1::Instance;
 pub use service::RegistryService;
 use tokio::{sync::watch, time::Instant};
 
-use crate::{ServiceName, name::InvalidName, transport::Address};
+use mesh::{Address, InvalidName, ServiceName};
 
 /// Lease time to live when a registration asks for none.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
@@ -57,7 +56,7 @@ pub enum RegistryError {
         id: String,
         /// The parse error.
         #[source]
-        source: crate::transport::InvalidAddress,
+        source: mesh::InvalidAddress,
     },
     /// No such lease (never granted, expired, or deregistered).
     #[error("lease {0} is unknown: it expired or was deregistered; register again")]

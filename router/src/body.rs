@@ -11,8 +11,9 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::body::Body;
 
-use super::{deadline::Expiry, limit::Permit};
-use crate::{ServiceName, balance::ResponseBody, transport::BoxError};
+use mesh::{ResponseBody, ServiceName, transport::BoxError};
+
+use crate::{deadline::Expiry, limit::Permit};
 
 /// The body of a response from the router.
 pub(crate) enum RouterBody {

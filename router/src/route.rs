@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use http::Request;
 
-use crate::{ServiceName, name::InvalidName};
+use mesh::{InvalidName, ServiceName};
 
 /// Header that names the target service, overriding `:authority`.
 pub const SERVICE_HEADER: &str = "mesh-service";

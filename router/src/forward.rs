@@ -1,24 +1,11 @@
-//! The router: serves the mesh API and forwards every other call to an instance of the service
-//! it names.
-//!
-//! - [`route`] decides where a call goes (`mesh-service` header, else `:authority`);
-//! - [`upstream`] keeps one balancer per service, following the registry;
-//! - [`deadline`] enforces `grpc-timeout` and the default call timeout;
-//! - [`limit`] holds connections and calls in flight under their limits;
-//! - [`body`] is the answer's body: the router's own, or an instance's streamed through;
-//! - this module accepts HTTP/2 connections and forwards calls, bodies and trailers streamed
-//!   both ways, so flow control holds end to end and a cancelled call resets the upstream stream.
+//! Accepting HTTP/2 connections and forwarding their calls: the router's own API is served
+//! here, every other call goes to an instance of the service it names, with bodies and
+//! trailers streamed both ways so flow control holds end to end and a cancelled call resets
+//! the upstream stream.
 //!
 //! A forwarded call costs: one header lookup for its route, one for its deadline, a lock-free
 //! map read, two counters (in flight in the router and on the instance) and hyper's own work.
 //! Request and response bodies pass through unboxed.
-
-mod body;
-mod deadline;
-mod limit;
-mod route;
-mod upstream;
-mod workers;
 
 use std::{convert::Infallible, future::Future, io, sync::Arc, time::Duration};
 
@@ -38,19 +25,17 @@ use tonic::{
 };
 use tower::ServiceExt;
 
-pub use limit::Limits;
-pub use route::SERVICE_HEADER;
-pub use workers::Workers;
+use mesh::transport;
 
 use crate::{
+    Limits, SERVICE_HEADER,
+    body::{Forwarded, RouterBody},
+    deadline::{Deadlines, Expiry},
+    limit::Gauge,
     registry::{Registry, RegistryService},
-    transport,
+    route::{self, Route},
+    upstream::{Upstream, Upstreams},
 };
-use body::{Forwarded, RouterBody};
-use deadline::{Deadlines, Expiry};
-use limit::Gauge;
-use route::Route;
-use upstream::{Upstream, Upstreams};
 
 thread_local! {
     /// Calls this worker thread is routing now, until their answers' headers.
@@ -83,10 +68,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The mesh router. Cheap to clone; clones serve the same routes.
 #[derive(Clone)]
 pub struct Router {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     local: Routes,
     upstreams: Arc<Upstreams>,
     deadlines: Deadlines,
@@ -245,11 +230,11 @@ impl Inner {
         // CPU time from the clients and plugins beside it.
         let handling = Handling::enter();
         if handling.alone {
-            crate::runtime::linger_touch();
+            mesh::runtime::linger_touch();
         }
         let response = self.route(request).await;
         if handling.alone {
-            crate::runtime::linger_touch();
+            mesh::runtime::linger_touch();
         }
         response
     }
@@ -365,7 +350,7 @@ impl RouterBuilder {
                 .await;
         }
         let (reflection_v1, reflection_v1alpha) =
-            crate::reflection::services(&[mesh_proto::FILE_DESCRIPTOR_SET], &names)
+            mesh::reflection::services(&[mesh_proto::FILE_DESCRIPTOR_SET], &names)
                 .expect("the bundled descriptors are valid");
         self.routes
             .add_service(registry_server)

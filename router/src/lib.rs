@@ -1,0 +1,38 @@
+//! The mesh router and its registry: what `mesh up` runs, and what applications and plugins
+//! never link.
+//!
+//! The router keeps a [`registry`] of logical names (`plugin.echo`) and forwards every call it
+//! receives to a healthy instance of the service the call names, over Unix sockets or TCP. Its
+//! layers, one per file:
+//!
+//! - `route`: where a call goes (the `mesh-service` header, else `:authority`);
+//! - `upstream`: one balancer (`mesh::balance`) per service, following the registry;
+//! - `deadline`: `grpc-timeout` and the default call timeout;
+//! - `limit`: connections and calls in flight under their [`Limits`];
+//! - `body`: the answer's body, the router's own or an instance's streamed through;
+//! - `forward`: accepting connections and forwarding calls ([`Router`]);
+//! - `workers`: thread-per-core serving ([`Workers`]).
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! use mesh_router::{Router, registry::Registry};
+//!
+//! let router = Router::builder(Registry::new()).build().await;
+//! let listener = mesh::runtime::bind("/tmp/mesh-demo/mesh.sock".as_ref()).unwrap();
+//! router.serve_unix(listener, std::future::pending()).await
+//! # }
+//! ```
+
+mod body;
+mod deadline;
+mod forward;
+mod limit;
+pub mod registry;
+mod route;
+mod upstream;
+mod workers;
+
+pub use forward::{Router, RouterBuilder};
+pub use limit::Limits;
+pub use route::SERVICE_HEADER;
+pub use workers::Workers;

@@ -23,8 +23,11 @@ pub struct Config {
     pub path: PathBuf,
     /// Where sockets live.
     pub runtime_dir: PathBuf,
-    /// The router's Unix socket.
+    /// The router's Unix socket: `[mesh] socket`, unless [`Config::override_socket`] set one.
     pub socket: PathBuf,
+    /// Whether `socket` came from the command line (`mesh up --socket`, `MESH_SOCKET`) rather
+    /// than the file; a reload keeps it.
+    pub socket_overridden: bool,
     /// TCP address for remote clients, if any.
     pub listen: Option<SocketAddr>,
     /// The router's limits and default call timeout.
@@ -272,6 +275,30 @@ impl Config {
         Self::parse(path, &text)
     }
 
+    /// Listens on `socket` instead of the file's `[mesh] socket`: `mesh up --socket` and
+    /// `MESH_SOCKET`, so that one variable serves `mesh up` and the commands that talk to it.
+    pub fn override_socket(&mut self, socket: PathBuf) -> Result<(), ConfigError> {
+        let socket = if socket.is_absolute() {
+            socket
+        } else {
+            std::env::current_dir()
+                .map_err(|e| ConfigError {
+                    path: self.path.clone(),
+                    line: None,
+                    message: format!("cannot resolve the socket {}: {e}", socket.display()),
+                })?
+                .join(socket)
+        };
+        runtime::check_socket_path(&socket).map_err(|e| ConfigError {
+            path: self.path.clone(),
+            line: None,
+            message: format!("--socket/MESH_SOCKET: {e}"),
+        })?;
+        self.socket = socket;
+        self.socket_overridden = true;
+        Ok(())
+    }
+
     /// Validates `text`, read from `path` (relative commands resolve against its directory).
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let at = |span: Option<Range<usize>>, message: String| ConfigError {
@@ -501,6 +528,7 @@ impl Config {
             path: path.to_owned(),
             runtime_dir,
             socket,
+            socket_overridden: false,
             listen,
             limits,
             router_threads,

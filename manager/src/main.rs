@@ -15,8 +15,9 @@ const EXIT_USAGE: u8 = 64;
 #[derive(Parser)]
 #[command(name = "mesh", version, about = "A plugin mesh for gRPC services")]
 struct Cli {
-    /// Router socket of the running `mesh up` (default: $MESH_SOCKET, else
-    /// $XDG_RUNTIME_DIR/mesh/mesh.sock or /tmp/mesh-<uid>/mesh.sock).
+    /// Router socket: where `mesh up` listens (over the config's `[mesh] socket`) and where the
+    /// other commands find it (default: $MESH_SOCKET, else $XDG_RUNTIME_DIR/mesh/mesh.sock or
+    /// /tmp/mesh-<uid>/mesh.sock).
     #[arg(long, global = true, env = "MESH_SOCKET")]
     socket: Option<PathBuf>,
     #[command(subcommand)]
@@ -91,11 +92,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let socket = cli::socket(cli.socket);
+    let flag = cli.socket.filter(|s| !s.as_os_str().is_empty());
+    let socket = cli::socket(flag.clone());
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up { config } => {
-                let config = match Config::load(&config) {
+                let loaded = Config::load(&config).and_then(|mut config| {
+                    if let Some(socket) = flag {
+                        config.override_socket(socket)?;
+                    }
+                    Ok(config)
+                });
+                let config = match loaded {
                     Ok(config) => config,
                     Err(error) => {
                         eprintln!("mesh: {error}");

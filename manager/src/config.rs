@@ -735,9 +735,16 @@ fn absolute(base: &Path, path: &Path) -> PathBuf {
 }
 
 /// A command with a `/` is a path (relative to the config file); a bare name is looked up on PATH.
+///
+/// The path is made absolute but kept as given: a symlink is run through its own path, never
+/// its target, because programs such as a virtualenv's `bin/python` find their environment
+/// from the path they were started by.
 fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, String> {
     if command.is_empty() {
         return Err("command is empty; set it to the plugin's program".into());
+    }
+    if command.contains('\0') {
+        return Err("command contains a NUL byte; remove it".into());
     }
     let fix =
         "set command to an absolute path, a path relative to the config file, or a program on PATH";
@@ -757,6 +764,7 @@ fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, String> {
             .find(|p| p.is_file())
             .ok_or_else(|| format!("command {command:?} not found on PATH; {fix}"))?
     };
+    // Through the link: what runs must be an executable file.
     let meta = std::fs::metadata(&candidate)
         .map_err(|e| format!("command {}: {e}", candidate.display()))?;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
@@ -765,10 +773,8 @@ fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, String> {
             candidate.display()
         ));
     }
-    // Canonical, so that a later change of working directory cannot change what runs.
-    candidate
-        .canonicalize()
-        .map_err(|e| format!("command {}: {e}", candidate.display()))
+    // Absolute, so that the instance's working_dir cannot change what runs.
+    std::path::absolute(&candidate).map_err(|e| format!("command {}: {e}", candidate.display()))
 }
 
 #[cfg(test)]
@@ -955,6 +961,31 @@ mod tests {
             let text = error.to_string();
             assert!(text.contains(":2:") && text.contains("up to 1ms"), "{text}");
         }
+    }
+
+    #[test]
+    fn a_command_that_is_a_symlink_runs_by_its_own_path() {
+        let dir = tempfile::Builder::new()
+            .prefix("m")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        let link = dir.path().join("bin/python");
+        std::os::unix::fs::symlink("/bin/sh", &link).unwrap();
+        let config = Config::parse(
+            &dir.path().join("mesh.toml"),
+            "[[plugin]]\nname = \"py\"\ncommand = \"bin/python\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.plugins[0].command, link, "not its target");
+
+        std::os::unix::fs::symlink("/no/such/program", dir.path().join("bin/dangling")).unwrap();
+        let error = Config::parse(
+            &dir.path().join("mesh.toml"),
+            "[[plugin]]\nname = \"py\"\ncommand = \"bin/dangling\"\n",
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("not found"), "{error}");
     }
 
     #[test]

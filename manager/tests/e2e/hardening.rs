@@ -5,7 +5,7 @@ use std::{path::Path, process::Command};
 
 use mesh_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
 
-use crate::support::{Mesh, mesh_bin, short_tempdir, write_config};
+use crate::support::{Mesh, echo_plugin, mesh_bin, script, short_tempdir, write_config};
 
 const ECHO: &str = "[[plugin]]\nname = \"echo\"\ncommand = \"{echo}\"\n";
 
@@ -66,4 +66,30 @@ async fn mesh_up_listens_on_mesh_socket_and_socket_over_the_config() {
         let reload = mesh.cli_ok(&["reload"]).await;
         assert!(!reload.contains("ignored"), "{reload}");
     }
+}
+
+#[tokio::test]
+async fn a_command_that_is_a_symlink_runs_by_the_path_given() {
+    // A virtualenv's bin/python is a symlink that finds its environment from the path it was
+    // started by: this plugin serves only when started as venv/bin/plugin.
+    let dir = short_tempdir();
+    std::fs::create_dir_all(dir.path().join("real")).unwrap();
+    std::fs::create_dir_all(dir.path().join("venv/bin")).unwrap();
+    script(
+        &dir.path().join("real"),
+        "plugin.sh",
+        &format!(
+            "case \"$0\" in\n  */venv/bin/plugin) exec {} ;;\n  *) echo \"started as $0, not through the venv\" >&2; exit 1 ;;\nesac",
+            echo_plugin().display()
+        ),
+    );
+    let link = dir.path().join("venv/bin/plugin");
+    std::os::unix::fs::symlink("../../real/plugin.sh", &link).unwrap();
+    let mesh = Mesh::start(&format!(
+        "[[plugin]]\nname = \"echo\"\ncommand = \"{}\"\nrestart = \"never\"\n",
+        link.display()
+    ))
+    .await;
+    mesh.wait_instances("plugin.echo", 1).await;
+    echo_answers(&mesh).await;
 }

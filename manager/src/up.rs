@@ -15,27 +15,34 @@ use crate::{
     supervisor::{PluginStatus, State},
 };
 
-/// Why `mesh up` could not start.
+/// Why `mesh up` could not start. Each says its cause once: the message carries it, and there
+/// is no source to repeat it (`mesh` prints the whole chain).
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
-    /// The router socket could not be bound.
-    #[error("router socket: {0}")]
-    Socket(#[from] runtime::SocketError),
+    /// The runtime directory or the router socket could not be prepared (in use, too long,
+    /// unsafe); the message names the path.
+    #[error("{0}")]
+    Socket(runtime::SocketError),
     /// The router's worker threads could not be started.
     #[error("cannot start the router threads: {0}")]
-    Workers(#[source] std::io::Error),
+    Workers(std::io::Error),
     /// A signal handler could not be installed.
     #[error("cannot handle signals: {0}")]
-    Signal(#[source] std::io::Error),
+    Signal(std::io::Error),
     /// The TCP listener could not be bound.
-    #[error("listen = {addr}: {source}; pick a free port, or port 0 for any")]
+    #[error("listen = {addr}: {error}; pick a free port, or port 0 for any")]
     Listen {
         /// The configured address.
         addr: std::net::SocketAddr,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+impl From<runtime::SocketError> for UpError {
+    fn from(error: runtime::SocketError) -> Self {
+        Self::Socket(error)
+    }
 }
 
 /// Runs the mesh described by `config` until `shutdown` completes; then deregisters and stops
@@ -47,7 +54,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|source| UpError::Listen { addr, source })?,
+                .map_err(|error| UpError::Listen { addr, error })?,
         ),
         None => None,
     };
@@ -75,9 +82,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     println!("mesh: router listening on unix:{}", config.socket.display());
     let tcp = match tcp {
         Some(tcp) => {
-            let addr = tcp.local_addr().map_err(|source| UpError::Listen {
+            let addr = tcp.local_addr().map_err(|error| UpError::Listen {
                 addr: config.listen.expect("set"),
-                source,
+                error,
             })?;
             println!("mesh: router listening on http://{addr}");
             Some(tcp.into_std().map_err(UpError::Workers)?)

@@ -448,28 +448,21 @@ async fn stop_all(instances: Vec<InstanceHandle>) {
 /// The socket directory, private, owned by the plugin's user; stale sockets removed.
 fn prepare_socket_dir(config: &PluginConfig) -> Result<(), mesh::runtime::SocketError> {
     let dir = &config.socket_dir;
-    mesh::runtime::create_private_dir(dir)?;
-    if let Some(credentials) = &config.credentials {
-        // The plugin runs as another user: it must be able to pass through the runtime
-        // directory (not list it) to reach its own.
-        if let Some(runtime_dir) = dir.parent() {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o711)).map_err(
-                |source| mesh::runtime::SocketError::Io {
-                    path: runtime_dir.to_owned(),
-                    source,
-                },
-            )?;
+    match &config.credentials {
+        None => mesh::runtime::create_private_dir(dir)?,
+        Some(credentials) => {
+            // The plugin runs as another user: it must be able to pass through the runtime
+            // directory (not list it) to reach its own, which it owns.
+            if let Some(runtime_dir) = dir.parent() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o711))
+                    .map_err(|source| mesh::runtime::SocketError::Io {
+                        path: runtime_dir.to_owned(),
+                        source,
+                    })?;
+            }
+            mesh::runtime::create_private_dir_for(dir, credentials.uid, credentials.gid)?;
         }
-        nix::unistd::chown(
-            dir,
-            Some(nix::unistd::Uid::from_raw(credentials.uid)),
-            Some(nix::unistd::Gid::from_raw(credentials.gid)),
-        )
-        .map_err(|e| mesh::runtime::SocketError::Io {
-            path: dir.clone(),
-            source: e.into(),
-        })?;
     }
     // Sockets a crashed manager left behind; the live ones of a running mesh are refused.
     if let Ok(entries) = std::fs::read_dir(dir) {

@@ -93,3 +93,93 @@ async fn a_command_that_is_a_symlink_runs_by_the_path_given() {
     mesh.wait_instances("plugin.echo", 1).await;
     echo_answers(&mesh).await;
 }
+
+#[test]
+fn mesh_up_refuses_a_planted_runtime_dir_with_one_line() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = short_tempdir();
+    let run = dir.path().join("run");
+    let config = dir.path().join("mesh.toml");
+    let plant = |how: &str| {
+        let _ = std::fs::remove_file(&run);
+        let _ = std::fs::remove_dir_all(&run);
+        match how {
+            "writable by others" => {
+                std::fs::create_dir(&run).unwrap();
+                std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
+            }
+            "a symlink" => {
+                let target = dir.path().join("target");
+                std::fs::create_dir_all(&target).unwrap();
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+                std::os::unix::fs::symlink(&target, &run).unwrap();
+            }
+            "owned by another user" => {
+                std::fs::create_dir(&run).unwrap();
+                std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+                std::os::unix::fs::chown(&run, Some(65534), Some(65534)).unwrap();
+            }
+            _ => unreachable!(),
+        }
+    };
+    let mut cases = vec![
+        (
+            "writable by others",
+            "is writable by group or others (mode 0777)",
+        ),
+        ("a symlink", "is a symlink (to "),
+    ];
+    if nix::unistd::geteuid().is_root() {
+        cases.push(("owned by another user", "is owned by uid 65534"));
+    }
+    for (how, problem) in cases {
+        write_config(&dir, "", ECHO);
+        plant(how);
+        let (code, _, stderr) = mesh(&["up", "--config", config.to_str().unwrap()], &[]);
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "{how}: exit {code:?}: {stderr}"
+        );
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{how}: one line: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("runtime directory {} {problem}", run.display())),
+            "{how}: {stderr}"
+        );
+        assert!(
+            stderr.contains("remove it"),
+            "{how}: says the fix: {stderr}"
+        );
+        // Nothing was created in it or changed about it.
+        let target = std::fs::canonicalize(&run).unwrap();
+        assert!(!target.join("mesh.sock").exists(), "{how}");
+        assert!(!target.join("echo").exists(), "{how}");
+        let meta = std::fs::metadata(&run).unwrap();
+        if how == "a symlink" {
+            assert_eq!(meta.mode() & 0o777, 0o755, "the target is not chmodded");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_second_mesh_up_on_a_busy_socket_says_so_once() {
+    let first = Mesh::start(ECHO).await;
+    first.wait_instances("plugin.echo", 1).await;
+    let (code, _, stderr) = mesh(&["up", "--config", first.config.to_str().unwrap()], &[]);
+    assert!(code.is_some_and(|c| c != 0), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("in use")).collect();
+    assert_eq!(errors.len(), 1, "one line: {stderr}");
+    assert_eq!(
+        errors[0].matches("in use").count(),
+        1,
+        "said once: {stderr}"
+    );
+    assert!(
+        errors[0].contains(&first.socket.display().to_string()),
+        "{stderr}"
+    );
+    echo_answers(&first).await;
+}

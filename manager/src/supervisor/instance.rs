@@ -269,7 +269,8 @@ impl Instance {
             });
         }
 
-        let mut lease = self.register();
+        // A guard: whatever ends this function, a panic included, takes the entry out.
+        let mut lease = Registration::new(self.registry.clone(), self.register());
         let ready_at = Instant::now();
         self.set(State::Ready { pid });
         let mut health = health_client(&self.launch);
@@ -291,7 +292,7 @@ impl Instance {
                     if check(&mut health).await == Some(ServingStatus::Serving) {
                         if failures > 0 {
                             failures = 0;
-                            lease = self.register();
+                            lease.set(self.register());
                             self.set(State::Ready { pid });
                         }
                         continue;
@@ -312,7 +313,7 @@ impl Instance {
                 }
             }
         };
-        if let Some(lease) = lease {
+        if let Some(lease) = lease.take() {
             self.registry.deregister(lease);
         }
         process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
@@ -438,6 +439,37 @@ impl Instance {
     fn set(&self, state: State) {
         tracing::info!("{}: {state}", self.launch.id);
         self.status.send_modify(|s| s.state = state);
+    }
+}
+
+/// A registered instance's lease: deregistered when dropped, so that an instance task that ends
+/// in any way, a panic included, never leaves its entry behind.
+struct Registration {
+    registry: Registry,
+    lease: Option<mesh::registry::LeaseId>,
+}
+
+impl Registration {
+    fn new(registry: Registry, lease: Option<mesh::registry::LeaseId>) -> Self {
+        Self { registry, lease }
+    }
+
+    fn take(&mut self) -> Option<mesh::registry::LeaseId> {
+        self.lease.take()
+    }
+
+    fn set(&mut self, lease: Option<mesh::registry::LeaseId>) {
+        if let Some(old) = std::mem::replace(&mut self.lease, lease) {
+            self.registry.deregister(old);
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.registry.deregister(lease);
+        }
     }
 }
 

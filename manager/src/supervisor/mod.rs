@@ -182,6 +182,8 @@ impl Supervisor {
             last_exit: None,
         });
         let (stop, stop_rx) = watch::channel(false);
+        let watchdog = status.clone();
+        let span = tracing::info_span!("instance", plugin = %config.name, instance = %id);
         let instance = Instance {
             launch: Launch {
                 plugin: config.clone(),
@@ -193,10 +195,19 @@ impl Supervisor {
             status,
             stop: stop_rx,
         };
+        let task = async move {
+            use futures_util::FutureExt;
+            let run = std::panic::AssertUnwindSafe(instance.run()).catch_unwind();
+            if let Err(panic) = run.await {
+                ended_unexpectedly(&watchdog, panic.as_ref());
+            }
+        };
         InstanceHandle {
             status: status_rx,
             stop,
-            task: self.runtime.spawn(instance.run()),
+            task: self
+                .runtime
+                .spawn(tracing::Instrument::instrument(task, span)),
         }
     }
 
@@ -428,6 +439,28 @@ impl Slot {
                 .collect(),
         }
     }
+}
+
+/// An instance task that panicked: whatever it was doing, the instance is failed, never left
+/// looking ready. Unwinding has deregistered it (its registration is a guard) and killed its
+/// process (`kill_on_drop`); what that process started goes with its process group.
+fn ended_unexpectedly(status: &watch::Sender<InstanceStatus>, panic: &(dyn std::any::Any + Send)) {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    let reason = format!(
+        "the supervisor's task for this instance panicked ({what}); stopped it and took it out \
+         of routing; this is a bug in mesh, please report it; `mesh start` tries again"
+    );
+    tracing::error!("failed: {reason}");
+    status.send_modify(|s| {
+        if let Some(pid) = s.state.pid() {
+            process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        s.state = State::Failed { reason };
+    });
 }
 
 /// Completes when the instance's task has ended (its status sender is gone).

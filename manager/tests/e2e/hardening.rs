@@ -183,3 +183,66 @@ async fn a_second_mesh_up_on_a_busy_socket_says_so_once() {
     );
     echo_answers(&first).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_task_that_panics_leaves_the_instance_failed_and_out_of_the_registry() {
+    use mesh_manager::{Config, Supervisor, supervisor::State};
+    // The config refuses health_interval = "0s" now (it made each instance task panic); a
+    // value handed in directly stands for any bug that makes the task panic once ready.
+    let dir = short_tempdir();
+    write_config(&dir, "", ECHO);
+    let path = dir.path().join("mesh.toml");
+    let mut config = Config::parse(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut plugin = config.plugins.remove(0);
+    plugin.health_interval = std::time::Duration::ZERO;
+    let registry = mesh::registry::Registry::new();
+    let supervisor = Supervisor::new(registry.clone(), dir.path().join("mesh.sock"));
+    supervisor.add(plugin).unwrap();
+    // Ready first (settled), then the task panics.
+    let ready = supervisor.settled("echo").await.unwrap();
+    let pid = ready.instances[0].state.pid().expect("a process");
+    crate::support::eventually("the instance is failed", crate::support::DEADLINE, || {
+        supervisor.get("echo").unwrap().instances[0].state.name() == "failed"
+    })
+    .await;
+    let status = supervisor.get("echo").unwrap();
+    let State::Failed { reason } = &status.instances[0].state else {
+        panic!("not failed: {status:?}");
+    };
+    assert!(reason.contains("panicked"), "{reason}");
+    assert!(registry.resolve("plugin.echo").is_empty(), "deregistered");
+    crate::support::wait_gone(&[pid], crate::support::DEADLINE).await;
+    // Its process is gone too, and stop and start work on it.
+    let last = supervisor.stop("echo").await.unwrap();
+    assert_eq!(last.instances[0].state.name(), "failed");
+    assert!(last.instances[0].state.pid().is_none());
+    supervisor.shutdown().await;
+}
+
+#[test]
+fn config_values_that_used_to_panic_the_supervisor_are_refused_at_load() {
+    let dir = short_tempdir();
+    let config = dir.path().join("mesh.toml");
+    for (line, needle) in [
+        (
+            "health_interval = \"0s\"",
+            "health_interval = \"0s\" is out of range; use 10ms to 1h",
+        ),
+        (
+            "drain_delay = \"1000000h\"",
+            "drain_delay = \"1000000h\" is out of range",
+        ),
+        (
+            "ready_timeout = \"0s\"",
+            "ready_timeout = \"0s\" is out of range",
+        ),
+        ("env = { A = \"a\\u0000b\" }", "NUL"),
+    ] {
+        write_config(&dir, "", &format!("{ECHO}{line}\n"));
+        let (code, _, stderr) = mesh(&["up", "--config", config.to_str().unwrap()], &[]);
+        assert_eq!(code, Some(64), "{line}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{line}: {stderr}");
+        assert!(stderr.contains(":7: plugin \"echo\": "), "{line}: {stderr}");
+        assert!(stderr.contains(needle), "{line}: {stderr}");
+    }
+}

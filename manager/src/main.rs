@@ -77,6 +77,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The host side of one instance (mesh up starts it; see supervisor::init): before anything
+    // starts a thread, because it forks.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .get(1)
+        .is_some_and(|a| a == mesh_manager::supervisor::init::INIT_ARG)
+    {
+        mesh_manager::supervisor::init::main(&args[2..]);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

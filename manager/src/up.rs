@@ -60,7 +60,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let registry = Registry::new();
     let closing = registry.clone();
-    let supervisor = Arc::new(Supervisor::new(registry.clone(), config.socket.clone()));
+    let supervisor = Arc::new(isolating(Supervisor::new(
+        registry.clone(),
+        config.socket.clone(),
+    )));
     let manager = ManagerService::new(supervisor.clone(), config.clone());
     let router = Router::builder(registry)
         .limits(config.limits.clone())
@@ -135,6 +138,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs instances in PID namespaces of their own where this machine allows it (see
+/// [`crate::supervisor::init`]); says once why not where it does not.
+fn isolating(supervisor: Supervisor) -> Supervisor {
+    let program = match std::env::current_exe() {
+        Ok(program) => program,
+        Err(error) => {
+            tracing::warn!(
+                "cannot find the mesh binary ({error}): plugins run without a PID namespace, \
+                 and what they start may outlive mesh up if it is killed"
+            );
+            return supervisor;
+        }
+    };
+    match crate::supervisor::init::probe(&program) {
+        Ok(()) => supervisor.with_init(program),
+        Err(why) => {
+            tracing::warn!(
+                "no PID namespace per instance ({why}): plugins run without one, and what they \
+                 start may outlive mesh up if it is killed; allow user namespaces or run as root"
+            );
+            supervisor
+        }
+    }
 }
 
 /// One line per plugin once its instances settle: all ready, or which are not and why.

@@ -44,9 +44,10 @@ pub enum SocketError {
         /// Its length in bytes.
         len: usize,
     },
-    /// Another process is serving on the path.
-    #[error("socket {0} is in use by a running process; stop it or choose another path")]
-    InUse(PathBuf),
+    /// Another process is serving on the path; the second field names it where the kernel
+    /// tells (`pid 123, echo-plugin`).
+    #[error("socket {0} is in use by a running process{1}; stop it or choose another path")]
+    InUse(PathBuf, String),
     /// Something that is not a socket sits at the path.
     #[error("{0} exists and is not a socket; remove it or choose another path")]
     NotASocket(PathBuf),
@@ -306,14 +307,28 @@ pub fn remove_stale_socket(path: &Path) -> Result<(), SocketError> {
         }),
         Ok(meta) if !meta.file_type().is_socket() => Err(SocketError::NotASocket(path.to_owned())),
         Ok(_) => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(SocketError::InUse(path.to_owned()));
+            if let Ok(stream) = std::os::unix::net::UnixStream::connect(path) {
+                return Err(SocketError::InUse(path.to_owned(), holder(&stream)));
             }
             fs::remove_file(path).map_err(|source| SocketError::Io {
                 path: path.to_owned(),
                 source,
             })
         }
+    }
+}
+
+/// ` (pid 123, echo-plugin)`: who serves on the other end of `stream`, as far as the kernel
+/// and `/proc` tell; empty when they do not.
+fn holder(stream: &std::os::unix::net::UnixStream) -> String {
+    let Ok(pid) = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.pid())
+    else {
+        return String::new();
+    };
+    match fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(name) => format!(" (pid {pid}, {})", name.trim()),
+        Err(_) => format!(" (pid {pid})"),
     }
 }
 
@@ -506,7 +521,7 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(dir_mode, 0o700);
-        assert!(matches!(bind(&path), Err(SocketError::InUse(_))));
+        assert!(matches!(bind(&path), Err(SocketError::InUse(..))));
         drop(listener);
         // The file stays behind after the listener is gone: a stale socket.
         assert!(path.exists());

@@ -241,7 +241,9 @@ impl Instance {
                 });
             }
         };
-        let pid = child.id().unwrap_or_default();
+        // The process group's id: the process started (in a PID namespace, its host side).
+        let group = child.id().unwrap_or_default();
+        let mut pid = group;
         self.status
             .send_modify(|s| s.started = Some(SystemTime::now()));
         self.set(State::Starting { pid });
@@ -269,6 +271,10 @@ impl Instance {
             });
         }
 
+        // From here on, the plugin's own pid (registered as the `pid` label, shown by status).
+        pid = self.launch.plugin_pid(group);
+        self.status
+            .send_modify(|s| s.state = State::Starting { pid });
         // A guard: whatever ends this function, a panic included, takes the entry out.
         let mut lease = Registration::new(self.registry.clone(), self.register());
         let ready_at = Instant::now();
@@ -316,7 +322,7 @@ impl Instance {
         if let Some(lease) = lease.take() {
             self.registry.deregister(lease);
         }
-        process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        process::signal_group(group, nix::sys::signal::Signal::SIGKILL);
         process::remove_socket(&self.launch.plugin.socket(&self.launch.id));
         if ready_at.elapsed() >= self.launch.plugin.backoff.reset_after {
             *attempt = 0;

@@ -2,12 +2,14 @@
 //!
 //! - [`process`]: starting a plugin process (environment, process group, parent-death signal,
 //!   limits, credentials) and stopping it (SIGTERM to the group, SIGKILL after the grace);
+//! - [`init`]: a PID namespace per instance, so that no descendant outlives the manager;
 //! - [`instance`]: one instance's life as a task with an explicit [`State`];
 //! - [`logs`]: captured stdout and stderr.
 //!
 //! Operations on one plugin (start, stop, restart, scale, reload) run one at a time; reading
 //! its status never waits for them.
 
+pub mod init;
 mod instance;
 pub mod logs;
 mod process;
@@ -52,6 +54,9 @@ pub struct Supervisor {
     runtime: tokio::runtime::Handle,
     registry: Registry,
     mesh_socket: PathBuf,
+    /// The `mesh` binary that runs each instance in its own PID namespace ([`init`]); `None`:
+    /// instances run directly.
+    init: Option<PathBuf>,
     plugins: Mutex<BTreeMap<String, Arc<Slot>>>,
 }
 
@@ -121,8 +126,17 @@ impl Supervisor {
             runtime: tokio::runtime::Handle::current(),
             registry,
             mesh_socket,
+            init: None,
             plugins: Mutex::default(),
         }
+    }
+
+    /// Runs each instance through `program __init` (the `mesh` binary), in a PID namespace of
+    /// its own, so that nothing a plugin starts outlives the manager however it dies; see
+    /// [`init`]. Check first with [`init::probe`] that this machine allows it.
+    pub fn with_init(mut self, program: PathBuf) -> Self {
+        self.init = Some(program);
+        self
     }
 
     fn plugins(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Slot>>> {
@@ -189,6 +203,7 @@ impl Supervisor {
                 plugin: config.clone(),
                 id,
                 mesh_socket: self.mesh_socket.clone(),
+                init: self.init.clone(),
             },
             registry: self.registry.clone(),
             logs: logs.clone(),
@@ -443,7 +458,8 @@ impl Slot {
 
 /// An instance task that panicked: whatever it was doing, the instance is failed, never left
 /// looking ready. Unwinding has deregistered it (its registration is a guard) and killed its
-/// process (`kill_on_drop`); what that process started goes with its process group.
+/// process (`kill_on_drop`); what that process started goes with its PID namespace, or its
+/// process group where there is none.
 fn ended_unexpectedly(status: &watch::Sender<InstanceStatus>, panic: &(dyn std::any::Any + Send)) {
     let what = panic
         .downcast_ref::<&str>()

@@ -151,7 +151,11 @@ async fn a_plugin_that_never_serves_times_out_and_is_stopped() {
     let silent = script(
         dir.path(),
         "silent",
-        &format!("echo $$ > {}\nexec sleep 60", pidfile.display()),
+        // Its pid as the host sees it (`$$` is its pid inside the instance's PID namespace).
+        &format!(
+            "read -r pid rest < /proc/self/stat\necho $pid > {}\nexec sleep 60",
+            pidfile.display()
+        ),
     );
     let mut mesh = Mesh::start(&format!(
         "[[plugin]]\nname = \"echo\"\ncommand = \"{{echo}}\"\n\n\

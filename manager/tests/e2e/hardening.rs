@@ -246,3 +246,124 @@ fn config_values_that_used_to_panic_the_supervisor_are_refused_at_load() {
         assert!(stderr.contains(needle), "{line}: {stderr}");
     }
 }
+
+/// Every process descending from `root`, from `/proc` (parent links).
+fn descendants(root: u32) -> Vec<(u32, String)> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid: u32 = rest.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        parents.push((pid, ppid, cmdline));
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(parents.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    parents
+        .into_iter()
+        .filter(|p| found[1..].contains(&p.0))
+        .map(|(pid, _, cmdline)| (pid, cmdline))
+        .collect()
+}
+
+#[tokio::test]
+async fn nothing_a_plugin_starts_outlives_a_sigkilled_manager_and_the_next_mesh_up_starts_clean() {
+    let plugin = "[[plugin]]\nname = \"echo\"\ncommand = \"/bin/sh\"\n\
+                  args = [\"-c\", \"sleep 300 & exec {echo}\"]\n";
+    let mut mesh = Mesh::start(plugin).await;
+    let registered = mesh.wait_instances("plugin.echo", 1).await;
+    let tree = descendants(mesh.pid());
+    assert!(
+        tree.iter().any(|(_, cmd)| cmd.starts_with("sleep 300")),
+        "the grandchild runs: {tree:?}"
+    );
+    assert!(
+        tree.iter().any(|(pid, _)| *pid == registered[0].pid),
+        "{tree:?}"
+    );
+
+    mesh.stop_with(nix::sys::signal::Signal::SIGKILL).await;
+    let pids: Vec<u32> = tree.iter().map(|(pid, _)| *pid).collect();
+    crate::support::wait_gone(&pids, crate::support::DEADLINE).await;
+
+    // The dead manager's sockets are left behind; the next mesh up replaces them.
+    assert!(registered[0].socket().exists());
+    let mesh = mesh.relaunch().await;
+    let again = mesh.wait_instances("plugin.echo", 1).await;
+    assert_ne!(again[0].pid, registered[0].pid);
+    echo_answers(&mesh).await;
+}
+
+#[tokio::test]
+async fn a_process_still_serving_on_an_instance_socket_is_named_and_left_alone() {
+    // Someone (here: this test) serves on the socket echo-0 would use.
+    let dir = short_tempdir();
+    write_config(
+        &dir,
+        "",
+        &format!(
+            "{ECHO}restart = \"never\"\n\n[[plugin]]\nname = \"other\"\ncommand = \"{{echo}}\"\n"
+        ),
+    );
+    let socket_dir = dir.path().join("run/echo");
+    std::fs::create_dir_all(&socket_dir).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("run"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &socket_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let squatter = std::os::unix::net::UnixListener::bind(socket_dir.join("echo-0.sock")).unwrap();
+    let config = dir.path().join("mesh.toml");
+    let socket = dir.path().join("run/mesh.sock");
+    let mesh = Mesh::launch_with(dir, config, socket, |_| {}).await;
+    mesh.wait_instances("plugin.other", 1).await;
+
+    let status = mesh.status().await;
+    let echo = &status["plugins"][0]["instances"][0];
+    assert_eq!(echo["state"], "failed", "{status}");
+    let detail = echo["detail"].as_str().unwrap();
+    let me = std::process::id();
+    assert!(
+        detail.contains(&format!(
+            "echo-0.sock is in use by a running process (pid {me}, "
+        )),
+        "names the holder: {detail}"
+    );
+    // Left alone: still bound and accepting.
+    drop(
+        std::os::unix::net::UnixStream::connect(
+            squatter.local_addr().unwrap().as_pathname().unwrap(),
+        )
+        .unwrap(),
+    );
+    squatter.accept().unwrap();
+    let mut client = EchoClient::new(mesh.connect("plugin.other").await);
+    client
+        .echo(EchoRequest {
+            message: "x".into(),
+        })
+        .await
+        .expect("the other plugin serves");
+}

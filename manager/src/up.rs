@@ -182,11 +182,12 @@ fn report_settled(status: &PluginStatus) {
             .instances
             .iter()
             .filter(|s| !matches!(s.state, State::Ready { .. }))
-            .map(|s| format!("{} {}", s.id, s.state))
+            // The reasons were logged as each instance failed: name them, do not repeat them.
+            .map(|s| format!("{} {}", s.id, s.state.name()))
             .collect();
         tracing::error!(
-            "plugin {name}: {ready}/{total} instances ready as {service}; {}",
-            problems.join("; ")
+            "plugin {name}: {ready}/{total} instances ready as {service} ({}); `mesh status` says why",
+            problems.join(", ")
         );
     }
 }

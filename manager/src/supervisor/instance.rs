@@ -163,6 +163,18 @@ struct Ended {
     failure: bool,
     /// What happened, for the log and `Failed`.
     reason: String,
+    /// The last lines it wrote to stderr (`last stderr: …`), for a failure.
+    stderr: Option<String>,
+}
+
+impl Ended {
+    /// The reason with what it wrote to stderr.
+    fn full(&self) -> String {
+        match &self.stderr {
+            Some(stderr) => format!("{}; {stderr}", self.reason),
+            None => self.reason.clone(),
+        }
+    }
 }
 
 impl Instance {
@@ -182,7 +194,9 @@ impl Instance {
             };
             if !restart {
                 if ended.failure {
-                    self.fail(ended.reason);
+                    self.set(State::Failed {
+                        reason: ended.full(),
+                    });
                 } else {
                     self.set(State::Exited { exit: ended.reason });
                 }
@@ -198,12 +212,20 @@ impl Instance {
                     failures.pop_front();
                 }
                 if failures.len() >= backoff.max_failures as usize {
-                    self.fail(format!(
-                        "{} failures within {:?}, giving up; last: {}",
+                    // LAST EXIT says how the last run ended: say it here only if it says more.
+                    let last_exit = self.status.borrow().last_exit.clone();
+                    let mut reason = format!(
+                        "{} failures within {:?}, giving up",
                         failures.len(),
-                        backoff.window,
-                        ended.reason
-                    ));
+                        backoff.window
+                    );
+                    if last_exit.as_deref() != Some(ended.reason.as_str()) {
+                        reason = format!("{reason}; last: {}", ended.reason);
+                    }
+                    if let Some(stderr) = &ended.stderr {
+                        reason = format!("{reason}; {stderr}");
+                    }
+                    self.set(State::Failed { reason });
                     return;
                 }
             }
@@ -238,6 +260,7 @@ impl Instance {
                         "cannot start {}: {error}",
                         self.launch.plugin.command.display()
                     ),
+                    stderr: None,
                 });
             }
         };
@@ -261,14 +284,15 @@ impl Instance {
                 .await
                 .ok();
             capture.finish(Duration::from_millis(500)).await;
-            let reason = self.with_stderr(reason);
             self.status
                 .send_modify(|s| s.last_exit = Some(reason.clone()));
-            tracing::error!("{reason}");
-            return Some(Ended {
+            let ended = Ended {
                 failure: true,
                 reason,
-            });
+                stderr: Some(self.stderr_quote()),
+            };
+            tracing::error!("{}", ended.full());
+            return Some(ended);
         }
 
         // From here on, the plugin's own pid (registered as the `pid` label, shown by status).
@@ -314,7 +338,7 @@ impl Instance {
                         capture.finish(Duration::from_millis(500)).await;
                         let reason = format!("instance {} failed {failures} health checks in a row", self.launch.id);
                         tracing::warn!("{reason}");
-                        return Some(Ended { failure: true, reason });
+                        return Some(Ended { failure: true, reason, stderr: None });
                     }
                 }
             }
@@ -334,15 +358,19 @@ impl Instance {
         };
         self.status
             .send_modify(|s| s.last_exit = Some(exit.clone()));
-        let reason = if failure {
-            self.with_stderr(format!("instance {} {exit}", self.launch.id))
-        } else {
-            exit
+        let ended = Ended {
+            failure,
+            reason: if failure {
+                format!("instance {} {exit}", self.launch.id)
+            } else {
+                exit
+            },
+            stderr: failure.then(|| self.stderr_quote()),
         };
         if failure {
-            tracing::warn!("{reason}");
+            tracing::warn!("{}", ended.full());
         }
-        Some(Ended { failure, reason })
+        Some(ended)
     }
 
     /// Polls health until SERVING; fails when the process exits or the deadline passes.
@@ -426,26 +454,46 @@ impl Instance {
         process::remove_socket(&self.launch.plugin.socket(&self.launch.id));
     }
 
-    fn with_stderr(&self, reason: String) -> String {
+    /// `last stderr: a (×5) | b`: the last lines it wrote, a line repeated in a row said once.
+    fn stderr_quote(&self) -> String {
         let tail = self
             .logs
             .tail(&self.launch.id, Stream::Stderr, QUOTED_LINES);
         if tail.is_empty() {
-            format!("{reason}; it wrote nothing to stderr")
+            "it wrote nothing to stderr".into()
         } else {
-            format!("{reason}; last stderr: {}", tail.join(" | "))
+            format!("last stderr: {}", quote(&tail))
         }
     }
 
-    fn fail(&self, reason: String) {
-        tracing::error!("{}: failed: {reason}", self.launch.id);
-        self.set(State::Failed { reason });
-    }
-
+    /// Moves to `state` and logs it once (the span names the instance), as an error if it
+    /// is a failure.
     fn set(&self, state: State) {
-        tracing::info!("{}: {state}", self.launch.id);
+        if matches!(state, State::Failed { .. }) {
+            tracing::error!("{state}");
+        } else {
+            tracing::info!("{state}");
+        }
         self.status.send_modify(|s| s.state = state);
     }
+}
+
+/// Lines joined with ` | `, a line repeated in a row said once with its count: `a (×5) | b`.
+fn quote(lines: &[String]) -> String {
+    let mut runs: Vec<(&str, usize)> = Vec::new();
+    for line in lines {
+        match runs.last_mut() {
+            Some((last, count)) if *last == line.as_str() => *count += 1,
+            _ => runs.push((line, 1)),
+        }
+    }
+    runs.iter()
+        .map(|(line, count)| match count {
+            1 => (*line).to_owned(),
+            n => format!("{line} (×{n})"),
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// A registered instance's lease: deregistered when dropped, so that an instance task that ends
@@ -511,6 +559,14 @@ fn delay(base: Duration, max: Duration, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_stderr_lines_are_quoted_once_with_their_count() {
+        let lines = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(quote(&lines(&["a", "a", "a", "a", "a"])), "a (×5)");
+        assert_eq!(quote(&lines(&["a", "a", "b", "a"])), "a (×2) | b | a");
+        assert_eq!(quote(&lines(&["x"])), "x");
+    }
 
     #[test]
     fn backoff_grows_within_jitter_and_stops_at_the_ceiling() {

@@ -367,3 +367,39 @@ async fn a_process_still_serving_on_an_instance_socket_is_named_and_left_alone()
         .await
         .expect("the other plugin serves");
 }
+
+#[tokio::test]
+async fn a_crash_loop_is_reported_once_without_repeating_itself() {
+    let dir = short_tempdir();
+    let bad = script(dir.path(), "bad", "echo 'cannot open database' >&2\nexit 1");
+    let mesh = Mesh::start(&format!(
+        "{ECHO}\n[[plugin]]\nname = \"bad\"\ncommand = \"{}\"\nbackoff_base = \"1ms\"\nmax_failures = 5\n",
+        bad.display()
+    ))
+    .await;
+    mesh.wait_line("instance=bad-0}: failed:").await;
+    let status = mesh.status().await;
+    let bad0 = &status["plugins"][0]["instances"][0];
+    assert_eq!(bad0["state"], "failed", "{status}");
+    let detail = bad0["detail"].as_str().unwrap();
+    assert_eq!(
+        detail, "5 failures within 60s, giving up; last stderr: cannot open database (×5)",
+        "the same line five times is said once"
+    );
+    let last_exit = bad0["last_exit"].as_str().unwrap();
+    assert_eq!(
+        last_exit,
+        "instance bad-0 exited with status 1 before it was ready"
+    );
+
+    // The table: LAST EXIT and DETAIL say different things.
+    let table = mesh.cli_ok(&["status"]).await;
+    let row = table.lines().find(|l| l.contains("bad-0")).unwrap();
+    assert_eq!(row.matches("exited with status 1").count(), 1, "{row}");
+    assert_eq!(row.matches("cannot open database").count(), 1, "{row}");
+
+    // "giving up" is logged once.
+    let output = mesh.output();
+    assert_eq!(output.matches("giving up").count(), 1, "{output}");
+    echo_answers(&mesh).await;
+}

@@ -208,6 +208,7 @@ impl manager_server::Manager for ManagerService {
             restarted: report.restarted,
             scaled: report.scaled,
             ignored: report.ignored,
+            failed: report.failed,
         }))
     }
 }

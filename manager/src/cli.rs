@@ -132,8 +132,16 @@ pub(crate) async fn reload(socket: &Path) -> anyhow::Result<()> {
         && report.removed.is_empty()
         && report.restarted.is_empty()
         && report.scaled.is_empty()
+        && report.failed.is_empty()
     {
         println!("no change");
+    }
+    if !report.failed.is_empty() {
+        bail!(
+            "reload applied, but {} action(s) failed: {}",
+            report.failed.len(),
+            report.failed.join("; ")
+        );
     }
     Ok(())
 }

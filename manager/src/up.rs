@@ -75,6 +75,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         while hangup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the config");
             match manager.reload().await {
+                Ok(report) if !report.failed.is_empty() => {
+                    tracing::error!("reloaded, but these failed: {}", report.failed.join("; "))
+                }
                 Ok(report) => tracing::info!("reloaded: {report:?}"),
                 Err(error) => tracing::error!("reload refused, nothing changed: {error}"),
             }

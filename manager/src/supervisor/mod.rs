@@ -115,6 +115,8 @@ pub struct ReloadReport {
     pub scaled: Vec<String>,
     /// Settings that only a new `mesh up` applies.
     pub ignored: Vec<String>,
+    /// Actions that failed (`echo: echo-0 failed: …`); the others were applied.
+    pub failed: Vec<String>,
 }
 
 impl Supervisor {
@@ -385,17 +387,22 @@ impl Supervisor {
         let names: Vec<String> = self.plugins().keys().cloned().collect();
         for name in names {
             if !config.plugins.iter().any(|p| p.name == name) {
-                let _ = self.remove(&name).await;
-                report.removed.push(name);
+                match self.remove(&name).await {
+                    Ok(()) => report.removed.push(name),
+                    Err(error) => report
+                        .failed
+                        .push(format!("{name}: cannot remove: {error}")),
+                }
             }
         }
         for plugin in config.plugins {
             let name = plugin.name.clone();
             let Ok(slot) = self.slot(&name) else {
                 if let Err(error) = self.add(plugin) {
-                    tracing::error!(plugin = %name, %error, "cannot start plugin");
+                    report.failed.push(format!("{name}: cannot start: {error}"));
                     continue;
                 }
+                self.check_settled(&name, &mut report.failed).await;
                 report.added.push(name);
                 continue;
             };
@@ -406,23 +413,47 @@ impl Supervisor {
             };
             if same_but_count != *old {
                 let _op = slot.ops.lock().await;
-                let _ = prepare_socket_dir(&plugin);
+                if let Err(error) = prepare_socket_dir(&plugin) {
+                    // Its instances keep running with the settings they have.
+                    report
+                        .failed
+                        .push(format!("{name}: not restarted: {error}"));
+                    continue;
+                }
                 let count = plugin.instances;
                 slot.run().config = Arc::new(plugin);
                 self.roll(&slot).await;
                 drop(_op);
-                if count != old.instances {
-                    let _ = self.scale(&name, count).await;
+                if count != old.instances
+                    && let Err(error) = self.scale(&name, count).await
+                {
+                    report.failed.push(format!("{name}: cannot scale: {error}"));
                 }
+                self.check_settled(&name, &mut report.failed).await;
                 report.restarted.push(name);
             } else if plugin.instances != old.instances {
                 let count = plugin.instances;
                 slot.run().config = Arc::new(plugin);
-                let _ = self.scale(&name, count).await;
+                match self.scale(&name, count).await {
+                    Ok(_) => self.check_settled(&name, &mut report.failed).await,
+                    Err(error) => report.failed.push(format!("{name}: cannot scale: {error}")),
+                }
                 report.scaled.push(name);
             }
         }
         report
+    }
+
+    /// Adds to `failed` each instance of `name` that did not come up (`name: echo-0 failed: …`).
+    async fn check_settled(&self, name: &str, failed: &mut Vec<String>) {
+        let Ok(status) = self.settled(name).await else {
+            return;
+        };
+        for instance in &status.instances {
+            if !matches!(instance.state, State::Ready { .. }) {
+                failed.push(format!("{name}: {} {}", instance.id, instance.state));
+            }
+        }
     }
 
     /// Stops every instance of every plugin (deregister, SIGTERM, SIGKILL after the grace),

@@ -403,3 +403,29 @@ async fn a_crash_loop_is_reported_once_without_repeating_itself() {
     assert_eq!(output.matches("giving up").count(), 1, "{output}");
     echo_answers(&mesh).await;
 }
+
+#[tokio::test]
+async fn a_reload_whose_action_fails_says_so_and_exits_non_zero() {
+    let dir = short_tempdir();
+    let bad = script(dir.path(), "bad", "echo 'no database' >&2\nexit 1");
+    let mesh = Mesh::start(ECHO).await;
+    let before = mesh.wait_instances("plugin.echo", 1).await;
+    mesh.rewrite(&format!(
+        "{ECHO}\n[[plugin]]\nname = \"bad\"\ncommand = \"{}\"\nrestart = \"never\"\n",
+        bad.display()
+    ));
+    let out = mesh.cli(&["reload"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("added: bad"), "{stdout}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("reload applied, but 1 action(s) failed: bad: bad-0 failed:")
+            && stderr.contains("last stderr: no database"),
+        "{stderr}"
+    );
+    // What ran keeps running.
+    assert_eq!(mesh.wait_instances("plugin.echo", 1).await, before);
+    echo_answers(&mesh).await;
+}

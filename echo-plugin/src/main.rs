@@ -258,12 +258,14 @@ async fn main() -> ExitCode {
     let echo = EchoService {
         instance: plugin.instance().into(),
     };
-    // One line on stdout, so an operator sees in `mesh logs` which process answered when.
-    println!(
-        "echo-plugin {} starting (pid {})",
-        plugin.instance(),
-        std::process::id()
-    );
+    // One line on stdout, so an operator sees in `mesh logs` which process answered when. The
+    // pid as the host sees it (`/proc` is the host's): under `mesh up` each instance runs in a
+    // PID namespace of its own, where getpid() says 2.
+    let pid = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse::<u32>().ok())
+        .unwrap_or_else(std::process::id);
+    println!("echo-plugin {} starting (pid {pid})", plugin.instance());
     // tonic decodes at most 4 MiB unless told: carry what the mesh is configured for.
     let limit = plugin.max_message_size();
     let echo = EchoServer::new(echo)

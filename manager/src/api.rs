@@ -40,7 +40,10 @@ impl ManagerService {
     pub async fn reload(&self) -> Result<ReloadReport, ConfigError> {
         let mut current = self.config.lock().await;
         let path: PathBuf = current.path.clone();
-        let next = Config::load(&path)?;
+        let mut next = Config::load(&path)?;
+        if current.socket_overridden {
+            next.override_socket(current.socket.clone())?;
+        }
         let report = self.supervisor.reload(&current, next.clone()).await;
         *current = next;
         Ok(report)
@@ -205,6 +208,7 @@ impl manager_server::Manager for ManagerService {
             restarted: report.restarted,
             scaled: report.scaled,
             ignored: report.ignored,
+            failed: report.failed,
         }))
     }
 }

@@ -132,8 +132,16 @@ pub(crate) async fn reload(socket: &Path) -> anyhow::Result<()> {
         && report.removed.is_empty()
         && report.restarted.is_empty()
         && report.scaled.is_empty()
+        && report.failed.is_empty()
     {
         println!("no change");
+    }
+    if !report.failed.is_empty() {
+        bail!(
+            "reload applied, but {} action(s) failed: {}",
+            report.failed.len(),
+            report.failed.join("; ")
+        );
     }
     Ok(())
 }
@@ -187,7 +195,7 @@ fn table(plugins: &[Plugin]) -> String {
                 } else {
                     i.last_exit.clone()
                 },
-                i.detail.clone(),
+                detail_beyond(&i.detail, &i.last_exit).to_owned(),
             ]);
         }
     }
@@ -205,6 +213,18 @@ fn table(plugins: &[Plugin]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// What DETAIL says beyond LAST EXIT, so that the table never says a thing twice: a failure's
+/// reason often starts with how the last run ended (`…exited with status 3; last stderr: x`).
+fn detail_beyond<'a>(detail: &'a str, last_exit: &str) -> &'a str {
+    if last_exit.is_empty() {
+        return detail;
+    }
+    match detail.strip_prefix(last_exit) {
+        Some(rest) => rest.trim_start_matches(';').trim_start(),
+        None => detail,
+    }
 }
 
 /// `42s`, `3m07s`, `2h05m`, `3d04h`.

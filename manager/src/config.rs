@@ -12,7 +12,11 @@ use std::{
     time::Duration,
 };
 
-use mesh::{ServiceName, labels, plugin::MAX_MESSAGE_SIZE_VAR, runtime};
+use mesh::{
+    ServiceName, labels,
+    plugin::{self, MAX_MESSAGE_SIZE_VAR},
+    runtime,
+};
 use mesh_router::Limits;
 use serde::Deserialize;
 use toml::Spanned;
@@ -24,8 +28,11 @@ pub struct Config {
     pub path: PathBuf,
     /// Where sockets live.
     pub runtime_dir: PathBuf,
-    /// The router's Unix socket.
+    /// The router's Unix socket: `[mesh] socket`, unless [`Config::override_socket`] set one.
     pub socket: PathBuf,
+    /// Whether `socket` came from the command line (`mesh up --socket`, `MESH_SOCKET`) rather
+    /// than the file; a reload keeps it.
+    pub socket_overridden: bool,
     /// TCP address for remote clients, if any.
     pub listen: Option<SocketAddr>,
     /// The router's limits and default call timeout.
@@ -101,8 +108,7 @@ pub struct Credentials {
 }
 
 /// Resource limits (soft = hard) applied to each instance before exec.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ResourceLimits {
     /// RLIMIT_NOFILE.
     pub open_files: Option<u64>,
@@ -193,8 +199,7 @@ const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
 const DEFAULT_DRAIN_DELAY: Duration = Duration::from_millis(100);
 const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_HEALTH_FAILURES: u32 = 3;
-/// Most instances of one plugin: enough for any machine, and keeps typos like 1000000 out.
-const MAX_INSTANCES: u32 = 1024;
+use crate::supervisor::MAX_INSTANCES;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -236,9 +241,9 @@ struct RawPlugin {
     name: Spanned<String>,
     command: Spanned<String>,
     #[serde(default)]
-    args: Vec<String>,
+    args: Vec<Spanned<String>>,
     #[serde(default)]
-    env: BTreeMap<String, String>,
+    env: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     idempotent: Vec<Spanned<String>>,
     instances: Option<Spanned<u32>>,
@@ -257,7 +262,15 @@ struct RawPlugin {
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     #[serde(default)]
-    limits: ResourceLimits,
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    open_files: Option<Spanned<u64>>,
+    address_space_mb: Option<Spanned<u64>>,
+    cpu_seconds: Option<Spanned<u64>>,
 }
 
 impl Config {
@@ -273,24 +286,86 @@ impl Config {
         Self::parse(path, &text)
     }
 
-    /// Validates `text`, read from `path` (relative commands resolve against its directory).
-    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let at = |span: Option<Range<usize>>, message: String| ConfigError {
-            path: path.to_owned(),
-            line: span.map(|s| line_of(text, s.start)),
+    /// Listens on `socket` instead of the file's `[mesh] socket`: `mesh up --socket` and
+    /// `MESH_SOCKET`, so that one variable serves `mesh up` and the commands that talk to it.
+    pub fn override_socket(&mut self, socket: PathBuf) -> Result<(), ConfigError> {
+        let error = |message: String| ConfigError {
+            path: self.path.clone(),
+            line: None,
             message,
         };
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| at(e.span(), explain(e.message())))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let socket = std::path::absolute(&socket).map_err(|e| {
+            error(format!(
+                "cannot resolve the socket {}: {e}",
+                socket.display()
+            ))
+        })?;
+        runtime::check_socket_path(&socket)
+            .map_err(|e| error(format!("--socket/MESH_SOCKET: {e}")))?;
+        self.socket = socket;
+        self.socket_overridden = true;
+        Ok(())
+    }
 
-        let mesh = raw.mesh.map(Spanned::into_inner).unwrap_or_default();
+    /// Validates `text`, read from `path` (relative commands resolve against its directory).
+    ///
+    /// Never panics, whatever the text (the tests fuzz it): every value is checked against
+    /// its bounds, and a value out of them is an error naming the line and the fix.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let file = File {
+            path,
+            text,
+            base: path.parent().unwrap_or(Path::new(".")),
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| file.at(e.span(), explain(e.message())))?;
+        let mut config = file.mesh(raw.mesh.map(Spanned::into_inner).unwrap_or_default())?;
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for table in raw.plugin {
+            let table_line = line_of(text, table.span().start);
+            let raw = table.into_inner();
+            let name = raw.name.get_ref().clone();
+            if let Some(first) = seen.insert(name.clone(), table_line) {
+                return Err(file.at(
+                    Some(raw.name.span()),
+                    format!(
+                        "plugin {name:?} is defined twice (first at line {first}); give each [[plugin]] a unique name"
+                    ),
+                ));
+            }
+            let plugin = file.plugin(&config, raw, table_line)?;
+            config.plugins.push(plugin);
+        }
+        Ok(config)
+    }
+}
+
+/// The file being parsed: where errors point, and what relative paths are relative to.
+struct File<'a> {
+    path: &'a Path,
+    text: &'a str,
+    base: &'a Path,
+}
+
+impl File<'_> {
+    /// An error at `span` (its line, when there is one).
+    fn at(&self, span: Option<Range<usize>>, message: String) -> ConfigError {
+        ConfigError {
+            path: self.path.to_owned(),
+            line: span.map(|s| line_of(self.text, s.start)),
+            message,
+        }
+    }
+
+    /// `[mesh]`: a config without plugins yet.
+    fn mesh(&self, mesh: RawMesh) -> Result<Config, ConfigError> {
+        let at = |span, message| self.at(span, message);
         let runtime_dir = match &mesh.runtime_dir {
-            Some(dir) => absolute(base, dir.get_ref()),
+            Some(dir) => self.path_value("runtime_dir", dir)?,
             None => runtime::default_dir(),
         };
         let socket = match &mesh.socket {
-            Some(socket) => absolute(base, socket.get_ref()),
+            Some(socket) => self.path_value("socket", socket)?,
             None => runtime_dir.join("mesh.sock"),
         };
         let socket_span = mesh
@@ -356,162 +431,303 @@ impl Config {
                     )
                 })? as usize,
         };
-
-        let mut plugins: Vec<PluginConfig> = Vec::new();
-        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-        for spanned in raw.plugin {
-            let table_line = line_of(text, spanned.span().start);
-            let p = spanned.into_inner();
-            let name = p.name.get_ref().clone();
-            let service = ServiceName::plugin(&name).map_err(|e| {
-                at(
-                    Some(p.name.span()),
-                    format!("plugin name: {e}; a plugin name is one segment of a-z, 0-9 and '-', such as echo"),
-                )
-            })?;
-            if let Some(first) = seen.insert(name.clone(), table_line) {
-                return Err(at(
-                    Some(p.name.span()),
-                    format!(
-                        "plugin {name:?} is defined twice (first at line {first}); give each [[plugin]] a unique name"
-                    ),
-                ));
-            }
-            let command = resolve_command(base, p.command.get_ref()).map_err(|message| {
-                at(
-                    Some(p.command.span()),
-                    format!("plugin {name:?}: {message}"),
-                )
-            })?;
-            let instances = match p.instances {
-                None => 1,
-                Some(n) if (1..=MAX_INSTANCES).contains(n.get_ref()) => *n.get_ref(),
-                Some(n) => {
-                    return Err(at(
-                        Some(n.span()),
-                        format!(
-                            "plugin {name:?}: instances = {} is out of range; use 1 to {MAX_INSTANCES}",
-                            n.get_ref()
-                        ),
-                    ));
-                }
-            };
-            let duration = |field: &str, value: Option<Spanned<String>>, default| {
-                match value {
-                None => Ok(default),
-                Some(v) => humantime::parse_duration(v.get_ref()).map_err(|e| {
-                    at(
-                        Some(v.span()),
-                        format!("plugin {name:?}: {field} = {:?}: {e}; write a duration such as \"5s\" or \"500ms\"", v.get_ref()),
-                    )
-                }),
-            }
-            };
-            let defaults = Backoff::default();
-            let backoff = Backoff {
-                base: duration("backoff_base", p.backoff_base, defaults.base)?,
-                max: duration("backoff_max", p.backoff_max, defaults.max)?,
-                reset_after: duration("backoff_reset", p.backoff_reset, defaults.reset_after)?,
-                window: duration("failure_window", p.failure_window, defaults.window)?,
-                max_failures: match p.max_failures {
-                    None => defaults.max_failures,
-                    Some(n) if *n.get_ref() >= 1 => *n.get_ref(),
-                    Some(n) => {
-                        return Err(at(
-                            Some(n.span()),
-                            format!("plugin {name:?}: max_failures must be at least 1"),
-                        ));
-                    }
-                },
-            };
-            let health_failures = match p.health_failures {
-                None => DEFAULT_HEALTH_FAILURES,
-                Some(n) if *n.get_ref() >= 1 => *n.get_ref(),
-                Some(n) => {
-                    return Err(at(
-                        Some(n.span()),
-                        format!("plugin {name:?}: health_failures must be at least 1"),
-                    ));
-                }
-            };
-            let working_dir = match p.working_dir {
-                None => None,
-                Some(dir) => {
-                    let path = absolute(base, dir.get_ref());
-                    if !path.is_dir() {
-                        return Err(at(
-                            Some(dir.span()),
-                            format!(
-                                "plugin {name:?}: working_dir {} is not a directory; create it or fix the path",
-                                path.display()
-                            ),
-                        ));
-                    }
-                    Some(path)
-                }
-            };
-            let credentials = credentials(p.user.as_ref(), p.group.as_ref())
-                .map_err(|(span, message)| at(Some(span), format!("plugin {name:?}: {message}")))?;
-            let idempotent = p
-                .idempotent
-                .iter()
-                .map(|m| {
-                    labels::method(m.get_ref()).map(str::to_owned).map_err(|e| {
-                        at(Some(m.span()), format!("plugin {name:?}: idempotent: {e}"))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut env = p.env;
-            env.entry(MAX_MESSAGE_SIZE_VAR.to_owned())
-                .or_insert_with(|| max_message_size.to_string());
-            let plugin = PluginConfig {
-                health_interval: duration(
-                    "health_interval",
-                    p.health_interval,
-                    DEFAULT_HEALTH_INTERVAL,
-                )?,
-                health_failures,
-                working_dir,
-                credentials,
-                limits: p.limits,
-                socket_dir: runtime_dir.join(&name),
-                restart: p.restart.unwrap_or(RestartPolicy::OnFailure),
-                backoff,
-                ready_timeout: duration("ready_timeout", p.ready_timeout, DEFAULT_READY_TIMEOUT)?,
-                stop_grace: duration("stop_grace", p.stop_grace, DEFAULT_STOP_GRACE)?,
-                drain_delay: duration("drain_delay", p.drain_delay, DEFAULT_DRAIN_DELAY)?,
-                name,
-                service,
-                command,
-                args: p.args,
-                env,
-                idempotent,
-                instances,
-            };
-            // The longest id this plugin can have must still fit a socket path.
-            let longest = plugin.socket(&plugin.instance_id(MAX_INSTANCES));
-            runtime::check_socket_path(&longest).map_err(|e| {
-                at(
-                    Some(table_line_span(text, table_line)),
-                    format!("plugin {:?}: {e}", plugin.name),
-                )
-            })?;
-            plugins.push(plugin);
-        }
-        Ok(Self {
-            path: path.to_owned(),
+        Ok(Config {
+            path: self.path.to_owned(),
             runtime_dir,
             socket,
+            socket_overridden: false,
             listen,
             limits,
             router_threads,
             busy_poll: mesh.busy_poll,
             spin,
             max_message_size,
-            plugins,
+            plugins: Vec::new(),
         })
     }
+
+    /// One `[[plugin]]` table, starting at `table_line`.
+    fn plugin(
+        &self,
+        config: &Config,
+        p: RawPlugin,
+        table_line: usize,
+    ) -> Result<PluginConfig, ConfigError> {
+        let name = p.name.get_ref().clone();
+        let service = ServiceName::plugin(&name).map_err(|e| {
+            self.at(
+                Some(p.name.span()),
+                format!("plugin name: {e}; a plugin name is one segment of a-z, 0-9 and '-', such as echo"),
+            )
+        })?;
+        let plugin_error = |span: Range<usize>, message: String| {
+            self.at(Some(span), format!("plugin {name:?}: {message}"))
+        };
+        let command = resolve_command(self.base, p.command.get_ref())
+            .map_err(|message| plugin_error(p.command.span(), message))?;
+        let count = |field: &str, value: &Option<Spanned<u32>>, default: u32, max: u32| match value
+        {
+            None => Ok(default),
+            Some(n) if (1..=max).contains(n.get_ref()) => Ok(*n.get_ref()),
+            Some(n) => Err(plugin_error(
+                n.span(),
+                format!(
+                    "{field} = {} is out of range; use 1 to {max} (default {default})",
+                    n.get_ref()
+                ),
+            )),
+        };
+        let duration = |field: &str, value: &Option<Spanned<String>>, default, bounds| {
+            self.duration(&name, field, value.as_ref(), default, bounds)
+        };
+        let defaults = Backoff::default();
+        let backoff = Backoff {
+            base: duration("backoff_base", &p.backoff_base, defaults.base, BACKOFF)?,
+            max: duration("backoff_max", &p.backoff_max, defaults.max, BACKOFF)?,
+            reset_after: duration(
+                "backoff_reset",
+                &p.backoff_reset,
+                defaults.reset_after,
+                SPAN,
+            )?,
+            window: duration("failure_window", &p.failure_window, defaults.window, WINDOW)?,
+            max_failures: count(
+                "max_failures",
+                &p.max_failures,
+                defaults.max_failures,
+                MAX_FAILURES,
+            )?,
+        };
+        if backoff.max < backoff.base
+            && let Some(max) = &p.backoff_max
+        {
+            return Err(plugin_error(
+                max.span(),
+                format!(
+                    "backoff_max = {:?} is shorter than backoff_base ({:?}); make it at least as long",
+                    max.get_ref(),
+                    backoff.base
+                ),
+            ));
+        }
+        let working_dir = match &p.working_dir {
+            None => None,
+            Some(dir) => {
+                let path = self.path_value("working_dir", dir)?;
+                if !path.is_dir() {
+                    return Err(plugin_error(
+                        dir.span(),
+                        format!(
+                            "working_dir {} is not a directory; create it or fix the path",
+                            path.display()
+                        ),
+                    ));
+                }
+                Some(path)
+            }
+        };
+        let credentials = credentials(p.user.as_ref(), p.group.as_ref())
+            .map_err(|(span, message)| plugin_error(span, message))?;
+        let idempotent = p
+            .idempotent
+            .iter()
+            .map(|m| {
+                labels::method(m.get_ref())
+                    .map(str::to_owned)
+                    .map_err(|e| plugin_error(m.span(), format!("idempotent: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let args = p
+            .args
+            .into_iter()
+            .map(|arg| match arg.get_ref().contains('\0') {
+                true => Err(plugin_error(
+                    arg.span(),
+                    "an argument contains a NUL byte, which no program can receive; remove it"
+                        .into(),
+                )),
+                false => Ok(arg.into_inner()),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut env = environment(p.env).map_err(|(span, message)| plugin_error(span, message))?;
+        env.entry(MAX_MESSAGE_SIZE_VAR.to_owned())
+            .or_insert_with(|| config.max_message_size.to_string());
+        let plugin = PluginConfig {
+            health_interval: duration(
+                "health_interval",
+                &p.health_interval,
+                DEFAULT_HEALTH_INTERVAL,
+                HEALTH_INTERVAL,
+            )?,
+            health_failures: count(
+                "health_failures",
+                &p.health_failures,
+                DEFAULT_HEALTH_FAILURES,
+                MAX_FAILURES,
+            )?,
+            working_dir,
+            credentials,
+            limits: resource_limits(&p.limits)
+                .map_err(|(span, message)| plugin_error(span, message))?,
+            socket_dir: config.runtime_dir.join(&name),
+            restart: p.restart.unwrap_or(RestartPolicy::OnFailure),
+            backoff,
+            ready_timeout: duration(
+                "ready_timeout",
+                &p.ready_timeout,
+                DEFAULT_READY_TIMEOUT,
+                READY_TIMEOUT,
+            )?,
+            stop_grace: duration("stop_grace", &p.stop_grace, DEFAULT_STOP_GRACE, SPAN)?,
+            drain_delay: duration("drain_delay", &p.drain_delay, DEFAULT_DRAIN_DELAY, SPAN)?,
+            instances: count("instances", &p.instances, 1, MAX_INSTANCES)?,
+            name,
+            service,
+            command,
+            args,
+            env,
+            idempotent,
+        };
+        // The longest id this plugin can have must still fit a socket path.
+        let longest = plugin.socket(&plugin.instance_id(MAX_INSTANCES));
+        runtime::check_socket_path(&longest).map_err(|e| {
+            self.at(
+                Some(table_line_span(self.text, table_line)),
+                format!("plugin {:?}: {e}", plugin.name),
+            )
+        })?;
+        Ok(plugin)
+    }
+
+    /// A plugin's duration setting, within `bounds`.
+    fn duration(
+        &self,
+        plugin: &str,
+        field: &str,
+        value: Option<&Spanned<String>>,
+        default: Duration,
+        bounds: std::ops::RangeInclusive<Duration>,
+    ) -> Result<Duration, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let text = value.get_ref();
+        let parsed = humantime::parse_duration(text).map_err(|e| {
+            self.at(
+                Some(value.span()),
+                format!("plugin {plugin:?}: {field} = {text:?}: {e}; write a duration such as \"5s\" or \"500ms\""),
+            )
+        })?;
+        if !bounds.contains(&parsed) {
+            return Err(self.at(
+                Some(value.span()),
+                format!(
+                    "plugin {plugin:?}: {field} = {text:?} is out of range; use {} to {} (default {})",
+                    humantime::format_duration(*bounds.start()),
+                    humantime::format_duration(*bounds.end()),
+                    humantime::format_duration(default),
+                ),
+            ));
+        }
+        Ok(parsed)
+    }
+
+    /// A path setting, relative to the config file; a NUL byte in it is an error.
+    fn path_value(&self, field: &str, value: &Spanned<PathBuf>) -> Result<PathBuf, ConfigError> {
+        use std::os::unix::ffi::OsStrExt;
+        if value.get_ref().as_os_str().as_bytes().contains(&0) {
+            return Err(self.at(
+                Some(value.span()),
+                format!("{field} contains a NUL byte, which no path can hold; remove it"),
+            ));
+        }
+        Ok(absolute(self.base, value.get_ref()))
+    }
 }
+
+/// Variables the manager sets for every instance (the plugin contract): a config cannot.
+const CONTRACT_VARIABLES: [&str; 5] = [
+    plugin::PLUGIN_SOCKET,
+    plugin::PLUGIN_NAME,
+    plugin::PLUGIN_INSTANCE,
+    runtime::MESH_SOCKET,
+    "PLUGIN_ADDRESS",
+];
+
+/// A plugin's `env`: names a process environment can hold, values without NUL.
+fn environment(
+    env: BTreeMap<String, Spanned<String>>,
+) -> Result<BTreeMap<String, String>, (Range<usize>, String)> {
+    env.into_iter()
+        .map(|(key, value)| {
+            let problem = if key.is_empty() {
+                Some("env has an empty name; name the variable".to_owned())
+            } else if key.contains(['=', '\0']) {
+                Some(format!(
+                    "env name {key:?} contains '=' or a NUL byte; a variable name cannot"
+                ))
+            } else if value.get_ref().contains('\0') {
+                Some(format!(
+                    "env {key}: the value contains a NUL byte, which no environment can hold; remove it"
+                ))
+            } else if CONTRACT_VARIABLES.contains(&key.as_str()) {
+                Some(format!(
+                    "env {key} is set by the manager for every instance (the plugin contract); remove it"
+                ))
+            } else {
+                None
+            };
+            match problem {
+                Some(problem) => Err((value.span(), problem)),
+                None => Ok((key, value.into_inner())),
+            }
+        })
+        .collect()
+}
+
+/// Resource limits within what a kernel accepts, so that a typo fails here rather than as a
+/// start error of every instance.
+fn resource_limits(limits: &RawLimits) -> Result<ResourceLimits, (Range<usize>, String)> {
+    let bounded =
+        |field: &str, value: &Option<Spanned<u64>>, bounds: std::ops::RangeInclusive<u64>| {
+            match value {
+                None => Ok(None),
+                Some(n) if bounds.contains(n.get_ref()) => Ok(Some(*n.get_ref())),
+                Some(n) => Err((
+                    n.span(),
+                    format!(
+                        "limits.{field} = {} is out of range; use {} to {}",
+                        n.get_ref(),
+                        bounds.start(),
+                        bounds.end()
+                    ),
+                )),
+            }
+        };
+    Ok(ResourceLimits {
+        open_files: bounded("open_files", &limits.open_files, 16..=1 << 20)?,
+        address_space_mb: bounded("address_space_mb", &limits.address_space_mb, 16..=1 << 24)?,
+        cpu_seconds: bounded("cpu_seconds", &limits.cpu_seconds, 1..=366 * 24 * 3600)?,
+    })
+}
+
+/// Bounds of the plugins' durations: long enough for any plugin, short enough that a typo
+/// (`1000000h`) cannot leave a stop or a restart waiting forever, and that timers never
+/// overflow.
+const SPAN: std::ops::RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(3600);
+const BACKOFF: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(3600);
+const WINDOW: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(24 * 3600);
+const READY_TIMEOUT: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(3600);
+/// Health checks more often than every 10 ms would be load, not supervision.
+const HEALTH_INTERVAL: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(3600);
+/// The longest default call timeout: a day; past it, a call is better without one (`0s`).
+const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// The most `max_failures` and `health_failures`.
+const MAX_FAILURES: u32 = 1000;
 
 const MAX_ROUTER_THREADS: u64 = 64;
 
@@ -620,6 +836,16 @@ fn limits(
                     ),
                 )
             })?;
+            if timeout > MAX_CALL_TIMEOUT {
+                return Err(at(
+                    Some(text.span()),
+                    format!(
+                        "call_timeout = {:?} is out of range; use up to {}, or \"0s\" for none",
+                        text.get_ref(),
+                        humantime::format_duration(MAX_CALL_TIMEOUT)
+                    ),
+                ));
+            }
             Some(timeout).filter(|t| !t.is_zero())
         }
     };
@@ -667,7 +893,12 @@ fn parse_size(size: &RawSize) -> Option<u64> {
 
 /// The byte offset's 1-based line.
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
+    // Bytes, not str slicing: an offset inside a character must not panic.
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 fn table_line_span(text: &str, line: usize) -> Range<usize> {
@@ -708,9 +939,16 @@ fn absolute(base: &Path, path: &Path) -> PathBuf {
 }
 
 /// A command with a `/` is a path (relative to the config file); a bare name is looked up on PATH.
+///
+/// The path is made absolute but kept as given: a symlink is run through its own path, never
+/// its target, because programs such as a virtualenv's `bin/python` find their environment
+/// from the path they were started by.
 fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, String> {
     if command.is_empty() {
         return Err("command is empty; set it to the plugin's program".into());
+    }
+    if command.contains('\0') {
+        return Err("command contains a NUL byte; remove it".into());
     }
     let fix =
         "set command to an absolute path, a path relative to the config file, or a program on PATH";
@@ -730,6 +968,7 @@ fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, String> {
             .find(|p| p.is_file())
             .ok_or_else(|| format!("command {command:?} not found on PATH; {fix}"))?
     };
+    // Through the link: what runs must be an executable file.
     let meta = std::fs::metadata(&candidate)
         .map_err(|e| format!("command {}: {e}", candidate.display()))?;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
@@ -738,10 +977,8 @@ fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, String> {
             candidate.display()
         ));
     }
-    // Canonical, so that a later change of working directory cannot change what runs.
-    candidate
-        .canonicalize()
-        .map_err(|e| format!("command {}: {e}", candidate.display()))
+    // Absolute, so that the instance's working_dir cannot change what runs.
+    std::path::absolute(&candidate).map_err(|e| format!("command {}: {e}", candidate.display()))
 }
 
 #[cfg(test)]
@@ -918,6 +1155,192 @@ mod tests {
     }
 
     #[test]
+    fn every_duration_count_and_value_has_bounds() {
+        let plugin = |line: &str| format!("[[plugin]]\nname = \"a\"\ncommand = \"sh\"\n{line}\n");
+        let cases = [
+            (
+                "health_interval = \"0s\"",
+                "health_interval = \"0s\" is out of range; use 10ms to 1h",
+            ),
+            ("health_interval = \"5ms\"", "use 10ms to 1h (default 1s)"),
+            (
+                "ready_timeout = \"0s\"",
+                "ready_timeout = \"0s\" is out of range; use 10ms to 1h",
+            ),
+            (
+                "drain_delay = \"1000000h\"",
+                "drain_delay = \"1000000h\" is out of range; use 0s to 1h",
+            ),
+            ("stop_grace = \"2h\"", "stop_grace = \"2h\" is out of range"),
+            (
+                "backoff_base = \"0s\"",
+                "backoff_base = \"0s\" is out of range; use 1ms to 1h",
+            ),
+            ("backoff_max = \"100000000000y\"", "backoff_max"),
+            (
+                "backoff_max = \"1s\"\nbackoff_base = \"2s\"",
+                "shorter than backoff_base",
+            ),
+            (
+                "failure_window = \"2days\"",
+                "failure_window = \"2days\" is out of range",
+            ),
+            (
+                "backoff_reset = \"3h\"",
+                "backoff_reset = \"3h\" is out of range",
+            ),
+            (
+                "instances = 1025",
+                "instances = 1025 is out of range; use 1 to 1024",
+            ),
+            (
+                "max_failures = 0",
+                "max_failures = 0 is out of range; use 1 to 1000",
+            ),
+            (
+                "health_failures = 100000",
+                "health_failures = 100000 is out of range",
+            ),
+            (
+                "env = { A = \"x\\u0000y\" }",
+                "env A: the value contains a NUL byte",
+            ),
+            ("env = { \"A=B\" = \"x\" }", "contains '=' or a NUL byte"),
+            ("env = { \"\" = \"x\" }", "env has an empty name"),
+            (
+                "env = { PLUGIN_SOCKET = \"/tmp/x\" }",
+                "env PLUGIN_SOCKET is set by the manager",
+            ),
+            (
+                "args = [\"ok\", \"a\\u0000b\"]",
+                "an argument contains a NUL byte",
+            ),
+            (
+                "limits = { open_files = 0 }",
+                "limits.open_files = 0 is out of range",
+            ),
+            (
+                "limits = { address_space_mb = 18446744073709551615 }",
+                "limits.address_space_mb",
+            ),
+        ];
+        for (line, needle) in cases {
+            let text = plugin(line);
+            let error = parse(&text).unwrap_err();
+            assert_eq!(error.line, Some(4), "{text}: {error}");
+            let message = error.to_string();
+            assert!(
+                message.starts_with("/etc/mesh/mesh.toml:4: plugin \"a\": "),
+                "{message}"
+            );
+            assert!(message.contains(needle), "{text}: {message}");
+        }
+        let error = parse("[mesh]\ncall_timeout = \"1000000h\"\n").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains(":2: call_timeout = \"1000000h\" is out of range; use up to 1day"),
+            "{error}"
+        );
+        let error = parse("[mesh]\nruntime_dir = \"/tmp/a\\u0000b\"\n").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains(":2: runtime_dir contains a NUL byte"),
+            "{error}"
+        );
+        let error = parse("[[plugin]]\nname = \"a\"\ncommand = \"/bin/s\\u0000h\"\n").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains(":3: plugin \"a\": command contains a NUL byte"),
+            "{error}"
+        );
+        // The edges are accepted.
+        let ok = parse(&plugin("health_interval = \"10ms\"\ndrain_delay = \"1h\"\nstop_grace = \"0s\"\ninstances = 1024"))
+            .unwrap();
+        assert_eq!(ok.plugins[0].health_interval, Duration::from_millis(10));
+    }
+
+    /// What the shipped demo config says, with its command pointed at a program that exists.
+    fn demo_config() -> String {
+        let text = include_str!("../../deploy/local.toml");
+        text.lines()
+            .map(|line| match line.trim_start().starts_with("command") {
+                true => "command = \"/bin/sh\"".to_owned(),
+                false => line.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_demo_config_parses() {
+        parse(&demo_config()).expect("deploy/local.toml");
+    }
+
+    #[test]
+    fn parse_never_panics_on_arbitrary_text() {
+        bolero::check!()
+            .with_iterations(2000)
+            .for_each(|bytes: &[u8]| {
+                if let Ok(text) = std::str::from_utf8(bytes) {
+                    let _ = parse(text);
+                }
+            });
+    }
+
+    #[test]
+    fn parse_never_panics_on_mutations_of_the_demo_config() {
+        use bolero::generator::TypeGenerator;
+        /// One edit of the text: replace a byte range by an arbitrary string, at a place
+        /// chosen by the fuzzer.
+        #[derive(Debug, TypeGenerator)]
+        struct Edit {
+            at: u16,
+            remove: u8,
+            insert: String,
+        }
+        // Values that reach the checks rather than the TOML syntax.
+        const SEEDS: [&str; 8] = [
+            "\"0s\"",
+            "0",
+            "\"1000000h\"",
+            "4294967295",
+            "-1",
+            "\"\\u0000\"",
+            "\"\"",
+            "[]",
+        ];
+        let demo = demo_config();
+        bolero::check!()
+            .with_iterations(3000)
+            .with_type::<(Vec<Edit>, u8)>()
+            .for_each(|(edits, seed)| {
+                let mut text = demo.clone();
+                for edit in edits {
+                    let start = floor_char_boundary(&text, edit.at as usize % (text.len() + 1));
+                    let end =
+                        floor_char_boundary(&text, (start + edit.remove as usize).min(text.len()));
+                    let insert = if edit.insert.is_empty() {
+                        SEEDS[*seed as usize % SEEDS.len()]
+                    } else {
+                        edit.insert.as_str()
+                    };
+                    text.replace_range(start..end.max(start), insert);
+                }
+                let _ = parse(&text);
+            });
+    }
+
+    fn floor_char_boundary(text: &str, mut index: usize) -> usize {
+        while !text.is_char_boundary(index) {
+            index -= 1;
+        }
+        index
+    }
+
+    #[test]
     fn spin_is_a_short_duration() {
         let config = parse("[mesh]\nspin = \"250us\"\n").unwrap();
         assert_eq!(config.spin, Duration::from_micros(250));
@@ -928,6 +1351,31 @@ mod tests {
             let text = error.to_string();
             assert!(text.contains(":2:") && text.contains("up to 1ms"), "{text}");
         }
+    }
+
+    #[test]
+    fn a_command_that_is_a_symlink_runs_by_its_own_path() {
+        let dir = tempfile::Builder::new()
+            .prefix("m")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        let link = dir.path().join("bin/python");
+        std::os::unix::fs::symlink("/bin/sh", &link).unwrap();
+        let config = Config::parse(
+            &dir.path().join("mesh.toml"),
+            "[[plugin]]\nname = \"py\"\ncommand = \"bin/python\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.plugins[0].command, link, "not its target");
+
+        std::os::unix::fs::symlink("/no/such/program", dir.path().join("bin/dangling")).unwrap();
+        let error = Config::parse(
+            &dir.path().join("mesh.toml"),
+            "[[plugin]]\nname = \"py\"\ncommand = \"bin/dangling\"\n",
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("not found"), "{error}");
     }
 
     #[test]

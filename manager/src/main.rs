@@ -15,8 +15,9 @@ const EXIT_USAGE: u8 = 64;
 #[derive(Parser)]
 #[command(name = "mesh", version, about = "A plugin mesh for gRPC services")]
 struct Cli {
-    /// Router socket of the running `mesh up` (default: $MESH_SOCKET, else
-    /// $XDG_RUNTIME_DIR/mesh/mesh.sock or /tmp/mesh-<uid>/mesh.sock).
+    /// Router socket: where `mesh up` listens (over the config's `[mesh] socket`) and where the
+    /// other commands find it (default: $MESH_SOCKET, else $XDG_RUNTIME_DIR/mesh/mesh.sock or
+    /// /tmp/mesh-<uid>/mesh.sock).
     #[arg(long, global = true, env = "MESH_SOCKET")]
     socket: Option<PathBuf>,
     #[command(subcommand)]
@@ -76,12 +77,23 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The host side of one instance (mesh up starts it; see supervisor::init): before anything
+    // starts a thread, because it forks.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .get(1)
+        .is_some_and(|a| a == mesh_manager::supervisor::init::INIT_ARG)
+    {
+        mesh_manager::supervisor::init::main(&args[2..]);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_ansi(std::io::stderr().is_terminal())
+        // Lines say what happened; the span (`instance{plugin=echo instance=echo-0}`) says where.
+        .with_target(false)
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -91,11 +103,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let socket = cli::socket(cli.socket);
+    let flag = cli.socket.filter(|s| !s.as_os_str().is_empty());
+    let socket = cli::socket(flag.clone());
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up { config } => {
-                let config = match Config::load(&config) {
+                let loaded = Config::load(&config).and_then(|mut config| {
+                    if let Some(socket) = flag {
+                        config.override_socket(socket)?;
+                    }
+                    Ok(config)
+                });
+                let config = match loaded {
                     Ok(config) => config,
                     Err(error) => {
                         eprintln!("mesh: {error}");

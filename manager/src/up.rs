@@ -16,27 +16,34 @@ use crate::{
     supervisor::{PluginStatus, State},
 };
 
-/// Why `mesh up` could not start.
+/// Why `mesh up` could not start. Each says its cause once: the message carries it, and there
+/// is no source to repeat it (`mesh` prints the whole chain).
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
-    /// The router socket could not be bound.
-    #[error("router socket: {0}")]
-    Socket(#[from] runtime::SocketError),
+    /// The runtime directory or the router socket could not be prepared (in use, too long,
+    /// unsafe); the message names the path.
+    #[error("{0}")]
+    Socket(runtime::SocketError),
     /// The router's worker threads could not be started.
     #[error("cannot start the router threads: {0}")]
-    Workers(#[source] std::io::Error),
+    Workers(std::io::Error),
     /// A signal handler could not be installed.
     #[error("cannot handle signals: {0}")]
-    Signal(#[source] std::io::Error),
+    Signal(std::io::Error),
     /// The TCP listener could not be bound.
-    #[error("listen = {addr}: {source}; pick a free port, or port 0 for any")]
+    #[error("listen = {addr}: {error}; pick a free port, or port 0 for any")]
     Listen {
         /// The configured address.
         addr: std::net::SocketAddr,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+impl From<runtime::SocketError> for UpError {
+    fn from(error: runtime::SocketError) -> Self {
+        Self::Socket(error)
+    }
 }
 
 /// Runs the mesh described by `config` until `shutdown` completes; then deregisters and stops
@@ -48,13 +55,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|source| UpError::Listen { addr, source })?,
+                .map_err(|error| UpError::Listen { addr, error })?,
         ),
         None => None,
     };
     let registry = Registry::new();
     let closing = registry.clone();
-    let supervisor = Arc::new(Supervisor::new(registry.clone(), config.socket.clone()));
+    let supervisor = Arc::new(isolating(Supervisor::new(
+        registry.clone(),
+        config.socket.clone(),
+    )));
     let manager = ManagerService::new(supervisor.clone(), config.clone());
     let router = Router::builder(registry)
         .limits(config.limits.clone())
@@ -66,6 +76,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         while hangup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the config");
             match manager.reload().await {
+                Ok(report) if !report.failed.is_empty() => {
+                    tracing::error!("reloaded, but these failed: {}", report.failed.join("; "))
+                }
                 Ok(report) => tracing::info!("reloaded: {report:?}"),
                 Err(error) => tracing::error!("reload refused, nothing changed: {error}"),
             }
@@ -76,9 +89,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     println!("mesh: router listening on unix:{}", config.socket.display());
     let tcp = match tcp {
         Some(tcp) => {
-            let addr = tcp.local_addr().map_err(|source| UpError::Listen {
+            let addr = tcp.local_addr().map_err(|error| UpError::Listen {
                 addr: config.listen.expect("set"),
-                source,
+                error,
             })?;
             println!("mesh: router listening on http://{addr}");
             Some(tcp.into_std().map_err(UpError::Workers)?)
@@ -131,6 +144,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
+/// Runs instances in PID namespaces of their own where this machine allows it (see
+/// [`crate::supervisor::init`]); says once why not where it does not.
+fn isolating(supervisor: Supervisor) -> Supervisor {
+    let program = match std::env::current_exe() {
+        Ok(program) => program,
+        Err(error) => {
+            tracing::warn!(
+                "cannot find the mesh binary ({error}): plugins run without a PID namespace, \
+                 and what they start may outlive mesh up if it is killed"
+            );
+            return supervisor;
+        }
+    };
+    match crate::supervisor::init::probe(&program) {
+        Ok(()) => supervisor.with_init(program),
+        Err(why) => {
+            tracing::warn!(
+                "no PID namespace per instance ({why}): plugins run without one, and what they \
+                 start may outlive mesh up if it is killed; allow user namespaces or run as root"
+            );
+            supervisor
+        }
+    }
+}
+
 /// One line per plugin once its instances settle: all ready, or which are not and why.
 fn report_settled(status: &PluginStatus) {
     let name = &status.config.name;
@@ -148,11 +186,12 @@ fn report_settled(status: &PluginStatus) {
             .instances
             .iter()
             .filter(|s| !matches!(s.state, State::Ready { .. }))
-            .map(|s| format!("{} {}", s.id, s.state))
+            // The reasons were logged as each instance failed: name them, do not repeat them.
+            .map(|s| format!("{} {}", s.id, s.state.name()))
             .collect();
         tracing::error!(
-            "plugin {name}: {ready}/{total} instances ready as {service}; {}",
-            problems.join("; ")
+            "plugin {name}: {ready}/{total} instances ready as {service} ({}); `mesh status` says why",
+            problems.join(", ")
         );
     }
 }

@@ -164,6 +164,18 @@ struct Ended {
     failure: bool,
     /// What happened, for the log and `Failed`.
     reason: String,
+    /// The last lines it wrote to stderr (`last stderr: …`), for a failure.
+    stderr: Option<String>,
+}
+
+impl Ended {
+    /// The reason with what it wrote to stderr.
+    fn full(&self) -> String {
+        match &self.stderr {
+            Some(stderr) => format!("{}; {stderr}", self.reason),
+            None => self.reason.clone(),
+        }
+    }
 }
 
 impl Instance {
@@ -183,7 +195,9 @@ impl Instance {
             };
             if !restart {
                 if ended.failure {
-                    self.fail(ended.reason);
+                    self.set(State::Failed {
+                        reason: ended.full(),
+                    });
                 } else {
                     self.set(State::Exited { exit: ended.reason });
                 }
@@ -199,12 +213,20 @@ impl Instance {
                     failures.pop_front();
                 }
                 if failures.len() >= backoff.max_failures as usize {
-                    self.fail(format!(
-                        "{} failures within {:?}, giving up; last: {}",
+                    // LAST EXIT says how the last run ended: say it here only if it says more.
+                    let last_exit = self.status.borrow().last_exit.clone();
+                    let mut reason = format!(
+                        "{} failures within {:?}, giving up",
                         failures.len(),
-                        backoff.window,
-                        ended.reason
-                    ));
+                        backoff.window
+                    );
+                    if last_exit.as_deref() != Some(ended.reason.as_str()) {
+                        reason = format!("{reason}; last: {}", ended.reason);
+                    }
+                    if let Some(stderr) = &ended.stderr {
+                        reason = format!("{reason}; {stderr}");
+                    }
+                    self.set(State::Failed { reason });
                     return;
                 }
             }
@@ -239,10 +261,13 @@ impl Instance {
                         "cannot start {}: {error}",
                         self.launch.plugin.command.display()
                     ),
+                    stderr: None,
                 });
             }
         };
-        let pid = child.id().unwrap_or_default();
+        // The process group's id: the process started (in a PID namespace, its host side).
+        let group = child.id().unwrap_or_default();
+        let mut pid = group;
         self.status
             .send_modify(|s| s.started = Some(SystemTime::now()));
         self.set(State::Starting { pid });
@@ -260,17 +285,23 @@ impl Instance {
                 .await
                 .ok();
             capture.finish(Duration::from_millis(500)).await;
-            let reason = self.with_stderr(reason);
             self.status
                 .send_modify(|s| s.last_exit = Some(reason.clone()));
-            tracing::error!("{reason}");
-            return Some(Ended {
+            let ended = Ended {
                 failure: true,
                 reason,
-            });
+                stderr: Some(self.stderr_quote()),
+            };
+            tracing::error!("{}", ended.full());
+            return Some(ended);
         }
 
-        let mut lease = self.register();
+        // From here on, the plugin's own pid (registered as the `pid` label, shown by status).
+        pid = self.launch.plugin_pid(group);
+        self.status
+            .send_modify(|s| s.state = State::Starting { pid });
+        // A guard: whatever ends this function, a panic included, takes the entry out.
+        let mut lease = Registration::new(self.registry.clone(), self.register());
         let ready_at = Instant::now();
         self.set(State::Ready { pid });
         let mut health = health_client(&self.launch);
@@ -292,7 +323,7 @@ impl Instance {
                     if check(&mut health).await == Some(ServingStatus::Serving) {
                         if failures > 0 {
                             failures = 0;
-                            lease = self.register();
+                            lease.set(self.register());
                             self.set(State::Ready { pid });
                         }
                         continue;
@@ -308,15 +339,15 @@ impl Instance {
                         capture.finish(Duration::from_millis(500)).await;
                         let reason = format!("instance {} failed {failures} health checks in a row", self.launch.id);
                         tracing::warn!("{reason}");
-                        return Some(Ended { failure: true, reason });
+                        return Some(Ended { failure: true, reason, stderr: None });
                     }
                 }
             }
         };
-        if let Some(lease) = lease {
+        if let Some(lease) = lease.take() {
             self.registry.deregister(lease);
         }
-        process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        process::signal_group(group, nix::sys::signal::Signal::SIGKILL);
         process::remove_socket(&self.launch.plugin.socket(&self.launch.id));
         if ready_at.elapsed() >= self.launch.plugin.backoff.reset_after {
             *attempt = 0;
@@ -328,15 +359,19 @@ impl Instance {
         };
         self.status
             .send_modify(|s| s.last_exit = Some(exit.clone()));
-        let reason = if failure {
-            self.with_stderr(format!("instance {} {exit}", self.launch.id))
-        } else {
-            exit
+        let ended = Ended {
+            failure,
+            reason: if failure {
+                format!("instance {} {exit}", self.launch.id)
+            } else {
+                exit
+            },
+            stderr: failure.then(|| self.stderr_quote()),
         };
         if failure {
-            tracing::warn!("{reason}");
+            tracing::warn!("{}", ended.full());
         }
-        Some(Ended { failure, reason })
+        Some(ended)
     }
 
     /// Polls health until SERVING; fails when the process exits or the deadline passes.
@@ -418,25 +453,76 @@ impl Instance {
         process::remove_socket(&self.launch.plugin.socket(&self.launch.id));
     }
 
-    fn with_stderr(&self, reason: String) -> String {
+    /// `last stderr: a (×5) | b`: the last lines it wrote, a line repeated in a row said once.
+    fn stderr_quote(&self) -> String {
         let tail = self
             .logs
             .tail(&self.launch.id, Stream::Stderr, QUOTED_LINES);
         if tail.is_empty() {
-            format!("{reason}; it wrote nothing to stderr")
+            "it wrote nothing to stderr".into()
         } else {
-            format!("{reason}; last stderr: {}", tail.join(" | "))
+            format!("last stderr: {}", quote(&tail))
         }
     }
 
-    fn fail(&self, reason: String) {
-        tracing::error!("{}: failed: {reason}", self.launch.id);
-        self.set(State::Failed { reason });
+    /// Moves to `state` and logs it once (the span names the instance), as an error if it
+    /// is a failure.
+    fn set(&self, state: State) {
+        if matches!(state, State::Failed { .. }) {
+            tracing::error!("{state}");
+        } else {
+            tracing::info!("{state}");
+        }
+        self.status.send_modify(|s| s.state = state);
+    }
+}
+
+/// Lines joined with ` | `, a line repeated in a row said once with its count: `a (×5) | b`.
+fn quote(lines: &[String]) -> String {
+    let mut runs: Vec<(&str, usize)> = Vec::new();
+    for line in lines {
+        match runs.last_mut() {
+            Some((last, count)) if *last == line.as_str() => *count += 1,
+            _ => runs.push((line, 1)),
+        }
+    }
+    runs.iter()
+        .map(|(line, count)| match count {
+            1 => (*line).to_owned(),
+            n => format!("{line} (×{n})"),
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// A registered instance's lease: deregistered when dropped, so that an instance task that ends
+/// in any way, a panic included, never leaves its entry behind.
+struct Registration {
+    registry: Registry,
+    lease: Option<mesh_router::registry::LeaseId>,
+}
+
+impl Registration {
+    fn new(registry: Registry, lease: Option<mesh_router::registry::LeaseId>) -> Self {
+        Self { registry, lease }
     }
 
-    fn set(&self, state: State) {
-        tracing::info!("{}: {state}", self.launch.id);
-        self.status.send_modify(|s| s.state = state);
+    fn take(&mut self) -> Option<mesh_router::registry::LeaseId> {
+        self.lease.take()
+    }
+
+    fn set(&mut self, lease: Option<mesh_router::registry::LeaseId>) {
+        if let Some(old) = std::mem::replace(&mut self.lease, lease) {
+            self.registry.deregister(old);
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.registry.deregister(lease);
+        }
     }
 }
 
@@ -472,6 +558,14 @@ fn delay(base: Duration, max: Duration, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_stderr_lines_are_quoted_once_with_their_count() {
+        let lines = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(quote(&lines(&["a", "a", "a", "a", "a"])), "a (×5)");
+        assert_eq!(quote(&lines(&["a", "a", "b", "a"])), "a (×2) | b | a");
+        assert_eq!(quote(&lines(&["x"])), "x");
+    }
 
     #[test]
     fn backoff_grows_within_jitter_and_stops_at_the_ceiling() {

@@ -2,12 +2,14 @@
 //!
 //! - [`process`]: starting a plugin process (environment, process group, parent-death signal,
 //!   limits, credentials) and stopping it (SIGTERM to the group, SIGKILL after the grace);
+//! - [`init`]: a PID namespace per instance, so that no descendant outlives the manager;
 //! - [`instance`]: one instance's life as a task with an explicit [`State`];
 //! - [`logs`]: captured stdout and stderr.
 //!
 //! Operations on one plugin (start, stop, restart, scale, reload) run one at a time; reading
 //! its status never waits for them.
 
+pub mod init;
 mod instance;
 pub mod logs;
 mod process;
@@ -52,6 +54,9 @@ pub struct Supervisor {
     runtime: tokio::runtime::Handle,
     registry: Registry,
     mesh_socket: PathBuf,
+    /// The `mesh` binary that runs each instance in its own PID namespace ([`init`]); `None`:
+    /// instances run directly.
+    init: Option<PathBuf>,
     plugins: Mutex<BTreeMap<String, Arc<Slot>>>,
 }
 
@@ -110,6 +115,8 @@ pub struct ReloadReport {
     pub scaled: Vec<String>,
     /// Settings that only a new `mesh up` applies.
     pub ignored: Vec<String>,
+    /// Actions that failed (`echo: echo-0 failed: …`); the others were applied.
+    pub failed: Vec<String>,
 }
 
 impl Supervisor {
@@ -121,8 +128,17 @@ impl Supervisor {
             runtime: tokio::runtime::Handle::current(),
             registry,
             mesh_socket,
+            init: None,
             plugins: Mutex::default(),
         }
+    }
+
+    /// Runs each instance through `program __init` (the `mesh` binary), in a PID namespace of
+    /// its own, so that nothing a plugin starts outlives the manager however it dies; see
+    /// [`init`]. Check first with [`init::probe`] that this machine allows it.
+    pub fn with_init(mut self, program: PathBuf) -> Self {
+        self.init = Some(program);
+        self
     }
 
     fn plugins(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Slot>>> {
@@ -182,21 +198,33 @@ impl Supervisor {
             last_exit: None,
         });
         let (stop, stop_rx) = watch::channel(false);
+        let watchdog = status.clone();
+        let span = tracing::info_span!("instance", plugin = %config.name, instance = %id);
         let instance = Instance {
             launch: Launch {
                 plugin: config.clone(),
                 id,
                 mesh_socket: self.mesh_socket.clone(),
+                init: self.init.clone(),
             },
             registry: self.registry.clone(),
             logs: logs.clone(),
             status,
             stop: stop_rx,
         };
+        let task = async move {
+            use futures_util::FutureExt;
+            let run = std::panic::AssertUnwindSafe(instance.run()).catch_unwind();
+            if let Err(panic) = run.await {
+                ended_unexpectedly(&watchdog, panic.as_ref());
+            }
+        };
         InstanceHandle {
             status: status_rx,
             stop,
-            task: self.runtime.spawn(instance.run()),
+            task: self
+                .runtime
+                .spawn(tracing::Instrument::instrument(task, span)),
         }
     }
 
@@ -359,17 +387,22 @@ impl Supervisor {
         let names: Vec<String> = self.plugins().keys().cloned().collect();
         for name in names {
             if !config.plugins.iter().any(|p| p.name == name) {
-                let _ = self.remove(&name).await;
-                report.removed.push(name);
+                match self.remove(&name).await {
+                    Ok(()) => report.removed.push(name),
+                    Err(error) => report
+                        .failed
+                        .push(format!("{name}: cannot remove: {error}")),
+                }
             }
         }
         for plugin in config.plugins {
             let name = plugin.name.clone();
             let Ok(slot) = self.slot(&name) else {
                 if let Err(error) = self.add(plugin) {
-                    tracing::error!(plugin = %name, %error, "cannot start plugin");
+                    report.failed.push(format!("{name}: cannot start: {error}"));
                     continue;
                 }
+                self.check_settled(&name, &mut report.failed).await;
                 report.added.push(name);
                 continue;
             };
@@ -380,23 +413,47 @@ impl Supervisor {
             };
             if same_but_count != *old {
                 let _op = slot.ops.lock().await;
-                let _ = prepare_socket_dir(&plugin);
+                if let Err(error) = prepare_socket_dir(&plugin) {
+                    // Its instances keep running with the settings they have.
+                    report
+                        .failed
+                        .push(format!("{name}: not restarted: {error}"));
+                    continue;
+                }
                 let count = plugin.instances;
                 slot.run().config = Arc::new(plugin);
                 self.roll(&slot).await;
                 drop(_op);
-                if count != old.instances {
-                    let _ = self.scale(&name, count).await;
+                if count != old.instances
+                    && let Err(error) = self.scale(&name, count).await
+                {
+                    report.failed.push(format!("{name}: cannot scale: {error}"));
                 }
+                self.check_settled(&name, &mut report.failed).await;
                 report.restarted.push(name);
             } else if plugin.instances != old.instances {
                 let count = plugin.instances;
                 slot.run().config = Arc::new(plugin);
-                let _ = self.scale(&name, count).await;
+                match self.scale(&name, count).await {
+                    Ok(_) => self.check_settled(&name, &mut report.failed).await,
+                    Err(error) => report.failed.push(format!("{name}: cannot scale: {error}")),
+                }
                 report.scaled.push(name);
             }
         }
         report
+    }
+
+    /// Adds to `failed` each instance of `name` that did not come up (`name: echo-0 failed: …`).
+    async fn check_settled(&self, name: &str, failed: &mut Vec<String>) {
+        let Ok(status) = self.settled(name).await else {
+            return;
+        };
+        for instance in &status.instances {
+            if !matches!(instance.state, State::Ready { .. }) {
+                failed.push(format!("{name}: {} {}", instance.id, instance.state));
+            }
+        }
     }
 
     /// Stops every instance of every plugin (deregister, SIGTERM, SIGKILL after the grace),
@@ -430,6 +487,29 @@ impl Slot {
     }
 }
 
+/// An instance task that panicked: whatever it was doing, the instance is failed, never left
+/// looking ready. Unwinding has deregistered it (its registration is a guard) and killed its
+/// process (`kill_on_drop`); what that process started goes with its PID namespace, or its
+/// process group where there is none.
+fn ended_unexpectedly(status: &watch::Sender<InstanceStatus>, panic: &(dyn std::any::Any + Send)) {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    let reason = format!(
+        "the supervisor's task for this instance panicked ({what}); stopped it and took it out \
+         of routing; this is a bug in mesh, please report it; `mesh start` tries again"
+    );
+    tracing::error!("failed: {reason}");
+    status.send_modify(|s| {
+        if let Some(pid) = s.state.pid() {
+            process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        s.state = State::Failed { reason };
+    });
+}
+
 /// Completes when the instance's task has ended (its status sender is gone).
 async fn finished(mut status: watch::Receiver<InstanceStatus>) {
     while status.changed().await.is_ok() {}
@@ -448,28 +528,21 @@ async fn stop_all(instances: Vec<InstanceHandle>) {
 /// The socket directory, private, owned by the plugin's user; stale sockets removed.
 fn prepare_socket_dir(config: &PluginConfig) -> Result<(), mesh::runtime::SocketError> {
     let dir = &config.socket_dir;
-    mesh::runtime::create_private_dir(dir)?;
-    if let Some(credentials) = &config.credentials {
-        // The plugin runs as another user: it must be able to pass through the runtime
-        // directory (not list it) to reach its own.
-        if let Some(runtime_dir) = dir.parent() {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o711)).map_err(
-                |source| mesh::runtime::SocketError::Io {
-                    path: runtime_dir.to_owned(),
-                    source,
-                },
-            )?;
+    match &config.credentials {
+        None => mesh::runtime::create_private_dir(dir)?,
+        Some(credentials) => {
+            // The plugin runs as another user: it must be able to pass through the runtime
+            // directory (not list it) to reach its own, which it owns.
+            if let Some(runtime_dir) = dir.parent() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o711))
+                    .map_err(|source| mesh::runtime::SocketError::Io {
+                        path: runtime_dir.to_owned(),
+                        source,
+                    })?;
+            }
+            mesh::runtime::create_private_dir_for(dir, credentials.uid, credentials.gid)?;
         }
-        nix::unistd::chown(
-            dir,
-            Some(nix::unistd::Uid::from_raw(credentials.uid)),
-            Some(nix::unistd::Gid::from_raw(credentials.gid)),
-        )
-        .map_err(|e| mesh::runtime::SocketError::Io {
-            path: dir.clone(),
-            source: e.into(),
-        })?;
     }
     // Sockets a crashed manager left behind; the live ones of a running mesh are refused.
     if let Ok(entries) = std::fs::read_dir(dir) {

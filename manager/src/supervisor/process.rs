@@ -21,6 +21,19 @@ pub(crate) struct Launch {
     pub(crate) plugin: Arc<PluginConfig>,
     pub(crate) id: String,
     pub(crate) mesh_socket: std::path::PathBuf,
+    /// The `mesh` binary, to run the instance in its own PID namespace (`super::init`).
+    pub(crate) init: Option<std::path::PathBuf>,
+}
+
+impl Launch {
+    /// The plugin's own pid, given the pid of the process started for it: the same, unless the
+    /// instance runs in a PID namespace, where it is the plugin under the namespace's init.
+    pub(crate) fn plugin_pid(&self, started: u32) -> u32 {
+        match self.init {
+            Some(_) => super::init::plugin_pid(started).unwrap_or(started),
+            None => started,
+        }
+    }
 }
 
 /// Tasks reading an instance's stdout and stderr.
@@ -47,7 +60,17 @@ pub(crate) fn spawn(launch: &Launch, logs: &Arc<LogBook>) -> io::Result<(Child, 
     if let Err(error) = mesh::runtime::remove_stale_socket(&socket) {
         return Err(io::Error::other(error));
     }
-    let mut command = Command::new(&plugin.command);
+    let mut command = match &launch.init {
+        Some(init) => {
+            let mut command = Command::new(init);
+            command
+                .arg(super::init::INIT_ARG)
+                .arg("--")
+                .arg(&plugin.command);
+            command
+        }
+        None => Command::new(&plugin.command),
+    };
     command
         .args(&plugin.args)
         .envs(&plugin.env)

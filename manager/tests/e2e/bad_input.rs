@@ -130,7 +130,7 @@ async fn a_plugin_that_exits_at_once_fails_with_its_stderr_and_others_keep_servi
         bad.display()
     ))
     .await;
-    let line = mesh.wait_line("bad-0: failed:").await;
+    let line = mesh.wait_line("instance=bad-0}: failed:").await;
     assert!(
         line.contains("instance bad-0 exited with status 3 before it was ready"),
         "{line}"
@@ -151,7 +151,11 @@ async fn a_plugin_that_never_serves_times_out_and_is_stopped() {
     let silent = script(
         dir.path(),
         "silent",
-        &format!("echo $$ > {}\nexec sleep 60", pidfile.display()),
+        // Its pid as the host sees it (`$$` is its pid inside the instance's PID namespace).
+        &format!(
+            "read -r pid rest < /proc/self/stat\necho $pid > {}\nexec sleep 60",
+            pidfile.display()
+        ),
     );
     let mut mesh = Mesh::start(&format!(
         "[[plugin]]\nname = \"echo\"\ncommand = \"{{echo}}\"\n\n\
@@ -159,7 +163,7 @@ async fn a_plugin_that_never_serves_times_out_and_is_stopped() {
         silent.display()
     ))
     .await;
-    let line = mesh.wait_line("silent-0: failed:").await;
+    let line = mesh.wait_line("instance=silent-0}: failed:").await;
     assert!(
         line.contains("instance silent-0 did not report SERVING on"),
         "{line}"

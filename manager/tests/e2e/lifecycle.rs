@@ -95,8 +95,8 @@ async fn sigterm_stops_every_plugin_and_cleans_up() {
     }
     assert!(!mesh.socket.exists(), "the router socket is removed");
     let output = mesh.output();
-    assert!(output.contains("echo-0: stopping"), "{output}");
-    assert!(output.contains("echo-0: stopped"), "{output}");
+    assert!(output.contains("instance=echo-0}: stopping"), "{output}");
+    assert!(output.contains("instance=echo-0}: stopped"), "{output}");
 }
 
 #[tokio::test]

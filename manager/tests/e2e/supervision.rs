@@ -96,7 +96,7 @@ async fn a_killed_instance_restarts_with_a_new_pid_and_is_routed_again() {
 
 /// The restart delays the manager logged for `id`, in order.
 fn delays(output: &str, id: &str) -> Vec<u64> {
-    let needle = format!("{id}: backoff: restarting in ");
+    let needle = format!("instance={id}}}: backoff: restarting in ");
     output
         .lines()
         .filter_map(|l| l.split_once(&needle))
@@ -153,7 +153,7 @@ async fn a_plugin_that_exits_at_once_is_failed_after_n_tries_and_others_are_unto
     ))
     .await;
     let echo = mesh.wait_instances("plugin.echo", 1).await;
-    let line = mesh.wait_line("bad-0: failed:").await;
+    let line = mesh.wait_line("instance=bad-0}: failed:").await;
     assert!(line.contains("3 failures within 60s, giving up"), "{line}");
     assert!(line.contains("last stderr: cannot open database"), "{line}");
 
@@ -205,7 +205,7 @@ async fn an_instance_that_turns_not_serving_leaves_routing_and_is_restarted() {
     kill(echo0.pid, Signal::SIGUSR1);
     let left = mesh.wait_instances("plugin.echo", 1).await;
     assert_eq!(left[0].id, "echo-1", "out of routing at once");
-    mesh.wait_line("echo-0: unhealthy").await;
+    mesh.wait_line("instance=echo-0}: unhealthy").await;
     let back = wait_replaced(&mesh, "plugin.echo", 2, "echo-0", echo0.pid).await;
     mesh.wait_line("instance echo-0 failed 5 health checks in a row")
         .await;

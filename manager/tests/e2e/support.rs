@@ -101,9 +101,27 @@ impl Mesh {
     }
 
     async fn launch(dir: tempfile::TempDir, config: PathBuf) -> Mesh {
-        let mut child = tokio::process::Command::new(mesh_bin())
+        let socket = dir.path().join("run/mesh.sock");
+        Mesh::launch_with(dir, config, socket, |_| {}).await
+    }
+
+    /// Starts `mesh up` in `dir` (with `mesh.toml` written there by [`write_config`]),
+    /// changed by `customize` (more arguments, environment), and waits until it listens on
+    /// `socket`.
+    pub async fn launch_with(
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        socket: PathBuf,
+        customize: impl FnOnce(&mut tokio::process::Command),
+    ) -> Mesh {
+        let mut command = tokio::process::Command::new(mesh_bin());
+        command
             .args(["up", "--config"])
             .arg(&config)
+            // `mesh up` listens on $MESH_SOCKET: never the one of whoever runs the tests.
+            .env_remove("MESH_SOCKET");
+        customize(&mut command);
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -117,11 +135,15 @@ impl Mesh {
         let mesh = Mesh {
             child,
             lines,
-            socket: dir.path().join("run/mesh.sock"),
+            socket,
             dir,
             config,
         };
-        mesh.wait_line("router listening on unix:").await;
+        mesh.wait_line(&format!(
+            "router listening on unix:{}",
+            mesh.socket.display()
+        ))
+        .await;
         mesh
     }
 
@@ -299,7 +321,9 @@ impl Registered {
     }
 }
 
-fn write_config(dir: &tempfile::TempDir, settings: &str, plugins: &str) {
+/// Writes `mesh.toml` into `dir`: its runtime directory `dir/run`, `settings` in `[mesh]`, then
+/// `plugins` (`{echo}` stands for the echo-plugin binary).
+pub fn write_config(dir: &tempfile::TempDir, settings: &str, plugins: &str) {
     let text = format!(
         "[mesh]\nruntime_dir = \"{}\"\n{settings}\n{}",
         dir.path().join("run").display(),

@@ -36,7 +36,7 @@ use retry::{Failure, Idempotent};
 
 use crate::{
     Error,
-    transport::{RecvBody, SendBody, SendError},
+    transport::{CallError, Options, RecvBody, SendBody, SendError},
 };
 
 /// Attempts per call, the first included.
@@ -47,6 +47,8 @@ const MAX_ATTEMPTS: usize = 3;
 pub struct Balancer {
     current: ArcSwap<Current>,
     clock: Clock,
+    /// How new connections behave.
+    options: Options,
 }
 
 /// One consistent view, swapped whole on every change so a call reads it without a lock.
@@ -56,28 +58,35 @@ struct Current {
 }
 
 impl Balancer {
-    /// A balancer over the registered `instances`.
+    /// A balancer over the registered `instances`, as the router uses it: its calls never
+    /// spin (see [`crate::tuning`]); TCP connections send keepalive pings.
     pub fn new(instances: &[Instance]) -> Self {
-        let balancer = Self::empty();
+        Self::with_options(instances, Options::default())
+    }
+
+    /// A balancer over `instances` whose connections behave as `options` say.
+    pub(crate) fn with_options(instances: &[Instance], options: Options) -> Self {
+        let balancer = Self::empty(options);
         balancer.update(instances);
         balancer
     }
 
     /// A balancer over one fixed target (a router, or one plugin socket); nothing is retried
     /// once sent.
-    pub(crate) fn fixed(target: Target) -> Self {
-        let balancer = Self::empty();
+    pub(crate) fn fixed(target: Target, options: Options) -> Self {
+        let balancer = Self::empty(options);
         balancer.set(vec![target], Idempotent::default());
         balancer
     }
 
-    fn empty() -> Self {
+    fn empty(options: Options) -> Self {
         Self {
             current: ArcSwap::from_pointee(Current {
                 endpoints: Vec::new(),
                 idempotent: Idempotent::default(),
             }),
             clock: Clock::new(),
+            options,
         }
     }
 
@@ -95,7 +104,7 @@ impl Balancer {
             .into_iter()
             .map(|target| match known.get(&target) {
                 Some(endpoint) => Arc::clone(endpoint),
-                None => Arc::new(Endpoint::new(target, self.clock)),
+                None => Arc::new(Endpoint::new(target, self.clock, self.options)),
             })
             .collect();
         self.current.store(Arc::new(Current {
@@ -184,7 +193,7 @@ impl Balancer {
             }
             let error = Error::Call {
                 address: endpoint.target.address.clone(),
-                source: error,
+                source: CallError::new(error),
             };
             let again = match failure {
                 Failure::Unprocessed => true,

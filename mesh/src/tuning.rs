@@ -15,13 +15,13 @@
 //! Rules that hold whatever the settings:
 //!
 //! - **Only a call alone spins.** A call spins only while it is the only call in its process
-//!   waiting for its answer's headers ([`Awaiting`]): calls waiting together are not idle, and a
+//!   waiting for its answer's headers (`Awaiting`): calls waiting together are not idle, and a
 //!   spinning call holds its thread, so it would hold the others up.
 //! - **A spin gives way.** A spinning call yields its core after every poll and sleeps as soon as
-//!   another thread has run on that core ([`involuntary_switches`]): that thread — often the
+//!   another thread has run on that core (`involuntary_switches`): that thread — often the
 //!   very peer it waits for — needs the core more.
 //! - **Calls inside the router never spin.** The router's balancers are made without a spin
-//!   window, and a call on a runtime that lingers ([`lingers_here`]) never spins on its own:
+//!   window, and a call on a runtime that lingers (`lingers_here`) never spins on its own:
 //!   the runtime polls while idle without holding up the thread's other calls.
 //! - **Nothing spins on one core** (or a one-CPU quota): there a spinning caller only keeps the
 //!   process it waits for off the CPU (a routed call took 150 µs spinning, 47 µs not).

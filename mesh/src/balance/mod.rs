@@ -5,16 +5,16 @@
 //! instance by the power of two choices over the fewest calls in flight, on one reused HTTP/2
 //! connection per instance.
 //!
-//! - [`endpoint`]: an instance's connection, load and passive health (ejection);
-//! - [`retry`]: which methods are idempotent, and which errors prove a call was never processed;
-//! - [`replay`]: the request body an idempotent call keeps so it can be sent again;
-//! - [`body`]: the request and response bodies of a balanced call.
+//! - `endpoint.rs`: an instance's connection, load and passive health (ejection);
+//! - `retry.rs`: which methods are idempotent, and which errors prove a call was never processed;
+//! - `replay.rs`: the request body an idempotent call keeps so it can be sent again;
+//! - `body.rs`: the request and response bodies of a balanced call.
 //!
 //! A call that never left this process (no connection, or the connection handed it back
 //! unsent) is sent to another instance. A call that may have reached an instance is sent again
 //! only when its method is idempotent; those calls alone keep their request body (up to
-//! [`replay::REPLAY_LIMIT`]) and wait for the first frame of the answer before handing it on,
-//! so that an instance dying between its headers and its message is retried too.
+//! 64 KiB, `replay::REPLAY_LIMIT`) and wait for the first frame of the answer before handing it
+//! on, so that an instance dying between its headers and its message is retried too.
 
 mod body;
 mod endpoint;

@@ -146,7 +146,9 @@ impl Connector {
     /// calls within `interval + timeout`. Default: every
     /// [`KEEPALIVE_INTERVAL`](crate::transport::KEEPALIVE_INTERVAL), timeout
     /// [`KEEPALIVE_TIMEOUT`](crate::transport::KEEPALIVE_TIMEOUT); a zero `interval` sends
-    /// none.
+    /// none. The mesh's router answers any number of PINGs; a server that polices them
+    /// (grpc-go allows one per 5 minutes unless configured) may close the connection with
+    /// `GOAWAY`: lengthen the interval, or turn pings off, for such a server.
     pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
         self.keepalive = (!interval.is_zero()).then_some(Keepalive { interval, timeout });
         self

@@ -156,10 +156,9 @@ impl Sender {
         match answer {
             Ok(response) => Ok(response.map(|stream| RecvBody {
                 stream,
-                shared: self.shared.clone(),
                 spin_until: (!window.is_zero()).then(|| Instant::now() + window),
                 data_done: false,
-                _open: open,
+                open,
                 _cancel: cancel,
             })),
             Err(error) => Err(SendError {
@@ -588,13 +587,13 @@ impl<B: SendBody> Future for Pipe<B> {
 /// The body of an answer: its messages, then its trailers.
 pub(crate) struct RecvBody {
     stream: RecvStream,
-    shared: Arc<Shared>,
     /// The spin window from the headers' arrival, if the connection spins: a body that
     /// follows within it is part of the same answer (a unary message and its trailers); one
     /// that does not is a stream, waited for asleep.
     spin_until: Option<Instant>,
     data_done: bool,
-    _open: Open,
+    /// Counts the call as open on its connection, and holds the connection.
+    open: Open,
     /// Resets the stream when the answer is dropped while the request is still being sent.
     _cancel: Option<CancelOnDrop>,
 }
@@ -624,7 +623,8 @@ impl HttpBody for RecvBody {
         if !this.data_done {
             let stream = &mut this.stream;
             match ready!(
-                this.shared
+                this.open
+                    .0
                     .poll_driving(cx, spin, |cx| stream.poll_data(cx))
             ) {
                 Some(Ok(data)) => {
@@ -638,7 +638,8 @@ impl HttpBody for RecvBody {
         }
         let stream = &mut this.stream;
         let trailers: Option<HeaderMap> = ready!(
-            this.shared
+            this.open
+                .0
                 .poll_driving(cx, spin, |cx| stream.poll_trailers(cx))
         )?;
         Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))

@@ -43,11 +43,16 @@ pub(crate) enum Variant {
     D,
     /// Through nginx (`grpc_pass`), a stock tonic `Channel` on TCP.
     E,
+    /// `mesh::connect` as (b), opted in to spinning ([`OPT_IN_SPIN`]).
+    F,
 }
+
+/// The spin window variant (f) opts in to (`mesh::Connector::spin`).
+pub(crate) const OPT_IN_SPIN: Duration = mesh::tuning::DEFAULT_SPIN;
 
 impl Variant {
     /// Every variant, in table order.
-    pub(crate) const ALL: [Self; 5] = [Self::A, Self::B, Self::C, Self::D, Self::E];
+    pub(crate) const ALL: [Self; 6] = [Self::A, Self::B, Self::C, Self::D, Self::E, Self::F];
 
     /// `a` to `e`.
     pub(crate) fn letter(self) -> &'static str {
@@ -57,6 +62,7 @@ impl Variant {
             Self::C => "c",
             Self::D => "d",
             Self::E => "e",
+            Self::F => "f",
         }
     }
 
@@ -64,10 +70,11 @@ impl Variant {
     pub(crate) fn label(self) -> &'static str {
         match self {
             Self::A => "stock tonic Channel, plugin socket",
-            Self::B => "mesh::connect, direct",
+            Self::B => "mesh::connect, direct (default, no spin)",
             Self::C => "router, Unix socket",
             Self::D => "router, TCP",
             Self::E => "nginx grpc_pass, TCP",
+            Self::F => "mesh::connect, direct, spin opt-in (100 µs)",
         }
     }
 }

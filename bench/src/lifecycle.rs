@@ -78,10 +78,10 @@ pub(crate) async fn crash_to_routed(
     let mesh = MeshUp::start(bins, &spec).await?;
     mesh.wait_registry(READY_DEADLINE, |found| found.len() == 1)
         .await?;
-    let routed = Client::mesh(Channel::to_address(
-        Address::Unix(mesh.socket.clone()),
-        SERVICE,
-    ));
+    let routed = Client::mesh(
+        Channel::to_address(Address::Unix(mesh.socket.clone()), SERVICE)
+            .context("a channel through the router")?,
+    );
     let direct = Client::mesh(
         Connector::local(&mesh.socket)
             .connect(SERVICE)

@@ -63,9 +63,10 @@ struct Cli {
         default_value = "latency,throughput,spawn,crash,registry"
     )]
     parts: Vec<Part>,
-    /// Ways of calling to measure, comma-separated: a stock tonic, b mesh::connect, c router
-    /// Unix, d router TCP, e nginx.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "a,b,c,d,e")]
+    /// Ways of calling to measure, comma-separated: a stock tonic, b mesh::connect (default:
+    /// no spinning), c router Unix, d router TCP, e nginx, f mesh::connect opted in to
+    /// spinning (100 µs).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "a,b,c,d,e,f")]
     variants: Vec<Variant>,
     /// Rounds of latency and throughput measurements, interleaved across the variants
     /// [default: 3; quick: 1].
@@ -151,10 +152,11 @@ pub(crate) struct Settings {
     /// `MESH_BUSY_POLL=1`: the client, the router's workers and the plugin poll instead of
     /// sleeping (the variable reaches `mesh up` and its plugins through the environment).
     pub(crate) busy_poll: bool,
-    /// How long a lone `mesh::connect` call spins on its answer, and a router worker keeps
-    /// polling after a call (`MESH_SPIN_US`, which reaches `mesh up` too; 0: never).
-    #[serde(rename = "spin_us", serialize_with = "as_us")]
-    pub(crate) spin: Duration,
+    /// `MESH_SPIN_US`, if set: the spin window of the client's channels other than (f), which
+    /// spin only when it is set, and the router's linger window (it reaches `mesh up` too;
+    /// unset, the router lingers its default 100 µs). 0: nothing spins or lingers.
+    #[serde(rename = "spin_us", serialize_with = "as_opt_us")]
+    pub(crate) spin: Option<Duration>,
     variants: Vec<Variant>,
     rounds: u32,
     calls: usize,
@@ -179,6 +181,13 @@ fn as_us<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::
     serializer.serialize_f64(duration.as_secs_f64() * 1e6)
 }
 
+fn as_opt_us<S: Serializer>(duration: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => as_us(duration, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
 fn as_ms<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_f64(duration.as_secs_f64() * 1000.0)
 }
@@ -192,8 +201,8 @@ impl Settings {
         let settings = Self {
             quick,
             runtime: cli.runtime,
-            busy_poll: mesh::runtime::busy_poll_from_env(),
-            spin: mesh::runtime::spin(),
+            busy_poll: mesh::tuning::busy_poll_from_env(),
+            spin: mesh::tuning::spin_from_env(),
             variants,
             rounds: cli.rounds.unwrap_or(choose(quick, 3, 1)),
             calls: cli.calls.unwrap_or(choose(quick, 2000, 300)),
@@ -315,7 +324,7 @@ fn main() -> ExitCode {
     };
     // Dropping `run` on a signal stops every child process it started (their guards' Drop).
     let outcome = runtime.block_on(async {
-        let polling = settings.busy_poll.then(mesh::runtime::busy_poll);
+        let polling = settings.busy_poll.then(mesh::tuning::busy_poll);
         let _stop_polling = abort_on_drop(polling);
         tokio::select! {
             result = run(&cli, settings) => Some(result),

@@ -127,7 +127,7 @@ impl MeshUp {
 
     /// A channel to the router's own API.
     pub(crate) fn router(&self) -> Channel {
-        Channel::to_address(Address::Unix(self.socket.clone()), "localhost")
+        Channel::to_server(Address::Unix(self.socket.clone()))
     }
 
     /// Watches the registry (`mesh.v1.Registry/Watch` on the router) until `done` holds for the
@@ -240,7 +240,7 @@ fn config_text(bins: &Bins, spec: &MeshSpec, dir: &Path) -> String {
     if spec.tcp {
         text.push_str("listen = \"127.0.0.1:0\"\n");
     }
-    if mesh::runtime::busy_poll_from_env() {
+    if mesh::tuning::busy_poll_from_env() {
         text.push_str("busy_poll = true\n");
     }
     text.push_str(&format!(

@@ -246,6 +246,14 @@ impl Report {
                 ratio <= 0.6,
             )
         });
+        let spinning = a.zip(self.median_us(F)).map(|(a, f)| {
+            let ratio = f / a;
+            (
+                format!("(f) {f:.1} µs / (a) {a:.1} µs"),
+                ratio,
+                ratio <= 0.6,
+            )
+        });
         let added = match (a, b, c, e) {
             (Some(a), Some(b), Some(c), Some(e)) => {
                 let (router, nginx) = (c - b, e - a);
@@ -286,6 +294,11 @@ impl Report {
                 "direct call: (b) median ≤ 0.6 × (a) median",
                 "≤ 0.6",
                 direct,
+            ),
+            Target::new(
+                "direct call, spin opted in: (f) median ≤ 0.6 × (a) median",
+                "≤ 0.6",
+                spinning,
             ),
             Target::new(
                 "router's added median (c − b) ≤ 0.35 × nginx's (e − a)",
@@ -602,7 +615,7 @@ impl Report {
                processes)\n\
              - Client: Tokio {} runtime{}; {MESSAGE_BYTES}-byte messages; plugins run by the release \
                `mesh up`, one echo instance serving every way of calling\n\
-             - Spin window (`MESH_SPIN_US`, for the client and `mesh up`): {}\n\
+             - Spin (`MESH_SPIN_US`, for the client and `mesh up`): {}\n\
              - nginx: {}\n",
             self.command,
             self.date,
@@ -619,14 +632,22 @@ impl Report {
             } else {
                 ""
             },
-            if s.spin.is_zero() {
-                "0 (no spinning: every wait sleeps)".to_owned()
-            } else {
-                format!(
-                    "{} µs (a `mesh::connect` call alone in the process polls its connection that \
-                     long before sleeping; router workers keep polling that long after a call)",
-                    s.spin.as_micros()
-                )
+            match s.spin {
+                None => format!(
+                    "unset: the client's channels do not spin except (f), which opts in to {} µs \
+                     (`Connector::spin`: a call alone in the process polls its connection that \
+                     long before sleeping); router workers linger their default 100 µs after a call",
+                    crate::calls::OPT_IN_SPIN.as_micros()
+                ),
+                Some(spin) if spin.is_zero() => {
+                    "0: nothing lingers, and only (f) spins (it opts in)".to_owned()
+                }
+                Some(spin) => format!(
+                    "{} µs: every `mesh` channel of the client spins that long on a lone call's \
+                     answer ((f) {} µs), and router workers keep polling that long after a call",
+                    spin.as_micros(),
+                    crate::calls::OPT_IN_SPIN.as_micros()
+                ),
             },
             m.nginx.as_deref().unwrap_or("not run")
         );
@@ -645,8 +666,9 @@ const METHOD: &str = r#"
 - **(a)** is what a Rust user writes without this project: tonic's `Channel`
   (`Endpoint::connect_with_connector` over `UnixStream`) on the instance's socket. **(b)** is
   `mesh::connect("plugin.echo")`: it resolves through the router's `Registry.Watch` and then calls
-  the instance's socket itself. **(c)** and **(d)** send every call through the router, on its
-  Unix socket and on TCP (`listen = "127.0.0.1:0"`). **(e)** is Debian's nginx with `grpc_pass`
+  the instance's socket itself, with the library's defaults (no spinning). **(f)** is the same
+  with spinning opted in (`Connector::spin(100 µs)`). **(c)** and **(d)** send every call
+  through the router, on its Unix socket and on TCP (`listen = "127.0.0.1:0"`). **(e)** is Debian's nginx with `grpc_pass`
   to the same instance socket over an upstream `keepalive` pool (1024 idle connections, as
   nginx opens one upstream connection per call in flight; `http2_max_concurrent_streams 1024`),
   reached by tonic's `Channel` on TCP. nginx recycles the client's connection every 10 000

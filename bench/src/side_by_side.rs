@@ -81,17 +81,27 @@ pub(crate) async fn run(
                     .await
                     .context("mesh::connect")?,
             ),
-            Variant::C => Client::mesh(Channel::to_address(
-                Address::Unix(mesh.socket.clone()),
-                SERVICE,
-            )),
+            Variant::C => Client::mesh(
+                Channel::to_address(Address::Unix(mesh.socket.clone()), SERVICE)
+                    .context("a channel through the router")?,
+            ),
             Variant::D => {
                 let addr = mesh
                     .tcp
                     .clone()
                     .context("mesh up did not print its TCP address")?;
-                Client::mesh(Channel::to_address(Address::Tcp(addr), SERVICE))
+                Client::mesh(
+                    Channel::to_address(Address::Tcp(addr), SERVICE)
+                        .context("a channel through the router")?,
+                )
             }
+            Variant::F => Client::mesh(
+                Connector::local(&mesh.socket)
+                    .spin(calls::OPT_IN_SPIN)
+                    .connect(SERVICE)
+                    .await
+                    .context("mesh::connect with spinning")?,
+            ),
             Variant::E => match start_nginx(&plugin, report).await {
                 Some((started, client)) => {
                     nginx = Some(started);

@@ -7,7 +7,8 @@
 //! For tests of deadlines, cancellation and flow control, a request may carry
 //! `x-echo-delay-ms: N`: `Echo` waits N ms before answering, `Expand` waits N ms before each
 //! reply. A call dropped by its caller before it finished is logged to stderr
-//! (`Echo cancelled after N ms`, `Expand cancelled after N replies`).
+//! (`Echo cancelled after N ms`, `Expand cancelled after N replies`, `Chat cancelled after N
+//! replies`).
 
 use std::{
     io::IsTerminal,
@@ -122,14 +123,57 @@ impl Echo for EchoService {
         &self,
         request: Request<Streaming<EchoRequest>>,
     ) -> Result<Response<ReplyStream>, Status> {
-        let instance = self.instance.clone();
-        let replies = request.into_inner().map(move |request| {
-            request.map(|r| EchoReply {
-                message: r.message,
-                instance: instance.to_string(),
-            })
-        });
-        Ok(Response::new(Box::pin(replies)))
+        Ok(Response::new(Box::pin(ChatReplies {
+            requests: request.into_inner(),
+            instance: self.instance.clone(),
+            sent: 0,
+            ended: false,
+        })))
+    }
+}
+
+/// `Chat`'s replies, one per request as it comes; dropped before the caller ended its side
+/// (the caller reset the stream, or its deadline passed), it logs how far it got.
+struct ChatReplies {
+    requests: Streaming<EchoRequest>,
+    instance: Arc<str>,
+    sent: u32,
+    /// The caller's requests ended (or failed): the chat is over either way.
+    ended: bool,
+}
+
+impl Stream for ChatReplies {
+    type Item = Result<EchoReply, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = Pin::new(&mut self.requests).poll_next(cx);
+        match polled {
+            Poll::Ready(Some(Ok(request))) => {
+                self.sent += 1;
+                Poll::Ready(Some(Ok(EchoReply {
+                    message: request.message,
+                    instance: self.instance.to_string(),
+                })))
+            }
+            Poll::Ready(Some(Err(status))) => {
+                // A reset reaches the handler as an error on the requests: that is the
+                // cancellation, logged on drop.
+                Poll::Ready(Some(Err(status)))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for ChatReplies {
+    fn drop(&mut self) {
+        if !self.ended {
+            tracing::info!("Chat cancelled after {} replies", self.sent);
+        }
     }
 }
 

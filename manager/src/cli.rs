@@ -11,10 +11,7 @@ use mesh_proto::mesh::v1::{
 use serde::Serialize;
 
 fn client(socket: &Path) -> ManagerClient<Channel> {
-    ManagerClient::new(Channel::to_address(
-        Address::Unix(socket.to_owned()),
-        "localhost",
-    ))
+    ManagerClient::new(Channel::to_server(Address::Unix(socket.to_owned())))
 }
 
 /// Turns a failed call into one line: what the manager said, or how to reach it.

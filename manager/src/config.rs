@@ -15,7 +15,7 @@ use std::{
 use mesh::{
     ServiceName, labels,
     plugin::{self, MAX_MESSAGE_SIZE_VAR},
-    runtime,
+    runtime, tuning,
 };
 use mesh_router::Limits;
 use serde::Deserialize;
@@ -42,7 +42,7 @@ pub struct Config {
     /// Router workers poll their sockets instead of sleeping: lower latency, one busy core each.
     pub busy_poll: bool,
     /// How long a router worker keeps polling after a call before it sleeps
-    /// ([`mesh::runtime::set_spin`], [`mesh::runtime::linger`]); zero: never.
+    /// ([`mesh::tuning::set_linger`], [`mesh::tuning::linger`]); zero: never.
     pub spin: Duration,
     /// The largest gRPC message plugins accept and send, in bytes; handed to each plugin as
     /// `MESH_MAX_MESSAGE_SIZE` (the router itself streams messages without a limit of its own).
@@ -402,7 +402,7 @@ impl File<'_> {
         };
         let spin = match &mesh.spin {
             // Not the process's current window: a reload that drops the key goes back to this.
-            None => runtime::spin_from_env(),
+            None => tuning::linger_from_env(),
             Some(text) => humantime::parse_duration(text.get_ref())
                 .ok()
                 .filter(|d| *d <= MAX_SPIN)
@@ -412,7 +412,7 @@ impl File<'_> {
                         format!(
                             "spin = {:?}: write a duration up to 1ms such as \"100us\", or \"0s\" to never spin (default {:?})",
                             text.get_ref(),
-                            runtime::DEFAULT_SPIN
+                            tuning::DEFAULT_SPIN
                         ),
                     )
                 })?,

@@ -99,7 +99,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
     let listener = listener.into_std().map_err(UpError::Workers)?;
-    mesh::runtime::set_spin(config.spin);
+    mesh::tuning::set_linger(config.spin);
     let workers = router
         .spawn_workers(
             config.router_threads,

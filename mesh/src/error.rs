@@ -2,7 +2,10 @@
 
 use std::{io, path::PathBuf};
 
-use crate::{name::InvalidName, transport::Address};
+use crate::{
+    name::InvalidName,
+    transport::{Address, CallError, InvalidAddress},
+};
 
 /// Errors from connecting to and calling services through the mesh.
 #[derive(Debug, thiserror::Error)]
@@ -25,9 +28,9 @@ pub enum Error {
     Call {
         /// The instance's address.
         address: Address,
-        /// Why.
+        /// Why: the stream's error; its gRPC status and HTTP/2 cause are in its `source()` chain.
         #[source]
-        source: h2::Error,
+        source: CallError,
     },
     /// The router could not be reached or refused to resolve.
     #[error(
@@ -48,6 +51,18 @@ pub enum Error {
     /// The request could not be addressed.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A channel was asked to send an `:authority` that is not one.
+    #[error("invalid authority {0:?}: expected a service name such as plugin.echo (or host:port)")]
+    InvalidAuthority(String),
+    /// The environment names a router by something that is not an address.
+    #[error("{variable}: {source}")]
+    InvalidRouter {
+        /// The variable (`MESH_ROUTER`).
+        variable: &'static str,
+        /// Why its value is not an address.
+        #[source]
+        source: InvalidAddress,
+    },
 }
 
 impl Error {
@@ -59,9 +74,10 @@ impl Error {
             | Self::Connect { .. }
             | Self::Call { .. }
             | Self::Router { .. } => tonic::Status::unavailable(message),
-            Self::InvalidName(_) | Self::InvalidRequest(_) => {
-                tonic::Status::invalid_argument(message)
-            }
+            Self::InvalidName(_)
+            | Self::InvalidRequest(_)
+            | Self::InvalidAuthority(_)
+            | Self::InvalidRouter { .. } => tonic::Status::invalid_argument(message),
         }
     }
 }

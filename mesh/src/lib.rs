@@ -16,10 +16,14 @@
 //! - [`connect`] and [`Channel`]: a balanced channel to a service, for any tonic client;
 //! - [`plugin`]: the SDK plugin authors serve with;
 //! - [`runtime`]: where sockets live, and binding them safely;
+//! - [`tuning`]: every latency knob — client spinning (opt-in), the router's linger, busy
+//!   polling — with its default and its cost;
+//! - [`backoff`]: exponential backoff with jitter, for whatever tries again;
 //! - [`labels`]: the registry labels with a meaning to the mesh;
 //! - [`balance`] and [`transport`]: the balancer and HTTP/2 client under every [`Channel`],
 //!   which the router (the `mesh-router` crate, not linked by applications) forwards with too.
 
+pub mod backoff;
 pub mod balance;
 mod client;
 mod error;
@@ -29,9 +33,10 @@ pub mod plugin;
 pub mod reflection;
 pub mod runtime;
 pub mod transport;
+pub mod tuning;
 
 pub use balance::ResponseBody;
 pub use client::{Channel, Connector, MESH_ROUTER, connect};
 pub use error::Error;
 pub use name::{InvalidName, ServiceName};
-pub use transport::{Address, InvalidAddress};
+pub use transport::{Address, CallError, InvalidAddress};

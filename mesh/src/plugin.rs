@@ -20,7 +20,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{runtime, transport};
+use crate::{runtime, transport, tuning};
 
 /// The socket the plugin must listen on.
 pub const PLUGIN_SOCKET: &str = "PLUGIN_SOCKET";
@@ -271,7 +271,7 @@ impl Plugin {
         }
         let maintenance = maintenance.map(|m| tokio::spawn(m(health.clone(), statuses.clone())));
         // Opt-in: the manager's config sets MESH_BUSY_POLL=1 in the plugin's env.
-        let polling = runtime::busy_poll_from_env().then(runtime::busy_poll);
+        let polling = tuning::busy_poll_from_env().then(tuning::busy_poll);
         tracing::info!(
             socket = %self.socket.display(),
             instance = %self.instance,

@@ -15,13 +15,8 @@ use std::{
     fs, io,
     os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
 };
 
-use futures_util::task::AtomicWaker;
 use tokio::net::UnixListener;
 
 /// Longest socket path, in bytes, that fits `sockaddr_un.sun_path` (108 bytes with its NUL).
@@ -72,111 +67,6 @@ pub enum SocketError {
         #[source]
         source: io::Error,
     },
-}
-
-pub use crate::transport::client::{DEFAULT_SPIN, MESH_SPIN_US, set_spin, spin, spin_from_env};
-
-/// Environment variable: `1` makes plugins built with the SDK busy-poll (see [`busy_poll`]).
-pub const MESH_BUSY_POLL: &str = "MESH_BUSY_POLL";
-
-/// Whether `MESH_BUSY_POLL=1` is set.
-pub fn busy_poll_from_env() -> bool {
-    std::env::var(MESH_BUSY_POLL).is_ok_and(|v| v == "1")
-}
-
-/// Keeps the current thread's runtime from ever going to sleep: a task that yields forever,
-/// so the runtime polls its sockets between other tasks instead of parking in `epoll_wait`.
-///
-/// A call then costs no thread wake-ups on this side (on the 2-core VM a direct call fell
-/// from 34 to 17 µs with client and plugin both polling), at the price of one core kept
-/// busy while idle. Use it on a single-threaded runtime, on a machine with a core to spare for
-/// each polling thread; abort the handle to stop.
-pub fn busy_poll() -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async {
-        loop {
-            tokio::task::yield_now().await;
-        }
-    })
-}
-
-/// Keeps the current thread's runtime polling its sockets, instead of sleeping in
-/// `epoll_wait`, for the [`spin`] window after each [`linger_touch`] on this thread: a server
-/// that has just answered a call stays awake for the caller's next one, as Go's scheduler
-/// spins before it parks. Idle for longer than the window, it sleeps as any runtime does, so
-/// it costs CPU only right after work. For single-threaded runtimes (the router's workers);
-/// abort the handle to stop.
-pub fn linger() -> tokio::task::JoinHandle<()> {
-    let state = Arc::new(Linger {
-        since: std::time::Instant::now(),
-        last: AtomicU64::new(0),
-        waker: AtomicWaker::new(),
-    });
-    LINGER.with(|linger| *linger.borrow_mut() = Some(state.clone()));
-    tokio::spawn(async move {
-        loop {
-            if state.active() {
-                // Let a thread waiting for this core run: on a small machine, the plugin this
-                // worker waits for (on the 2-core VM, without it calls through the router
-                // took 90–170 µs instead of 35–40 in 6 runs of 8).
-                std::thread::yield_now();
-                tokio::task::yield_now().await;
-                continue;
-            }
-            std::future::poll_fn(|cx| {
-                state.waker.register(cx.waker());
-                if state.active() {
-                    std::task::Poll::Ready(())
-                } else {
-                    std::task::Poll::Pending
-                }
-            })
-            .await;
-        }
-    })
-}
-
-/// Marks work on this thread: a runtime set up with [`linger`] keeps polling for the spin
-/// window from now. Does nothing on other threads.
-pub fn linger_touch() {
-    LINGER.with(|linger| {
-        if let Some(state) = linger.borrow().as_ref() {
-            state.touch();
-        }
-    });
-}
-
-/// Whether this thread's runtime lingers ([`linger`]): a call waiting here lets the runtime
-/// poll, rather than spinning in its own task and holding up the thread's other calls.
-pub(crate) fn lingers_here() -> bool {
-    LINGER.with(|linger| linger.borrow().is_some())
-}
-
-thread_local! {
-    static LINGER: std::cell::RefCell<Option<Arc<Linger>>> = const { std::cell::RefCell::new(None) };
-}
-
-/// When this thread last worked, and its lingering task.
-struct Linger {
-    since: std::time::Instant,
-    /// Nanoseconds after `since` of the last touch.
-    last: AtomicU64,
-    waker: AtomicWaker,
-}
-
-impl Linger {
-    fn now(&self) -> u64 {
-        self.since.elapsed().as_nanos() as u64
-    }
-
-    fn touch(&self) {
-        self.last.store(self.now(), Ordering::Relaxed);
-        self.waker.wake();
-    }
-
-    fn active(&self) -> bool {
-        let window = spin().as_nanos() as u64;
-        window > 0 && self.now().saturating_sub(self.last.load(Ordering::Relaxed)) < window
-    }
 }
 
 /// The default runtime directory: `$XDG_RUNTIME_DIR/mesh`, else `$TMPDIR/mesh-<uid>`.
@@ -362,41 +252,6 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_busy_polling_runtime_still_serves_sockets_and_stops_polling_when_asked() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let polling = busy_poll();
-            let (mut a, mut b) = tokio::net::UnixStream::pair().unwrap();
-            let echo = tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut byte = [0u8; 1];
-                for _ in 0..100 {
-                    b.read_exact(&mut byte).await.unwrap();
-                    b.write_all(&byte).await.unwrap();
-                }
-            });
-            let round_trips = async {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut byte = [0u8; 1];
-                for i in 0..100u8 {
-                    a.write_all(&[i]).await.unwrap();
-                    a.read_exact(&mut byte).await.unwrap();
-                    assert_eq!(byte[0], i);
-                }
-            };
-            tokio::time::timeout(std::time::Duration::from_secs(10), round_trips)
-                .await
-                .expect("sockets are served while the runtime polls");
-            echo.await.unwrap();
-            polling.abort();
-            assert!(polling.await.unwrap_err().is_cancelled());
-        });
-    }
 
     #[test]
     fn too_long_paths_are_named_with_the_fix() {

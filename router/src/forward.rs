@@ -226,15 +226,15 @@ impl Router {
 impl Inner {
     async fn handle(&self, request: Request<Incoming>) -> Response<RouterBody> {
         // A worker serving one call at a time stays awake for the next one (see
-        // `runtime::linger`); under load it has work enough, and lingering would only take
+        // `mesh::tuning::linger`); under load it has work enough, and lingering would only take
         // CPU time from the clients and plugins beside it.
         let handling = Handling::enter();
         if handling.alone {
-            mesh::runtime::linger_touch();
+            mesh::tuning::linger_touch();
         }
         let response = self.route(request).await;
         if handling.alone {
-            mesh::runtime::linger_touch();
+            mesh::tuning::linger_touch();
         }
         response
     }

@@ -27,7 +27,7 @@ impl Router {
     /// true, each thread with its own single-threaded runtime and instance connections.
     ///
     /// With `busy_poll` each worker polls its sockets instead of sleeping
-    /// ([`mesh::runtime::busy_poll`]): no wake-up per call, one core busy per worker.
+    /// ([`mesh::tuning::busy_poll`]): no wake-up per call, one core busy per worker.
     pub fn spawn_workers(
         &self,
         threads: usize,
@@ -70,9 +70,9 @@ fn serve(
     runtime.block_on(async move {
         let router = router.for_this_thread();
         let _polling = AbortOnDrop(if busy_poll {
-            mesh::runtime::busy_poll()
+            mesh::tuning::busy_poll()
         } else {
-            mesh::runtime::linger()
+            mesh::tuning::linger()
         });
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;

@@ -528,7 +528,7 @@ impl Drop for Registration {
 
 fn health_client(launch: &Launch) -> HealthClient<Channel> {
     let socket = launch.plugin.socket(&launch.id);
-    HealthClient::new(Channel::to_address(Address::Unix(socket), "localhost"))
+    HealthClient::new(Channel::to_server(Address::Unix(socket)))
 }
 
 /// Completes once a stop is asked for (at once if it already was).
@@ -550,9 +550,7 @@ pub(crate) async fn check(health: &mut HealthClient<Channel>) -> Option<ServingS
 /// Exponential backoff with "equal jitter": half the delay fixed, half random, so restarts of
 /// many instances spread out while the delay still grows.
 fn delay(base: Duration, max: Duration, attempt: u32) -> Duration {
-    let exp = base.saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX));
-    let capped = exp.min(max);
-    capped / 2 + capped.mul_f64(fastrand::f64() / 2.0)
+    mesh::backoff::Backoff::new(base, max, mesh::backoff::Jitter::Equal).delay(attempt)
 }
 
 #[cfg(test)]

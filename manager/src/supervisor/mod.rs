@@ -383,7 +383,7 @@ impl Supervisor {
             );
         }
         // The spin window is read on every call: it applies at once.
-        mesh::runtime::set_spin(config.spin);
+        mesh::tuning::set_linger(config.spin);
         let names: Vec<String> = self.plugins().keys().cloned().collect();
         for name in names {
             if !config.plugins.iter().any(|p| p.name == name) {

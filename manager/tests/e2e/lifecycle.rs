@@ -32,7 +32,7 @@ async fn starts_two_instances_that_serve_and_are_registered() {
             instance.id,
             instance.pid
         );
-        let channel = Channel::to_address(Address::Unix(instance.socket()), "localhost");
+        let channel = Channel::to_server(Address::Unix(instance.socket()));
         let mut health = HealthClient::new(channel);
         for service in ["", "echo.v1.Echo"] {
             let status = health

@@ -3,6 +3,7 @@
 #![allow(unreachable_pub)] // a test crate: nothing here is exported
 
 mod bad_input;
+mod cancel;
 mod hardening;
 mod lifecycle;
 mod router;

@@ -55,7 +55,7 @@ const CLIENT_LIMIT: usize = 16 << 20;
 /// A client through the router's TCP listener, addressing `plugin.echo` by `:authority`.
 async fn via_tcp(mesh: &Mesh) -> EchoClient<Channel> {
     let address: Address = mesh.tcp_address().await.parse().unwrap();
-    client(Channel::to_address(address, "plugin.echo"))
+    client(Channel::to_address(address, "plugin.echo").unwrap())
 }
 
 fn client(channel: Channel) -> EchoClient<Channel> {
@@ -384,10 +384,7 @@ async fn an_instance_registered_under_load_receives_calls_through_the_router_and
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut health = HealthClient::new(Channel::to_address(
-        Address::Unix(socket.clone()),
-        "localhost",
-    ));
+    let mut health = HealthClient::new(Channel::to_server(Address::Unix(socket.clone())));
     let deadline = Instant::now() + DEADLINE;
     loop {
         let check = health.check(HealthCheckRequest::default()).await;
@@ -511,7 +508,7 @@ async fn overload_is_resource_exhausted_at_once_and_the_router_keeps_serving() {
 
     // The router's own API is not counted: it answers while forwarding is full.
     let address: Address = mesh.tcp_address().await.parse().unwrap();
-    let mut registry = RegistryClient::new(Channel::to_address(address, "localhost"));
+    let mut registry = RegistryClient::new(Channel::to_server(address));
     let listed = registry.list(ListRequest {}).await.unwrap().into_inner();
     assert_eq!(listed.services.len(), 1);
 
@@ -571,7 +568,8 @@ async fn busy_polling_router_and_plugin_still_route_every_kind_of_call() {
     )
     .await;
     let plugin = mesh.wait_instances("plugin.echo", 1).await[0].pid;
-    let through_router = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo");
+    let through_router =
+        Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo").unwrap();
     all_four_kinds(&mut EchoClient::new(through_router)).await;
     all_four_kinds(&mut EchoClient::new(mesh.connect("plugin.echo").await)).await;
 
@@ -591,7 +589,8 @@ async fn a_router_lingers_only_after_calls_and_sleeps_when_idle() {
     // and a caller alone spins on its answer; neither changes what a call returns.
     let mesh = Mesh::start_with("router_threads = 1\n", ONE_ECHO).await;
     mesh.wait_instances("plugin.echo", 1).await;
-    let through_router = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo");
+    let through_router =
+        Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo").unwrap();
     all_four_kinds(&mut EchoClient::new(through_router.clone())).await;
     let mut echo_client = EchoClient::new(through_router);
     for n in 0..200 {
@@ -612,7 +611,8 @@ async fn a_router_lingers_only_after_calls_and_sleeps_when_idle() {
 async fn a_router_that_never_spins_still_routes_every_kind_of_call() {
     let mesh = Mesh::start_with("spin = \"0s\"\n", ONE_ECHO).await;
     mesh.wait_instances("plugin.echo", 1).await;
-    let through_router = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo");
+    let through_router =
+        Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo").unwrap();
     all_four_kinds(&mut EchoClient::new(through_router)).await;
 }
 

@@ -121,17 +121,15 @@ async fn connect_spreads_calls_across_instances_and_streams_work() {
 async fn the_router_forwards_every_kind_of_call_with_metadata_and_trailers() {
     let mesh = Mesh::start(TWO_ECHOES).await;
     mesh.wait_instances("plugin.echo", 2).await;
-    let through_router = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo");
+    let through_router =
+        Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo").unwrap();
     let mut client = EchoClient::new(through_router.clone());
     all_four_kinds(&mut client).await;
 
     metadata_and_trailers_round_trip(&mut client).await;
 
     // The mesh-service header routes as well as the authority does.
-    let mut by_header = EchoClient::new(Channel::to_address(
-        Address::Unix(mesh.socket.clone()),
-        "localhost",
-    ));
+    let mut by_header = EchoClient::new(Channel::to_server(Address::Unix(mesh.socket.clone())));
     let mut request = Request::new(echo("by header"));
     request
         .metadata_mut()
@@ -146,7 +144,7 @@ async fn the_router_forwards_every_kind_of_call_with_metadata_and_trailers() {
 async fn an_unknown_service_is_unavailable_and_named() {
     let mesh = Mesh::start(TWO_ECHOES).await;
     mesh.wait_instances("plugin.echo", 2).await;
-    let channel = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.nope");
+    let channel = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.nope").unwrap();
     let mut client = EchoClient::new(channel);
     let call = client.echo(echo("anyone?"));
     let status = tokio::time::timeout(Duration::from_secs(5), call)

@@ -198,7 +198,7 @@ impl Mesh {
 
     /// A channel to the router itself.
     pub fn router(&self) -> Channel {
-        Channel::to_address(mesh::Address::Unix(self.socket.clone()), "localhost")
+        Channel::to_server(mesh::Address::Unix(self.socket.clone()))
     }
 
     /// A `mesh::connect` channel to `service` through this mesh's router.

@@ -3,14 +3,14 @@
 
 use std::{
     pin::Pin,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
 };
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use super::endpoint::InFlight;
-use crate::transport::RecvBody;
+use crate::transport::{CallError, RecvBody};
 
 /// The body of a response from an instance; the call counts as in flight until it is dropped,
 /// and an error while reading it counts against the instance's health.
@@ -39,23 +39,26 @@ impl std::fmt::Debug for ResponseBody {
 
 impl HttpBody for ResponseBody {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = CallError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, CallError>>> {
         if let Some(first) = self.first.take() {
             return Poll::Ready(Some(Ok(first)));
         }
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(error))) = &polled {
-            // The stream broke after the answer began (instance gone, stream reset).
-            if super::retry::Failure::of(error) == super::retry::Failure::Failed {
-                self.in_flight.health().failed();
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Err(error)) => {
+                // The stream broke after the answer began (instance gone, stream reset).
+                if super::retry::Failure::of(&error) == super::retry::Failure::Failed {
+                    self.in_flight.health().failed();
+                }
+                Poll::Ready(Some(Err(CallError::new(error))))
             }
+            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+            None => Poll::Ready(None),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

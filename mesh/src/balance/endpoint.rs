@@ -18,7 +18,7 @@ use std::{
 use arc_swap::ArcSwapOption;
 use tokio::time::Instant;
 
-use crate::transport::{self, Address, Sender};
+use crate::transport::{self, Address, Options, Sender};
 
 /// How long an ejected instance is passed over while others are available.
 pub(crate) const EJECT_FOR: Duration = Duration::from_secs(1);
@@ -55,10 +55,11 @@ pub(crate) struct Endpoint {
     sender: ArcSwapOption<Sender>,
     connecting: tokio::sync::Mutex<()>,
     pub(crate) health: Arc<Health>,
+    options: Options,
 }
 
 impl Endpoint {
-    pub(crate) fn new(target: Target, clock: Clock) -> Self {
+    pub(crate) fn new(target: Target, clock: Clock, options: Options) -> Self {
         Self {
             health: Arc::new(Health {
                 instance: format!("{} ({})", target.id, target.address),
@@ -70,6 +71,7 @@ impl Endpoint {
             target,
             sender: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
+            options,
         }
     }
 
@@ -82,10 +84,12 @@ impl Endpoint {
         if let Some(sender) = self.open_sender() {
             return Ok(sender);
         }
-        let sender =
-            tokio::time::timeout(CONNECT_TIMEOUT, transport::connect(&self.target.address))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let sender = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            transport::connect(&self.target.address, &self.options),
+        )
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         self.sender.store(Some(Arc::new(sender.clone())));
         Ok(sender)
     }
@@ -192,6 +196,7 @@ mod tests {
                 address: "unix:/tmp/echo-0.sock".parse().unwrap(),
             },
             Clock::new(),
+            Options::default(),
         );
         endpoint.health
     }

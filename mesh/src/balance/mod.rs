@@ -5,16 +5,16 @@
 //! instance by the power of two choices over the fewest calls in flight, on one reused HTTP/2
 //! connection per instance.
 //!
-//! - [`endpoint`]: an instance's connection, load and passive health (ejection);
-//! - [`retry`]: which methods are idempotent, and which errors prove a call was never processed;
-//! - [`replay`]: the request body an idempotent call keeps so it can be sent again;
-//! - [`body`]: the request and response bodies of a balanced call.
+//! - `endpoint.rs`: an instance's connection, load and passive health (ejection);
+//! - `retry.rs`: which methods are idempotent, and which errors prove a call was never processed;
+//! - `replay.rs`: the request body an idempotent call keeps so it can be sent again;
+//! - `body.rs`: the request and response bodies of a balanced call.
 //!
 //! A call that never left this process (no connection, or the connection handed it back
 //! unsent) is sent to another instance. A call that may have reached an instance is sent again
 //! only when its method is idempotent; those calls alone keep their request body (up to
-//! [`replay::REPLAY_LIMIT`]) and wait for the first frame of the answer before handing it on,
-//! so that an instance dying between its headers and its message is retried too.
+//! 64 KiB, `replay::REPLAY_LIMIT`) and wait for the first frame of the answer before handing it
+//! on, so that an instance dying between its headers and its message is retried too.
 
 mod body;
 mod endpoint;
@@ -36,7 +36,7 @@ use retry::{Failure, Idempotent};
 
 use crate::{
     Error,
-    transport::{RecvBody, SendBody, SendError},
+    transport::{CallError, Options, RecvBody, SendBody, SendError},
 };
 
 /// Attempts per call, the first included.
@@ -47,6 +47,8 @@ const MAX_ATTEMPTS: usize = 3;
 pub struct Balancer {
     current: ArcSwap<Current>,
     clock: Clock,
+    /// How new connections behave.
+    options: Options,
 }
 
 /// One consistent view, swapped whole on every change so a call reads it without a lock.
@@ -56,28 +58,35 @@ struct Current {
 }
 
 impl Balancer {
-    /// A balancer over the registered `instances`.
+    /// A balancer over the registered `instances`, as the router uses it: its calls never
+    /// spin (see [`crate::tuning`]); TCP connections send keepalive pings.
     pub fn new(instances: &[Instance]) -> Self {
-        let balancer = Self::empty();
+        Self::with_options(instances, Options::default())
+    }
+
+    /// A balancer over `instances` whose connections behave as `options` say.
+    pub(crate) fn with_options(instances: &[Instance], options: Options) -> Self {
+        let balancer = Self::empty(options);
         balancer.update(instances);
         balancer
     }
 
     /// A balancer over one fixed target (a router, or one plugin socket); nothing is retried
     /// once sent.
-    pub(crate) fn fixed(target: Target) -> Self {
-        let balancer = Self::empty();
+    pub(crate) fn fixed(target: Target, options: Options) -> Self {
+        let balancer = Self::empty(options);
         balancer.set(vec![target], Idempotent::default());
         balancer
     }
 
-    fn empty() -> Self {
+    fn empty(options: Options) -> Self {
         Self {
             current: ArcSwap::from_pointee(Current {
                 endpoints: Vec::new(),
                 idempotent: Idempotent::default(),
             }),
             clock: Clock::new(),
+            options,
         }
     }
 
@@ -95,7 +104,7 @@ impl Balancer {
             .into_iter()
             .map(|target| match known.get(&target) {
                 Some(endpoint) => Arc::clone(endpoint),
-                None => Arc::new(Endpoint::new(target, self.clock)),
+                None => Arc::new(Endpoint::new(target, self.clock, self.options)),
             })
             .collect();
         self.current.store(Arc::new(Current {
@@ -184,7 +193,7 @@ impl Balancer {
             }
             let error = Error::Call {
                 address: endpoint.target.address.clone(),
-                source: error,
+                source: CallError::new(error),
             };
             let again = match failure {
                 Failure::Unprocessed => true,

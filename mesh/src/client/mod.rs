@@ -20,9 +20,11 @@ use tonic::{Streaming, body::Body};
 
 use crate::{
     Error, ServiceName,
+    backoff::{Backoff, Jitter},
     balance::{Balancer, ResponseBody, Target},
     runtime,
-    transport::Address,
+    transport::{Address, Keepalive, Options},
+    tuning,
 };
 
 /// Environment variable naming a remote router (`http://host:7700`); when set, calls go through it.
@@ -31,8 +33,17 @@ pub const MESH_ROUTER: &str = "MESH_ROUTER";
 /// How long `connect` waits for the router's first answer.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How a lost registry watch is retried: jittered, so that the clients of a router that
+/// restarts do not all come back at the same instant.
+const WATCH_BACKOFF: Backoff = Backoff::new(
+    Duration::from_millis(50),
+    Duration::from_secs(2),
+    Jitter::Full,
+);
+
 /// Connects to `service` (`plugin.echo`) through the router named by the environment:
-/// `MESH_ROUTER` if set, else the router socket `MESH_SOCKET` (or its default path).
+/// `MESH_ROUTER` if set, else the router socket `MESH_SOCKET` (or its default path). An
+/// invalid `MESH_ROUTER` is an error, not a silent fall back to the local router.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -45,13 +56,29 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// # Ok(()) }
 /// ```
 pub async fn connect(service: &str) -> Result<Channel, Error> {
-    Connector::from_env().connect(service).await
+    Connector::from_env()?.connect(service).await
 }
 
-/// Where `connect` finds the router; [`Connector::from_env`] reads the environment.
+/// Where `connect` finds the router, and how its channels' connections behave;
+/// [`Connector::from_env`] reads the environment.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), mesh::Error> {
+/// use std::time::Duration;
+///
+/// // Spin up to 100 µs on each answer (opt-in: lower latency for a core's CPU time).
+/// let channel = mesh::Connector::from_env()?
+///     .spin(Duration::from_micros(100))
+///     .connect("plugin.echo")
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Connector {
     router: RouterAt,
+    /// `None`: [`tuning::MESH_SPIN_US`], else no spinning.
+    spin: Option<Duration>,
+    keepalive: Option<Keepalive>,
 }
 
 #[derive(Debug, Clone)]
@@ -63,33 +90,74 @@ enum RouterAt {
 }
 
 impl Connector {
-    /// `MESH_ROUTER` if set, else `MESH_SOCKET`, else the default router socket.
-    pub fn from_env() -> Self {
-        match std::env::var(MESH_ROUTER) {
-            Ok(router) if !router.is_empty() => match router.parse() {
-                Ok(address) => Self {
-                    router: RouterAt::Remote(address),
-                },
-                Err(error) => {
-                    tracing::warn!(%error, "ignoring {MESH_ROUTER}");
-                    Self::local(runtime::router_socket())
-                }
-            },
-            _ => Self::local(runtime::router_socket()),
+    /// `MESH_ROUTER` if set, else `MESH_SOCKET`, else the default router socket. Fails if
+    /// `MESH_ROUTER` is set to something that is not an address.
+    pub fn from_env() -> Result<Self, Error> {
+        Self::from_router_var(std::env::var(MESH_ROUTER).ok().as_deref())
+    }
+
+    /// [`Connector::from_env`], given `MESH_ROUTER`'s value.
+    fn from_router_var(router: Option<&str>) -> Result<Self, Error> {
+        match router {
+            Some(router) if !router.is_empty() => {
+                router
+                    .parse()
+                    .map(Self::remote)
+                    .map_err(|source| Error::InvalidRouter {
+                        variable: MESH_ROUTER,
+                        source,
+                    })
+            }
+            _ => Ok(Self::local(runtime::router_socket())),
         }
     }
 
     /// The router listening on the Unix socket `path` (this machine): calls go to instances directly.
     pub fn local(path: impl Into<PathBuf>) -> Self {
-        Self {
-            router: RouterAt::Local(path.into()),
-        }
+        Self::at(RouterAt::Local(path.into()))
     }
 
     /// A router at `address` (`http://host:7700`): every call goes through it.
     pub fn remote(address: Address) -> Self {
+        Self::at(RouterAt::Remote(address))
+    }
+
+    fn at(router: RouterAt) -> Self {
         Self {
-            router: RouterAt::Remote(address),
+            router,
+            spin: None,
+            keepalive: Some(Keepalive::default()),
+        }
+    }
+
+    /// Opts in to spinning: a call that is the only one waiting in this process polls its
+    /// connection for up to `window` before it sleeps, which saves the thread wake-ups a
+    /// quick answer would cost, for up to `window` of CPU time per call. Zero turns it off.
+    /// Without this, [`tuning::MESH_SPIN_US`] decides, and its absence means no spinning.
+    /// Nothing spins on a one-core machine. See [`crate::tuning`].
+    pub fn spin(mut self, window: Duration) -> Self {
+        self.spin = Some(window);
+        self
+    }
+
+    /// HTTP/2 keepalive on TCP connections (to a remote router, or to instances on TCP): a
+    /// PING every `interval` while calls are open, and a connection whose PING goes unanswered
+    /// for `timeout` is closed, failing its calls. A peer that stops answering then fails
+    /// calls within `interval + timeout`. Default: every
+    /// [`KEEPALIVE_INTERVAL`](crate::transport::KEEPALIVE_INTERVAL), timeout
+    /// [`KEEPALIVE_TIMEOUT`](crate::transport::KEEPALIVE_TIMEOUT); a zero `interval` sends
+    /// none. The mesh's router answers any number of PINGs; a server that polices them
+    /// (grpc-go allows one per 5 minutes unless configured) may close the connection with
+    /// `GOAWAY`: lengthen the interval, or turn pings off, for such a server.
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.keepalive = (!interval.is_zero()).then_some(Keepalive { interval, timeout });
+        self
+    }
+
+    fn options(&self) -> Options {
+        Options {
+            spin: self.spin.unwrap_or_else(tuning::client_spin),
+            keepalive: self.keepalive,
         }
     }
 
@@ -99,15 +167,24 @@ impl Connector {
     /// then fail with `UNAVAILABLE` until an instance registers) and keeps following it.
     pub async fn connect(&self, service: &str) -> Result<Channel, Error> {
         let name = ServiceName::new(service)?;
+        let options = self.options();
         match &self.router {
-            RouterAt::Remote(address) => Ok(Channel::to_address(address.clone(), name.as_str())),
-            RouterAt::Local(socket) => connect_local(socket, name).await,
+            RouterAt::Remote(address) => Ok(Channel::fixed(
+                address.clone(),
+                authority(name.as_str()),
+                options,
+            )),
+            RouterAt::Local(socket) => connect_local(socket, name, options).await,
         }
     }
 }
 
-async fn connect_local(socket: &Path, name: ServiceName) -> Result<Channel, Error> {
-    let router = Channel::to_address(Address::Unix(socket.to_owned()), "localhost");
+async fn connect_local(
+    socket: &Path,
+    name: ServiceName,
+    options: Options,
+) -> Result<Channel, Error> {
+    let router = Channel::to_server(Address::Unix(socket.to_owned()));
     let unreachable = |source: tonic::Status| Error::Router {
         socket: socket.to_owned(),
         source,
@@ -121,7 +198,7 @@ async fn connect_local(socket: &Path, name: ServiceName) -> Result<Channel, Erro
         .map_err(|_| unreachable(tonic::Status::deadline_exceeded("no answer in 5 s")))?
         .map_err(unreachable)?
         .ok_or_else(|| unreachable(tonic::Status::unavailable("the router ended the watch")))?;
-    let balancer = Arc::new(Balancer::new(&first.instances));
+    let balancer = Arc::new(Balancer::with_options(&first.instances, options));
     let follower = tokio::spawn(follow(
         router,
         name.clone(),
@@ -132,7 +209,6 @@ async fn connect_local(socket: &Path, name: ServiceName) -> Result<Channel, Erro
         inner: Arc::new(Inner {
             balancer,
             authority: authority(name.as_str()),
-            name,
             follower: Some(follower),
         }),
     })
@@ -159,18 +235,18 @@ async fn follow(
     balancer: std::sync::Weak<Balancer>,
     mut stream: Streaming<WatchResponse>,
 ) {
-    let mut backoff = Duration::from_millis(50);
+    let mut attempt = 0;
     loop {
         while let Ok(Some(update)) = stream.message().await {
             let Some(balancer) = balancer.upgrade() else {
                 return;
             };
             balancer.update(&update.instances);
-            backoff = Duration::from_millis(50);
+            attempt = 0;
         }
         loop {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(WATCH_BACKOFF.delay(attempt)).await;
+            attempt = attempt.saturating_add(1);
             if balancer.strong_count() == 0 {
                 return;
             }
@@ -187,8 +263,10 @@ async fn follow(
     }
 }
 
+/// A service name's authority.
 fn authority(name: &str) -> Authority {
-    // Service names and "localhost" are valid authorities by construction.
+    // Service names (`[a-z0-9-]` segments joined by dots) and "localhost" are valid
+    // authorities by construction.
     name.parse().expect("a service name is a valid authority")
 }
 
@@ -203,8 +281,8 @@ pub struct Channel {
 
 struct Inner {
     balancer: Arc<Balancer>,
+    /// Sent with every call; also the service named in errors.
     authority: Authority,
-    name: ServiceName,
     follower: Option<JoinHandle<()>>,
 }
 
@@ -219,27 +297,51 @@ impl Drop for Inner {
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channel")
-            .field("service", &self.inner.name)
+            .field("service", &self.inner.authority.as_str())
             .field("instances", &self.inner.balancer.len())
             .finish()
     }
 }
 
 impl Channel {
-    /// A channel to the one endpoint at `address`, sending `authority` (a service name for a
-    /// router, `localhost` for a plugin's own socket). Connects on first use.
-    pub fn to_address(address: Address, authority: &str) -> Self {
+    /// A channel to the one endpoint at `address` — a router, which forwards each call to the
+    /// service `authority` names (`plugin.echo`) — sending `authority` as every call's
+    /// `:authority`. Connects on first use. Fails if `authority` is not a valid HTTP
+    /// authority. Its calls spin only if [`tuning::MESH_SPIN_US`] says so (for more, use
+    /// [`Connector::remote`]).
+    pub fn to_address(address: Address, authority: &str) -> Result<Self, Error> {
+        let parsed = authority
+            .parse::<Authority>()
+            .ok()
+            // `Authority` accepts `user@host`; a call cannot carry user info.
+            .filter(|a| !a.as_str().contains('@'))
+            .ok_or_else(|| Error::InvalidAuthority(authority.to_owned()))?;
+        Ok(Self::fixed(
+            address,
+            parsed,
+            Options {
+                spin: tuning::client_spin(),
+                ..Options::default()
+            },
+        ))
+    }
+
+    /// A channel to the gRPC server at `address` itself — a plugin's socket, or the router's
+    /// own API (registry, Manager, health) — sending `:authority localhost`. Its calls never
+    /// spin.
+    pub fn to_server(address: Address) -> Self {
+        Self::fixed(address, authority("localhost"), Options::default())
+    }
+
+    fn fixed(address: Address, authority: Authority, options: Options) -> Self {
+        let target = Target {
+            id: address.to_string(),
+            address,
+        };
         Self {
             inner: Arc::new(Inner {
-                balancer: Arc::new(Balancer::fixed(Target {
-                    id: address.to_string(),
-                    address,
-                })),
-                authority: authority
-                    .parse()
-                    .unwrap_or_else(|_| self::authority("localhost")),
-                name: ServiceName::new(authority)
-                    .unwrap_or_else(|_| ServiceName::new("localhost").expect("a valid name")),
+                balancer: Arc::new(Balancer::fixed(target, options)),
+                authority,
                 follower: None,
             }),
         }
@@ -281,7 +383,7 @@ impl tower::Service<Request<Body>> for Channel {
         Box::pin(async move {
             inner
                 .balancer
-                .send(request, inner.name.as_str())
+                .send(request, inner.authority.as_str())
                 .await
                 .map_err(status)
         })
@@ -292,4 +394,96 @@ fn status(error: Error) -> tonic::Status {
     let mut status = error.to_status();
     status.set_source(Arc::new(error));
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_authority_is_an_error_not_localhost() {
+        let address: Address = "unix:/tmp/mesh.sock".parse().unwrap();
+        for bad in [
+            "",
+            "not an authority",
+            "plugin echo",
+            "user@plugin.echo",
+            "a/b",
+        ] {
+            match Channel::to_address(address.clone(), bad) {
+                Err(Error::InvalidAuthority(named)) => assert_eq!(named, bad),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        for good in ["plugin.echo", "localhost", "127.0.0.1:7700"] {
+            let channel = Channel::to_address(address.clone(), good).unwrap();
+            assert_eq!(channel.inner.authority.as_str(), good);
+        }
+        let error = Channel::to_address(address, "x y").unwrap_err();
+        assert_eq!(error.to_status().code(), tonic::Code::InvalidArgument);
+        assert!(error.to_string().contains("\"x y\""), "{error}");
+    }
+
+    #[test]
+    fn an_invalid_mesh_router_is_an_error_not_the_local_router() {
+        let error = Connector::from_router_var(Some("router.example")).unwrap_err();
+        let message = error.to_string();
+        assert!(message.starts_with("MESH_ROUTER: "), "{message}");
+        assert!(message.contains("http://host:port"), "{message}");
+        assert!(matches!(error, Error::InvalidRouter { .. }), "{error:?}");
+
+        let remote = Connector::from_router_var(Some("http://127.0.0.1:7700")).unwrap();
+        assert!(
+            matches!(remote.router, RouterAt::Remote(Address::Tcp(ref a)) if a == "127.0.0.1:7700")
+        );
+        for unset in [None, Some("")] {
+            let local = Connector::from_router_var(unset).unwrap();
+            assert!(matches!(local.router, RouterAt::Local(_)), "{unset:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remote_router_that_stops_answering_fails_calls_within_the_keepalive_bound() {
+        use mesh_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
+        // Accepts, then never reads nor answers: a half-open connection as the client sees it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address: Address = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let silent = tokio::spawn(async move {
+            let _socket = listener.accept().await.unwrap();
+            std::future::pending::<()>().await
+        });
+        let channel = Connector::remote(address)
+            .keepalive(Duration::from_millis(100), Duration::from_millis(200))
+            .connect("plugin.echo")
+            .await
+            .unwrap();
+        let mut echo = EchoClient::new(channel);
+        let call = echo.echo(EchoRequest {
+            message: "anyone?".into(),
+        });
+        let started = std::time::Instant::now();
+        let status = tokio::time::timeout(Duration::from_secs(30), call)
+            .await
+            .expect("the call fails within the keepalive bound instead of hanging")
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        silent.abort();
+    }
+
+    #[test]
+    fn spinning_is_opt_in() {
+        let connector = Connector::local("/tmp/mesh.sock");
+        assert_eq!(connector.options().spin, tuning::client_spin());
+        let spinning = connector.clone().spin(Duration::from_micros(100));
+        assert_eq!(spinning.options().spin, Duration::from_micros(100));
+        assert_eq!(connector.options().keepalive, Some(Keepalive::default()));
+        assert_eq!(
+            connector
+                .keepalive(Duration::ZERO, Duration::ZERO)
+                .options()
+                .keepalive,
+            None
+        );
+    }
 }

@@ -6,21 +6,23 @@
 //! core costs tens of microseconds (30 µs on the 2-core VM, see `docs/performance.md`).
 //!
 //! Here a call opens its stream, sends its body and reads its answer in its own task. The
-//! connection still has a task of its own (it answers pings and settings, and reads for calls
-//! that sleep), but a call that would sleep first polls the connection itself for a short
-//! while — [`spin`](crate::runtime::set_spin), 100 µs by default — when it is the only call in
-//! this process waiting for an answer. A quick answer then arrives without any thread going to
-//! sleep; a slow one costs the window in CPU time, after which the call sleeps as before.
-//! Calls that wait alongside others never spin: they are not idle, and would only hold up each
-//! other.
+//! connection still has a task of its own (it answers pings and settings, sends keepalive
+//! pings, and reads for calls that sleep). A connection opened with a spin window (opt-in, see
+//! [`crate::tuning`]) lets a call that would sleep first poll the connection itself for that
+//! window when it is the only call in this process waiting for an answer: a quick answer then
+//! arrives without any thread going to sleep; a slow one costs the window in CPU time, after
+//! which the call sleeps as before.
+//!
+//! A call whose answer is dropped while its request is still being sent resets its stream
+//! (`RST_STREAM CANCEL`), so the peer learns at once that nobody waits for it.
 
 use std::{
     future::{Future, poll_fn},
     io,
     pin::Pin,
     sync::{
-        Arc, Mutex, TryLockError,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, TryLockError,
+        atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering},
     },
     task::{Context, Poll, Wake, Waker, ready},
     time::{Duration, Instant},
@@ -29,80 +31,15 @@ use std::{
 use bytes::Bytes;
 use futures_util::{FutureExt, task::AtomicWaker};
 use h2::{
-    Reason, RecvStream, SendStream,
+    Ping, PingPong, Reason, RecvStream, SendStream,
     client::{Connection, SendRequest},
 };
 use http::{HeaderMap, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{CONNECTION_WINDOW, SendBody, WINDOW, spin_io::SpinIo};
-
-/// Environment variable: how long, in microseconds, a lone call polls its connection before it
-/// sleeps (`0` turns spinning off). See [`crate::runtime::set_spin`].
-pub const MESH_SPIN_US: &str = "MESH_SPIN_US";
-
-/// The spin window when [`MESH_SPIN_US`] is not set, on two cores or more.
-pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
-
-/// The spin window in nanoseconds; `u64::MAX` until it is first read or set.
-static SPIN_NANOS: AtomicU64 = AtomicU64::new(u64::MAX);
-
-/// Calls in this process that have sent their request and wait for their answer's headers.
-static AWAITING: AtomicUsize = AtomicUsize::new(0);
-
-/// [`DEFAULT_SPIN`], or none on one core.
-fn default_spin() -> Duration {
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        Duration::ZERO
-    } else {
-        DEFAULT_SPIN
-    }
-}
-
-/// Sets how long a call that is the only one waiting in this process polls its connection
-/// before it sleeps; zero turns spinning off. Overrides [`MESH_SPIN_US`].
-pub fn set_spin(window: Duration) {
-    SPIN_NANOS.store(
-        window.as_nanos().min(u128::from(u64::MAX - 1)) as u64,
-        Ordering::Relaxed,
-    );
-}
-
-/// The spin window: [`set_spin`]'s, else [`MESH_SPIN_US`]'s, else [`DEFAULT_SPIN`] — or none
-/// on a machine (or a CPU quota) of one core, where a spinning caller would only keep the
-/// instance it waits for off the CPU.
-pub fn spin() -> Duration {
-    let nanos = SPIN_NANOS.load(Ordering::Relaxed);
-    if nanos != u64::MAX {
-        return Duration::from_nanos(nanos);
-    }
-    let window = spin_from_env();
-    set_spin(window);
-    window
-}
-
-/// The spin window [`MESH_SPIN_US`] asks for, else [`DEFAULT_SPIN`] (none on one core),
-/// whatever [`set_spin`] said since.
-pub fn spin_from_env() -> Duration {
-    let from_env = std::env::var(MESH_SPIN_US)
-        .ok()
-        .filter(|text| !text.trim().is_empty());
-    match from_env
-        .as_deref()
-        .map(|text| (text, text.trim().parse::<u64>()))
-    {
-        Some((_, Ok(micros))) => Duration::from_micros(micros),
-        Some((text, Err(_))) => {
-            let window = default_spin();
-            tracing::warn!(
-                "{MESH_SPIN_US}={text:?} is not a number of microseconds; using {window:?}"
-            );
-            window
-        }
-        None => default_spin(),
-    }
-}
+use super::{CONNECTION_WINDOW, Keepalive, Options, SendBody, WINDOW, spin_io::SpinIo};
+use crate::tuning::{self, Awaiting};
 
 /// Sends calls on one HTTP/2 connection. Clones share the connection.
 #[derive(Clone)]
@@ -119,26 +56,40 @@ pub(crate) struct SendError {
     pub(crate) unsent: bool,
 }
 
-/// Opens HTTP/2 on `stream` and spawns the connection's own task.
-pub(crate) async fn handshake<S: Stream + 'static>(stream: S) -> io::Result<Sender> {
+/// Opens HTTP/2 on `stream` and spawns the connection's own task, which sends keepalive pings
+/// if `options` ask for them.
+pub(crate) async fn handshake<S: Stream + 'static>(
+    stream: S,
+    options: &Options,
+    keepalive: Option<Keepalive>,
+) -> io::Result<Sender> {
     let stream: Box<dyn Stream> = Box::new(stream);
     let spinning = Arc::new(AtomicBool::new(false));
-    let (send, connection) = h2::client::Builder::new()
+    let (send, mut connection) = h2::client::Builder::new()
         .initial_window_size(WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .enable_push(false)
         .handshake(SpinIo::new(stream, spinning.clone()))
         .await
         .map_err(io::Error::other)?;
+    let pinger = keepalive
+        .filter(|k| !k.interval.is_zero())
+        .and_then(|k| Some(Pinger::new(connection.ping_pong()?, k)));
     let driver = Arc::new(Driver::default());
     let shared = Arc::new(Shared {
         connection: Mutex::new(Some(connection)),
+        state: AtomicU8::new(IDLE),
         waker: Waker::from(driver.clone()),
         driver,
         spinning,
         closed: AtomicBool::new(false),
+        spin: tuning::effective(options.spin),
+        open: AtomicUsize::new(0),
     });
-    tokio::spawn(Drive(shared.clone()));
+    tokio::spawn(Drive {
+        shared: shared.clone(),
+        pinger,
+    });
     Ok(Sender { send, shared })
 }
 
@@ -150,7 +101,7 @@ impl Sender {
 
     /// Sends `request` and waits for its answer's headers. The request body is sent from this
     /// task as far as it is ready at once (all of a unary one); the rest of a streaming body
-    /// goes on in a task of its own.
+    /// goes on in a task of its own, which resets the stream if the answer is dropped first.
     pub(crate) async fn send<B: SendBody>(
         &self,
         request: Request<B>,
@@ -172,23 +123,31 @@ impl Sender {
                 unsent: error.is_go_away() || error.is_io(),
                 error,
             })?;
+        let open = Open::enter(&self.shared);
+        let mut cancel = None;
         if !end {
             let mut pipe = Pipe {
                 body,
                 stream,
                 unchecked: 0,
+                cancel: None,
             };
             // A unary body is all there: send it now, not from another task.
             if (&mut pipe).now_or_never().is_none() {
+                let signal = Arc::new(CancelSignal::default());
+                pipe.cancel = Some(signal.clone());
+                cancel = Some(CancelOnDrop(signal));
                 tokio::spawn(pipe);
             }
         }
         let awaiting = Awaiting::enter();
+        let window = self.shared.spin;
         // Spin only within the window from the first wait, however often this is polled.
         let mut spin_until = None;
         let answer = poll_fn(|cx| {
-            let until = *spin_until.get_or_insert_with(|| Instant::now() + spin());
-            let until = awaiting.alone().then_some(until);
+            let until = (!window.is_zero())
+                .then(|| *spin_until.get_or_insert_with(|| Instant::now() + window))
+                .filter(|_| awaiting.alone());
             self.shared
                 .poll_driving(cx, until, |cx| Pin::new(&mut response).poll(cx))
         })
@@ -197,9 +156,10 @@ impl Sender {
         match answer {
             Ok(response) => Ok(response.map(|stream| RecvBody {
                 stream,
-                shared: self.shared.clone(),
-                spin_until: Instant::now() + spin(),
+                spin_until: (!window.is_zero()).then(|| Instant::now() + window),
                 data_done: false,
+                open,
+                _cancel: cancel,
             })),
             Err(error) => Err(SendError {
                 error,
@@ -209,32 +169,68 @@ impl Sender {
     }
 }
 
-/// Counts a call among those waiting for their answer's headers in this process.
-struct Awaiting;
+/// Counts a call as open on its connection until its answer is dropped: keepalive pings go
+/// only on connections with calls to fail, as gRPC clients do (servers may count pings on
+/// idle connections as abuse).
+struct Open(Arc<Shared>);
 
-impl Awaiting {
-    fn enter() -> Self {
-        AWAITING.fetch_add(1, Ordering::Relaxed);
-        Self
-    }
-
-    /// Whether this is the only call waiting.
-    fn alone(&self) -> bool {
-        AWAITING.load(Ordering::Relaxed) == 1
+impl Open {
+    fn enter(shared: &Arc<Shared>) -> Self {
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        Self(shared.clone())
     }
 }
 
-impl Drop for Awaiting {
+impl Drop for Open {
     fn drop(&mut self) {
-        AWAITING.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// Tells a call's body task that nobody waits for the answer any more.
+#[derive(Default)]
+struct CancelSignal {
+    cancelled: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl CancelSignal {
+    /// Whether the answer was dropped; registers `cx` to hear of it otherwise. The waker is
+    /// registered before the flag is read, and the flag set before the waker is woken, so a
+    /// drop between the two is never missed (`AtomicWaker`'s protocol).
+    fn poll_cancelled(&self, cx: &mut Context<'_>) -> bool {
+        self.waker.register(cx.waker());
+        self.cancelled.load(Ordering::Acquire)
+    }
+}
+
+/// Held with a call's answer: dropping it (the answer dropped, or the call given up before its
+/// headers came) has the body task reset the stream.
+struct CancelOnDrop(Arc<CancelSignal>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancelled.store(true, Ordering::Release);
+        self.0.waker.wake();
+    }
+}
+
+/// Nobody polls the connection.
+const IDLE: u8 = 0;
+/// Someone (the connection's task or a spinning call) polls it.
+const POLLING: u8 = 1;
+/// A spinning call polls it, and the connection's task was woken meanwhile: the call wakes the
+/// task again when it lets go.
+const POLLING_WANTED: u8 = 2;
 
 /// The connection and who polls it.
 struct Shared {
-    /// `None` once the connection has ended. Whoever holds the lock polls it: the connection's
-    /// task, or a spinning call.
+    /// `None` once the connection has ended. Locked only by whoever claimed `state` (and by
+    /// the connection task's drop), so the lock is never contended on a call's path.
     connection: Mutex<Option<H2Connection>>,
+    /// Who polls the connection ([`IDLE`], [`POLLING`], [`POLLING_WANTED`]); see
+    /// [`Shared::claim`] for why one atomic is enough.
+    state: AtomicU8,
     /// Wakes the connection's task; every poll of the connection registers this waker, so the
     /// task hears of whatever the connection waits for, whoever polled it.
     waker: Waker,
@@ -242,6 +238,10 @@ struct Shared {
     /// Set while a spinning call polls the connection (reads go to the kernel directly).
     spinning: Arc<AtomicBool>,
     closed: AtomicBool,
+    /// How long a lone call polls the connection before it sleeps; zero: never.
+    spin: Duration,
+    /// Calls open on the connection (sent, answer not yet dropped).
+    open: AtomicUsize,
 }
 
 /// h2's half of a connection: it reads and writes the socket.
@@ -255,8 +255,6 @@ impl<S: AsyncRead + AsyncWrite + std::os::fd::AsFd + Unpin + Send> Stream for S 
 #[derive(Default)]
 struct Driver {
     waker: AtomicWaker,
-    /// The task was woken while a call held the connection: poll again once it lets go.
-    wanted: AtomicBool,
 }
 
 impl Wake for Driver {
@@ -269,50 +267,167 @@ impl Wake for Driver {
     }
 }
 
-/// The connection's own task: polls it whenever woken, until it ends.
-struct Drive(Arc<Shared>);
+/// The connection's own task: polls it whenever woken, until it ends, and sends keepalive pings.
+struct Drive {
+    shared: Arc<Shared>,
+    pinger: Option<Pinger>,
+}
 
 impl Drop for Drive {
     /// Ended, or dropped with its runtime: close the connection, so that calls waiting on it
     /// fail (h2 fails its streams) rather than wait for a task that is gone, and the next
     /// call opens a new one.
     fn drop(&mut self) {
-        let mut connection = match self.0.connection.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *connection = None;
-        self.0.closed.store(true, Ordering::Relaxed);
+        self.shared.close();
     }
 }
 
 impl Future for Drive {
     type Output = ();
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.driver.waker.register(cx.waker());
-        self.0.poll_connection(true, false)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.shared.driver.waker.register(cx.waker());
+        let open = self.shared.open.load(Ordering::Relaxed) > 0;
+        if let Some(pinger) = &mut self.pinger
+            && pinger.poll_dead(cx, open)
+        {
+            tracing::debug!(
+                timeout = ?pinger.keepalive.timeout,
+                "no answer to a keepalive ping: closing the connection"
+            );
+            // Dropping it fails its calls (h2 fails every open stream).
+            self.shared.close();
+            return Poll::Ready(());
+        }
+        self.shared.poll_connection(true, false)
+    }
+}
+
+/// Keepalive pings on one connection: one every `interval` while calls are open, and the
+/// connection is given up if its answer takes longer than `timeout`.
+struct Pinger {
+    ping_pong: PingPong,
+    keepalive: Keepalive,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// A ping is out, unanswered.
+    waiting: bool,
+}
+
+impl Pinger {
+    fn new(ping_pong: PingPong, keepalive: Keepalive) -> Self {
+        Self {
+            ping_pong,
+            keepalive,
+            timer: Box::pin(tokio::time::sleep(keepalive.interval)),
+            waiting: false,
+        }
+    }
+
+    /// Whether the peer failed to answer a ping in time; registers `cx` for the next step.
+    fn poll_dead(&mut self, cx: &mut Context<'_>, open: bool) -> bool {
+        loop {
+            if self.waiting {
+                match self.ping_pong.poll_pong(cx) {
+                    Poll::Ready(Ok(_)) => self.waiting = false,
+                    // The connection is closing: its own poll reports how.
+                    Poll::Ready(Err(_)) => return false,
+                    Poll::Pending => return self.timer.as_mut().poll(cx).is_ready(),
+                }
+                self.rearm(self.keepalive.interval);
+                continue;
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if !open {
+                // Nothing to fail: look again after another interval.
+                self.rearm(self.keepalive.interval);
+                continue;
+            }
+            if self.ping_pong.send_ping(Ping::opaque()).is_err() {
+                return false;
+            }
+            self.waiting = true;
+            self.rearm(self.keepalive.timeout);
+        }
+    }
+
+    fn rearm(&mut self, after: Duration) {
+        let at = tokio::time::Instant::now() + after;
+        self.timer.as_mut().reset(at);
+    }
+}
+
+/// The right to poll the connection, released when dropped (even by a panic in h2).
+struct Claim<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        // Release: what this poll did to the connection happens before the next claimer's
+        // Acquire. The swap reads the newest state (see `Shared::claim`).
+        if self.shared.state.swap(IDLE, Ordering::AcqRel) == POLLING_WANTED {
+            self.shared.driver.waker.wake();
+        }
     }
 }
 
 impl Shared {
+    /// Claims the right to poll the connection, or, for the connection's task (`driver`)
+    /// finding a call polling it, asks that call to wake the task when it lets go.
+    ///
+    /// Why no wake-up is lost: the task's `POLLING → POLLING_WANTED` and the call's release
+    /// (`swap(IDLE)` in [`Claim`]'s drop) are read-modify-writes of the same atomic, and the
+    /// memory model puts all writes to one atomic in a single modification order in which
+    /// every read-modify-write reads the value just before its own. So either the task's
+    /// compare-exchange comes first, and the release reads `POLLING_WANTED` and wakes the task;
+    /// or the release comes first, and the task's compare-exchange fails, reads `IDLE`, and the
+    /// task claims the connection itself. No ordering between two different locations is
+    /// relied on (the old `try_lock` plus a separate `wanted` flag needed one that `Release`
+    /// and `Acquire` do not promise).
+    fn claim(&self, driver: bool) -> Option<Claim<'_>> {
+        let mut current = self.state.load(Ordering::Relaxed);
+        loop {
+            let next = match current {
+                IDLE => POLLING,
+                POLLING if driver => POLLING_WANTED,
+                _ => return None,
+            };
+            match self.state.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) if next == POLLING => return Some(Claim { shared: self }),
+                Ok(_) => return None,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<H2Connection>> {
+        self.connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Drops the connection (h2 fails its open streams) and marks it closed.
+    fn close(&self) {
+        *self.lock() = None;
+        self.closed.store(true, Ordering::Relaxed);
+    }
+
     /// Polls the connection once, unless someone else is; `Ready` once it has ended.
     fn poll_connection(&self, driver: bool, spinning: bool) -> Poll<()> {
+        let Some(claim) = self.claim(driver) else {
+            return Poll::Pending;
+        };
         let mut guard = match self.connection.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) if driver => {
-                // A spinning call holds it: ask it to wake this task when it lets go, then
-                // check that it has not let go already.
-                self.driver.wanted.store(true, Ordering::SeqCst);
-                match self.connection.try_lock() {
-                    Ok(guard) => {
-                        self.driver.wanted.store(false, Ordering::SeqCst);
-                        guard
-                    }
-                    Err(_) => return Poll::Pending,
-                }
-            }
+            // Only the connection task's drop locks without a claim: it is closing it.
             Err(TryLockError::WouldBlock) => return Poll::Pending,
         };
         let Some(connection) = guard.as_mut() else {
@@ -321,29 +436,22 @@ impl Shared {
         self.spinning.store(spinning, Ordering::Relaxed);
         let polled = Pin::new(connection).poll(&mut Context::from_waker(&self.waker));
         self.spinning.store(false, Ordering::Relaxed);
-        let ended = match polled {
+        match polled {
             Poll::Ready(result) => {
                 if let Err(error) = result {
                     tracing::debug!(%error, "connection closed");
                 }
                 *guard = None;
                 self.closed.store(true, Ordering::Relaxed);
+                drop(guard);
+                drop(claim);
                 // Let the connection's task see the end and finish.
                 if !driver {
                     self.driver.waker.wake();
                 }
-                true
+                Poll::Ready(())
             }
-            Poll::Pending => false,
-        };
-        drop(guard);
-        if !driver && self.driver.wanted.swap(false, Ordering::SeqCst) {
-            self.driver.waker.wake();
-        }
-        if ended {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -356,7 +464,7 @@ impl Shared {
         mut target: impl FnMut(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
         // A runtime that lingers polls while idle, without holding up its other tasks.
-        let Some(until) = spin_until.filter(|_| !crate::runtime::lingers_here()) else {
+        let Some(until) = spin_until.filter(|_| !tuning::lingers_here()) else {
             return target(cx);
         };
         if Instant::now() >= until {
@@ -368,7 +476,7 @@ impl Shared {
         if let Poll::Ready(value) = target(&mut quiet) {
             return Poll::Ready(value);
         }
-        let switches = involuntary_switches();
+        let switches = tuning::involuntary_switches();
         loop {
             let ended = self.poll_connection(false, true).is_ready();
             if let Poll::Ready(value) = target(&mut quiet) {
@@ -386,7 +494,7 @@ impl Shared {
             // does (often the very peer this call waits for), so sleep. On the 2-core VM this
             // took the slow rounds of calls through the router from ~90 µs to 62–85 and their
             // p99 from 137–498 µs to 116–167 (5 runs each), the direct call unchanged.
-            if involuntary_switches() != switches {
+            if tuning::involuntary_switches() != switches {
                 break;
             }
         }
@@ -395,19 +503,14 @@ impl Shared {
     }
 }
 
-/// How many times this thread has been switched out while runnable (Linux counts a
-/// `sched_yield` that let another thread run as one).
-fn involuntary_switches() -> i64 {
-    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
-        .map_or(0, |usage| usage.involuntary_context_switches())
-}
-
 /// Sends a request body on its stream, as fast as the peer's flow control lets it.
 struct Pipe<B> {
     body: B,
     stream: SendStream<Bytes>,
     /// Bytes handed to h2 without waiting for flow-control capacity; see [`UNCHECKED`].
     unchecked: usize,
+    /// Set once the pipe runs in a task of its own: tells it the answer was dropped.
+    cancel: Option<Arc<CancelSignal>>,
 }
 
 /// How much of a body is sent before waiting for flow-control capacity. A new stream has none
@@ -424,6 +527,14 @@ impl<B: SendBody> Future for Pipe<B> {
         loop {
             // The instance reset the stream (it answered early, or went away): stop.
             if this.stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            // Nobody waits for the answer: tell the peer to stop, rather than keep a stream
+            // open that only the caller's request body still holds.
+            if let Some(cancel) = &this.cancel
+                && cancel.poll_cancelled(cx)
+            {
+                this.stream.send_reset(Reason::CANCEL);
                 return Poll::Ready(());
             }
             // Past the allowance, read no more from the caller than the peer has room for.
@@ -476,17 +587,20 @@ impl<B: SendBody> Future for Pipe<B> {
 /// The body of an answer: its messages, then its trailers.
 pub(crate) struct RecvBody {
     stream: RecvStream,
-    shared: Arc<Shared>,
-    /// The spin window from the headers' arrival: a body that follows within it is part of
-    /// the same answer (a unary message and its trailers); one that does not is a stream,
-    /// waited for asleep.
-    spin_until: Instant,
+    /// The spin window from the headers' arrival, if the connection spins: a body that
+    /// follows within it is part of the same answer (a unary message and its trailers); one
+    /// that does not is a stream, waited for asleep.
+    spin_until: Option<Instant>,
     data_done: bool,
+    /// Counts the call as open on its connection, and holds the connection.
+    open: Open,
+    /// Resets the stream when the answer is dropped while the request is still being sent.
+    _cancel: Option<CancelOnDrop>,
 }
 
 impl RecvBody {
     fn spin_until(&self) -> Option<Instant> {
-        (AWAITING.load(Ordering::Relaxed) == 0).then_some(self.spin_until)
+        self.spin_until.filter(|_| Awaiting::none())
     }
 }
 
@@ -509,7 +623,8 @@ impl HttpBody for RecvBody {
         if !this.data_done {
             let stream = &mut this.stream;
             match ready!(
-                this.shared
+                this.open
+                    .0
                     .poll_driving(cx, spin, |cx| stream.poll_data(cx))
             ) {
                 Some(Ok(data)) => {
@@ -523,7 +638,8 @@ impl HttpBody for RecvBody {
         }
         let stream = &mut this.stream;
         let trailers: Option<HeaderMap> = ready!(
-            this.shared
+            this.open
+                .0
                 .poll_driving(cx, spin, |cx| stream.poll_trailers(cx))
         )?;
         Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
@@ -587,7 +703,22 @@ mod tests {
     }
 
     async fn connect(path: &Path) -> Sender {
-        handshake(UnixStream::connect(path).await.unwrap())
+        handshake(
+            UnixStream::connect(path).await.unwrap(),
+            &Options::default(),
+            None,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// A connection whose lone calls spin on their answers (the hand-off under test).
+    async fn connect_spinning(path: &Path) -> Sender {
+        let options = Options {
+            spin: Duration::from_micros(100),
+            ..Options::default()
+        };
+        handshake(UnixStream::connect(path).await.unwrap(), &options, None)
             .await
             .unwrap()
     }
@@ -613,7 +744,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("echo.sock");
         serve_echo(&path);
-        let sender = connect(&path).await;
+        let sender = connect_spinning(&path).await;
 
         // One at a time: each call is alone, and drives the connection itself.
         for n in 0..200 {
@@ -640,6 +771,148 @@ mod tests {
             task.await.unwrap();
         }
         assert!(!sender.is_closed());
+    }
+
+    /// An HTTP/2 server on `path` that answers each request's headers at once (when `answer`)
+    /// or never, then reports how the request's stream ended: `Ok` for a clean end, the
+    /// reset's reason otherwise.
+    fn serve_until_reset(
+        path: &Path,
+        answer: bool,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<Result<(), Option<Reason>>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let listener = UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(socket).await.unwrap();
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _send = answer.then(|| respond.send_response(Response::new(()), false));
+                    let mut body = request.into_body();
+                    let ended = loop {
+                        match body.data().await {
+                            Some(Ok(chunk)) => {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                            }
+                            Some(Err(error)) => break Err(error.reason()),
+                            None => break Ok(()),
+                        }
+                    };
+                    let _ = tx.send(ended);
+                });
+            }
+        });
+        rx
+    }
+
+    /// A request body that sends one chunk and then stays open until `rx`'s sender is dropped.
+    fn open_body(rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>) -> impl SendBody {
+        let first = futures_util::stream::iter([Bytes::from_static(b"first")]);
+        let rest = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let frames =
+            futures_util::StreamExt::map(futures_util::StreamExt::chain(first, rest), |b| {
+                Ok::<_, std::convert::Infallible>(Frame::data(b))
+            });
+        StreamBody::new(frames)
+    }
+
+    #[tokio::test]
+    async fn dropping_an_answer_while_the_request_streams_resets_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reset.sock");
+        let mut ended = serve_until_reset(&path, true);
+        let sender = connect(&path).await;
+        let (more, rx) = tokio::sync::mpsc::unbounded_channel();
+        let request = Request::post("http://t/chat").body(open_body(rx)).unwrap();
+        let response = within("headers", sender.send(request)).await.unwrap();
+        // The caller gives up on the answer but still holds its request stream open.
+        drop(response);
+        let outcome = within("the reset", ended.recv()).await.unwrap();
+        assert_eq!(outcome, Err(Some(Reason::CANCEL)));
+        drop(more);
+        assert!(
+            !sender.is_closed(),
+            "a reset ends the stream, not the connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn giving_up_before_the_answer_came_resets_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reset.sock");
+        let mut ended = serve_until_reset(&path, false);
+        let sender = connect(&path).await;
+        let (_more, rx) = tokio::sync::mpsc::unbounded_channel();
+        let request = Request::post("http://t/chat").body(open_body(rx)).unwrap();
+        // No answer comes: the caller's deadline drops the call while it waits for headers.
+        let waited = tokio::time::timeout(Duration::from_millis(50), sender.send(request)).await;
+        assert!(waited.is_err(), "the server never answers");
+        let outcome = within("the reset", ended.recv()).await.unwrap();
+        assert_eq!(outcome, Err(Some(Reason::CANCEL)));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_answering_fails_calls_within_the_keepalive_bound() {
+        // A TCP peer that accepts and then never reads nor writes: a half-open connection as
+        // the client sees it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+            drop(socket);
+        });
+        let keepalive = Keepalive {
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(200),
+        };
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let sender = handshake(stream, &Options::default(), Some(keepalive))
+            .await
+            .unwrap();
+        let request = Request::post("http://t/x")
+            .body(Full::new(Bytes::from_static(b"anyone?")))
+            .unwrap();
+        let started = Instant::now();
+        let error = within("the keepalive", sender.send(request))
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(!error.unsent, "it was sent: {error:?}");
+        // interval + timeout, and some slack for a loaded machine.
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        assert!(sender.is_closed());
+        silent.abort();
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_answers_pings_keeps_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("echo.sock");
+        serve_echo(&path);
+        let keepalive = Keepalive {
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(2000),
+        };
+        let stream = UnixStream::connect(&path).await.unwrap();
+        let sender = handshake(stream, &Options::default(), Some(keepalive))
+            .await
+            .unwrap();
+        // A call open across several pings: each is answered, the connection stays.
+        let (more, rx) = tokio::sync::mpsc::unbounded_channel();
+        let request = Request::post("http://t/slow").body(open_body(rx)).unwrap();
+        let call = tokio::spawn({
+            let sender = sender.clone();
+            async move { sender.send(request).await.map(|r| r.into_body()) }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!sender.is_closed(), "pings were answered");
+        drop(more);
+        let body = within("the answer", call).await.unwrap().unwrap();
+        let collected = within("the body", body.collect()).await.unwrap();
+        assert_eq!(collected.to_bytes(), Bytes::from_static(b"first"));
     }
 
     #[tokio::test]

@@ -1,13 +1,17 @@
 //! Endpoint addresses and HTTP/2 connections to them.
 //!
 //! One multiplexed HTTP/2 connection per endpoint carries every call to it. Calls drive the
-//! connection themselves ([`client`]): no tonic `Buffer` task, no hyper dispatch task in
+//! connection themselves (`client.rs`): no tonic `Buffer` task, no hyper dispatch task in
 //! between.
+//!
+//! Public here are the router's building blocks — [`Address`], [`SendBody`], [`BoxError`],
+//! [`WINDOW`] and [`CONNECTION_WINDOW`] — and [`CallError`], what a failed call's stream
+//! reports. h2 stays an implementation detail: no h2 type appears in a public signature.
 
 pub(crate) mod client;
 mod spin_io;
 
-use std::{fmt, io, path::PathBuf, str::FromStr};
+use std::{fmt, io, path::PathBuf, str::FromStr, time::Duration};
 
 use bytes::Bytes;
 use http_body::Body as HttpBody;
@@ -81,16 +85,108 @@ where
     }
 }
 
-/// Opens an HTTP/2 connection to `address`; its calls drive it (see [`client`]).
-pub(crate) async fn connect(address: &Address) -> io::Result<Sender> {
+/// How a client's connections behave: its calls' spin window and keepalive pings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Options {
+    /// How long a call alone in its process polls its connection before it sleeps (see
+    /// [`crate::tuning`]); zero: never. The router's balancers use none.
+    pub(crate) spin: Duration,
+    /// Pings on TCP connections; `None` or a zero interval: none. A Unix socket's peer that
+    /// dies closes the socket, so those connections need none.
+    pub(crate) keepalive: Option<Keepalive>,
+}
+
+impl Default for Options {
+    /// No spinning, the default keepalive.
+    fn default() -> Self {
+        Self {
+            spin: Duration::ZERO,
+            keepalive: Some(Keepalive::default()),
+        }
+    }
+}
+
+/// HTTP/2 keepalive: a PING every `interval` while calls are open on a connection; a PING
+/// unanswered for `timeout` closes the connection and fails its calls. A peer that stops
+/// answering (a half-open TCP connection, a host gone) then fails calls within
+/// `interval + timeout` instead of hanging them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Keepalive {
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+}
+
+/// Time between keepalive pings on a TCP connection with calls open.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a keepalive ping may go unanswered before the connection is given up.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            interval: KEEPALIVE_INTERVAL,
+            timeout: KEEPALIVE_TIMEOUT,
+        }
+    }
+}
+
+/// Opens an HTTP/2 connection to `address`; its calls drive it (see `client.rs`).
+pub(crate) async fn connect(address: &Address, options: &Options) -> io::Result<Sender> {
     match address {
-        Address::Unix(path) => client::handshake(UnixStream::connect(path).await?).await,
+        Address::Unix(path) => {
+            client::handshake(UnixStream::connect(path).await?, options, None).await
+        }
         Address::Tcp(hostport) => {
             let stream = TcpStream::connect(hostport.as_str()).await?;
             // gRPC messages are small and latency-bound: never wait for Nagle.
             stream.set_nodelay(true)?;
-            client::handshake(stream).await
+            client::handshake(stream, options, options.keepalive).await
         }
+    }
+}
+
+/// Why a call's HTTP/2 stream failed: reset by the peer or by this side, or its connection
+/// lost. The gRPC status it amounts to (as tonic maps HTTP/2 errors: a reset with `CANCEL` is
+/// `CANCELLED`, `REFUSED_STREAM` is `UNAVAILABLE`, …) comes first in its [`source`] chain, so
+/// a tonic client reports that code; the HTTP/2 error itself is that status's source.
+///
+/// [`source`]: std::error::Error::source
+pub struct CallError(Box<tonic::Status>);
+
+impl CallError {
+    pub(crate) fn new(error: h2::Error) -> Self {
+        Self(Box::new(tonic::Status::from_error(Box::new(error))))
+    }
+
+    /// The gRPC status this failure amounts to.
+    pub fn status(&self) -> &tonic::Status {
+        &self.0
+    }
+
+    /// The HTTP/2 error, for classifying the failure.
+    pub(crate) fn h2(&self) -> Option<&h2::Error> {
+        std::error::Error::source(&*self.0)?.downcast_ref()
+    }
+}
+
+impl fmt::Debug for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CallError").field(&self.to_string()).finish()
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.h2() {
+            Some(error) => fmt::Display::fmt(error, f),
+            None => f.write_str(self.0.message()),
+        }
+    }
+}
+
+impl std::error::Error for CallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
     }
 }
 
@@ -103,6 +199,23 @@ pub const CONNECTION_WINDOW: u32 = 8 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_error_is_opaque_and_keeps_its_cause_and_status() {
+        use std::error::Error as _;
+        let error = CallError::new(h2::Error::from(h2::Reason::CANCEL));
+        assert_eq!(error.status().code(), tonic::Code::Cancelled);
+        let status = error.source().expect("a status");
+        let cause = status.source().expect("the HTTP/2 cause");
+        assert!(cause.downcast_ref::<h2::Error>().is_some());
+        assert_eq!(error.to_string(), cause.to_string());
+        // tonic finds the status in the chain, as it does for a bare h2 error.
+        let boxed: BoxError = Box::new(CallError::new(h2::Error::from(h2::Reason::REFUSED_STREAM)));
+        assert_eq!(
+            tonic::Status::from_error(boxed).code(),
+            tonic::Code::Unavailable
+        );
+    }
 
     #[test]
     fn parses_and_prints_addresses() {

@@ -50,7 +50,7 @@ command = "{echo}"
 const TCP: &str = "listen = \"127.0.0.1:0\"\n";
 
 /// Clients take messages as large as the mesh carries (tonic's own default is 4 MiB).
-const CLIENT_LIMIT: usize = 16 << 20;
+const CLIENT_LIMIT: usize = mesh::plugin::DEFAULT_MAX_MESSAGE_SIZE;
 
 /// A client through the router's TCP listener, addressing `plugin.echo` by `:authority`.
 async fn via_tcp(mesh: &Mesh) -> EchoClient<Channel> {

@@ -15,6 +15,7 @@
 //!
 //! - [`connect`] and [`Channel`]: a balanced channel to a service, for any tonic client;
 //! - [`plugin`]: the SDK plugin authors serve with;
+//! - [`introspection`]: health and server reflection, as plugins and the router serve them;
 //! - [`runtime`]: where sockets live, and binding them safely;
 //! - [`labels`]: the registry labels with a meaning to the mesh;
 //! - [`balance`] and [`transport`]: the balancer and HTTP/2 client under every [`Channel`],
@@ -23,10 +24,10 @@
 pub mod balance;
 mod client;
 mod error;
+pub mod introspection;
 pub mod labels;
 mod name;
 pub mod plugin;
-pub mod reflection;
 pub mod runtime;
 pub mod transport;
 

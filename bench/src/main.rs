@@ -12,7 +12,6 @@
 //! (`--quick` for a smoke run, `--help` for the parts and knobs). `just bench` does both.
 
 mod calls;
-mod child;
 mod lifecycle;
 mod mesh_up;
 mod nginx;

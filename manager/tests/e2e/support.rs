@@ -96,10 +96,10 @@ impl Mesh {
             .start()
             .await
             .unwrap_or_else(|e| fail(e));
-        Mesh::from(up, settings)
+        Mesh::wrap(up, settings)
     }
 
-    fn from(up: MeshUp, settings: &str) -> Mesh {
+    fn wrap(up: MeshUp, settings: &str) -> Mesh {
         Mesh {
             socket: up.socket.clone(),
             config: up.config.clone(),
@@ -118,7 +118,7 @@ impl Mesh {
     /// Starts `mesh up` again on the same config and directories (after this one was killed).
     pub async fn relaunch(self) -> Mesh {
         let up = self.up.relaunch().await.unwrap_or_else(|e| fail(e));
-        Mesh::from(up, &self.settings)
+        Mesh::wrap(up, &self.settings)
     }
 
     /// Waits until the manager prints a line containing `needle`; returns that line.

@@ -4,13 +4,17 @@
 test *args:
     scripts/test {{args}}
 
+# One build of what the demo and the client run (as scripts/test builds it); `cargo run
+# --example client` reuses it.
+build:
+    cargo build --workspace --bins --examples
+
 # The demo: the router and two echo-plugin instances (deploy/local.toml).
-demo:
-    cargo build --workspace --bins
+demo: build
     target/debug/mesh up --config deploy/local.toml
 
 # Call the running demo by name with the example client.
-client *args:
+client *args: build
     cargo run --example client -- {{args}}
 
 # Formatting and lints, as CI checks them.

@@ -12,7 +12,6 @@
 //! (`--quick` for a smoke run, `--help` for the parts and knobs). `just bench` does both.
 
 mod calls;
-mod child;
 mod lifecycle;
 mod mesh_up;
 mod nginx;
@@ -31,6 +30,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use mesh_manager::supervisor::MAX_INSTANCES;
 use serde::{Serialize, Serializer};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -243,8 +243,12 @@ impl Settings {
         if settings.in_flight.iter().any(|n| !(1..=4096).contains(n)) {
             bail!("--in-flight values must be 1 to 4096");
         }
-        if settings.spawn.iter().any(|n| !(1..=1024).contains(n)) {
-            bail!("--spawn values must be 1 to 1024 (the manager's limit)");
+        if settings
+            .spawn
+            .iter()
+            .any(|n| !(1..=MAX_INSTANCES).contains(n))
+        {
+            bail!("--spawn values must be 1 to {MAX_INSTANCES} (the manager's limit)");
         }
         if !(1..=100).contains(&settings.repeats) {
             bail!("--repeats must be 1 to 100");

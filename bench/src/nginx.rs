@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, bail};
 use tokio::process::Command;
 
-use crate::child::Supervised;
+use mesh_testkit::Supervised;
 
 /// How long nginx may take to accept connections.
 const START_DEADLINE: Duration = Duration::from_secs(10);
@@ -103,7 +103,7 @@ impl Nginx {
     }
 
     /// Stops nginx (fast shutdown of master and workers).
-    pub(crate) async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
         self.process.stop(Duration::from_secs(5)).await?;
         Ok(())
     }

@@ -14,12 +14,14 @@ use std::{
 
 use mesh::{
     ServiceName, labels,
-    plugin::{self, MAX_MESSAGE_SIZE_VAR},
+    plugin::{self, DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_VAR},
     runtime, tuning,
 };
 use mesh_router::Limits;
 use serde::Deserialize;
 use toml::Spanned;
+
+use crate::supervisor::MAX_INSTANCES;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -190,8 +192,6 @@ impl fmt::Display for ConfigError {
 }
 
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// The default largest message: four times tonic's default, which plugins would otherwise keep.
-pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
 /// Bounds for the sizes and counts in `[mesh]`: enough for any machine, and keeps typos out.
 const MESSAGE_SIZES: std::ops::RangeInclusive<u64> = 1024..=1 << 30;
 const MAX_COUNT: u64 = 10_000_000;
@@ -199,7 +199,6 @@ const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
 const DEFAULT_DRAIN_DELAY: Duration = Duration::from_millis(100);
 const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_HEALTH_FAILURES: u32 = 3;
-use crate::supervisor::MAX_INSTANCES;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

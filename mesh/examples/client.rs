@@ -1,6 +1,7 @@
 //! Calls the demo's echo plugin by name through the mesh:
 //!
 //! ```text
+//! cargo build --workspace --bins --examples            # one build for both
 //! target/debug/mesh up --config deploy/local.toml      # in one terminal
 //! cargo run --example client -- hello                  # in another
 //! ```
@@ -11,7 +12,7 @@
 use mesh_proto::echo::v1::{EchoRequest, ExpandRequest, echo_client::EchoClient};
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> anyhow::Result<()> {
     let message = std::env::args().nth(1).unwrap_or_else(|| "hello".into());
     let channel = mesh::connect("plugin.echo").await?;
     println!("plugin.echo has {} instance(s)", channel.instances());

@@ -15,6 +15,7 @@
 //!
 //! - [`connect`] and [`Channel`]: a balanced channel to a service, for any tonic client;
 //! - [`plugin`]: the SDK plugin authors serve with;
+//! - [`introspection`]: health and server reflection, as plugins and the router serve them;
 //! - [`runtime`]: where sockets live, and binding them safely;
 //! - [`tuning`]: every latency knob — client spinning (opt-in), the router's linger, busy
 //!   polling — with its default and its cost;
@@ -27,10 +28,10 @@ pub mod backoff;
 pub mod balance;
 mod client;
 mod error;
+pub mod introspection;
 pub mod labels;
 mod name;
 pub mod plugin;
-pub mod reflection;
 pub mod runtime;
 pub mod transport;
 pub mod tuning;

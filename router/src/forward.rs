@@ -339,24 +339,17 @@ impl RouterBuilder {
 
     /// Builds the router and starts following the registry (needs a Tokio runtime).
     pub async fn build(mut self) -> Router {
-        let (health, health_service) = tonic_health::server::health_reporter();
         let registry_server = RegistryService::new(self.registry.clone()).into_server();
-        let mut names = std::mem::take(&mut self.names);
-        names.push(<mesh_proto::mesh::v1::registry_server::RegistryServer<RegistryService> as NamedService>::NAME);
+        let introspection = mesh::introspection::Introspection::new()
+            .file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+            .services(self.names.iter().copied())
+            .service(<mesh_proto::mesh::v1::registry_server::RegistryServer<RegistryService> as NamedService>::NAME);
+        self.routes.add_service(registry_server);
         // The router is ready once it is built: it answers as soon as it accepts.
-        for name in names.iter().copied().chain([""]) {
-            health
-                .set_service_status(name, tonic_health::ServingStatus::Serving)
-                .await;
-        }
-        let (reflection_v1, reflection_v1alpha) =
-            mesh::reflection::services(&[mesh_proto::FILE_DESCRIPTOR_SET], &names)
-                .expect("the bundled descriptors are valid");
-        self.routes
-            .add_service(registry_server)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+        introspection
+            .add_to(&mut self.routes)
+            .await
+            .expect("the bundled descriptors are valid");
         let upstreams = Arc::new(Upstreams::new(self.registry));
         upstreams.follow();
         let limits = self.limits;

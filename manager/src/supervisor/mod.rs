@@ -30,7 +30,8 @@ use crate::config::{Config, PluginConfig};
 use instance::Instance;
 use process::Launch;
 
-/// Most instances one plugin may be scaled to.
+/// Most instances of one plugin, in the config and when scaled: enough for any machine, and
+/// keeps typos like 1000000 out.
 pub const MAX_INSTANCES: u32 = 1024;
 
 /// Why an operation on a plugin was refused.

@@ -130,14 +130,18 @@ async fn a_plugin_that_exits_at_once_fails_with_its_stderr_and_others_keep_servi
         bad.display()
     ))
     .await;
-    let line = mesh.wait_line("instance=bad-0}: failed:").await;
+    let failed = mesh.wait_state("bad", "bad-0", "failed").await;
     assert!(
-        line.contains("instance bad-0 exited with status 3 before it was ready"),
-        "{line}"
+        failed
+            .detail
+            .contains("instance bad-0 exited with status 3 before it was ready"),
+        "{failed:?}"
     );
     assert!(
-        line.contains("last stderr: boom: setting FOO is missing"),
-        "{line}"
+        failed
+            .detail
+            .contains("last stderr: boom: setting FOO is missing"),
+        "{failed:?}"
     );
     mesh.wait_instances("plugin.echo", 1).await;
     echo_answers(&mesh).await;
@@ -163,12 +167,13 @@ async fn a_plugin_that_never_serves_times_out_and_is_stopped() {
         silent.display()
     ))
     .await;
-    let line = mesh.wait_line("instance=silent-0}: failed:").await;
+    let failed = mesh.wait_state("silent", "silent-0", "failed").await;
+    let detail = &failed.detail;
     assert!(
-        line.contains("instance silent-0 did not report SERVING on"),
-        "{line}"
+        detail.contains("instance silent-0 did not report SERVING on"),
+        "{detail}"
     );
-    assert!(line.contains("within 300ms (ready_timeout)"), "{line}");
+    assert!(detail.contains("within 300ms (ready_timeout)"), "{detail}");
     let pid: u32 = std::fs::read_to_string(&pidfile)
         .unwrap()
         .trim()

@@ -242,7 +242,15 @@ fn config_values_that_used_to_panic_the_supervisor_are_refused_at_load() {
         let (code, _, stderr) = mesh(&["up", "--config", config.to_str().unwrap()], &[]);
         assert_eq!(code, Some(64), "{line}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{line}: {stderr}");
-        assert!(stderr.contains(":7: plugin \"echo\": "), "{line}: {stderr}");
+        let written = std::fs::read_to_string(&config).unwrap();
+        let at = 1 + written
+            .lines()
+            .position(|l| l == line)
+            .expect("the line is written");
+        assert!(
+            stderr.contains(&format!(":{at}: plugin \"echo\": ")),
+            "{line}: {stderr}"
+        );
         assert!(stderr.contains(needle), "{line}: {stderr}");
     }
 }

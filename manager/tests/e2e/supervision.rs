@@ -23,22 +23,16 @@ fn kill(pid: u32, signal: Signal) {
     nix::sys::signal::kill(Pid::from_raw(pid as i32), signal).unwrap();
 }
 
-/// Waits until `service` has `n` instances, `id` among them with a pid other than `old_pid`.
+/// Waits until `service` has `n` instances, `id` among them with a pid other than `old_pid`:
+/// the final state itself, whatever the watch showed (or coalesced away) on the way.
 async fn wait_replaced(mesh: &Mesh, service: &str, n: usize, id: &str, old_pid: u32) -> Registered {
-    let deadline = Instant::now() + crate::support::DEADLINE;
-    loop {
-        let instances = mesh.wait_instances(service, n).await;
-        if let Some(found) = instances.iter().find(|i| i.id == id && i.pid != old_pid) {
-            return found.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id} was not replaced; output:\n{}",
-            mesh.output()
-        );
-        // The set has n instances but not the new one yet: wait for the next change.
-        mesh.wait_instances(service, n - 1).await;
-    }
+    let replaced = |i: &Registered| i.id == id && i.pid != old_pid;
+    let instances = mesh
+        .wait_registry(service, |found| {
+            found.len() == n && found.iter().any(replaced)
+        })
+        .await;
+    instances.into_iter().find(replaced).unwrap()
 }
 
 fn instance<'a>(status: &'a Value, plugin: &str, id: &str) -> &'a Value {
@@ -153,9 +147,15 @@ async fn a_plugin_that_exits_at_once_is_failed_after_n_tries_and_others_are_unto
     ))
     .await;
     let echo = mesh.wait_instances("plugin.echo", 1).await;
-    let line = mesh.wait_line("instance=bad-0}: failed:").await;
-    assert!(line.contains("3 failures within 60s, giving up"), "{line}");
-    assert!(line.contains("last stderr: cannot open database"), "{line}");
+    let failed = mesh.wait_state("bad", "bad-0", "failed").await;
+    assert!(
+        failed.detail.contains("3 failures within 60s, giving up"),
+        "{failed:?}"
+    );
+    assert!(
+        failed.detail.contains("last stderr: cannot open database"),
+        "{failed:?}"
+    );
 
     let status = mesh.status().await;
     let bad0 = instance(&status, "bad", "bad-0");
@@ -432,6 +432,14 @@ async fn logs_follow_shows_what_plugins_write_to_stdout_and_stderr() {
         .unwrap();
     let mut lines =
         tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(follow.stdout.take().unwrap()));
+    // The stream subscribes to new lines before it sends the kept ones: once the kept line is
+    // here, whatever comes next will be followed.
+    let kept = tokio::time::timeout(crate::support::DEADLINE, lines.next_line())
+        .await
+        .expect("the kept line arrives")
+        .unwrap()
+        .expect("mesh logs -f ended early");
+    assert!(kept.starts_with("echo-0 "), "{kept}");
     // New lines arrive as a restarted instance writes them.
     kill(first, Signal::SIGKILL);
     let second = wait_replaced(&mesh, "plugin.echo", 1, "echo-0", first)

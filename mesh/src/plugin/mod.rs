@@ -1,5 +1,5 @@
 //! The plugin SDK: serve a gRPC API on the socket the manager hands out, with health and
-//! reflection, and drain on SIGTERM.
+//! reflection, the mesh's message size limit, and drain on SIGTERM.
 //!
 //! ```no_run
 //! # use mesh_proto::echo::v1::echo_server::{Echo, EchoServer};
@@ -12,15 +12,22 @@
 //! # }
 //! ```
 
+mod health;
+mod limit;
+
 use std::{convert::Infallible, future::Future, path::PathBuf};
 
 use http::{Request, Response};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
-use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{runtime, transport, tuning};
+use crate::{
+    introspection::{Introspection, InvalidDescriptors},
+    runtime, transport, tuning,
+};
+pub use health::Health;
+use limit::Limited;
 
 /// The socket the plugin must listen on.
 pub const PLUGIN_SOCKET: &str = "PLUGIN_SOCKET";
@@ -31,8 +38,9 @@ pub const PLUGIN_INSTANCE: &str = "PLUGIN_INSTANCE";
 /// The largest gRPC message, in bytes, the mesh is configured to carry (`[mesh]
 /// max_message_size`); read it with [`Plugin::max_message_size`].
 pub const MAX_MESSAGE_SIZE_VAR: &str = "MESH_MAX_MESSAGE_SIZE";
-/// The largest message when `MESH_MAX_MESSAGE_SIZE` is not set: 16 MiB (tonic's own default
-/// is 4 MiB, too small for a 4 MiB payload with its framing).
+/// The largest message when `MESH_MAX_MESSAGE_SIZE` is not set, and the default of `[mesh]
+/// max_message_size`: 16 MiB (tonic's own default is 4 MiB, too small for a 4 MiB payload with
+/// its framing).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
 
 /// Why a plugin could not start or serve.
@@ -55,8 +63,8 @@ pub enum PluginError {
     #[error(transparent)]
     Socket(#[from] runtime::SocketError),
     /// A file descriptor set given for reflection could not be read.
-    #[error("invalid file descriptor set for reflection: {0}")]
-    Reflection(String),
+    #[error(transparent)]
+    Reflection(#[from] InvalidDescriptors),
     /// The server failed.
     #[error("serving failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -73,8 +81,9 @@ pub struct Plugin {
     instance: String,
     max_message_size: usize,
     routes: RoutesBuilder,
+    introspection: Introspection,
     services: Vec<&'static str>,
-    descriptors: Vec<&'static [u8]>,
+    health: Health,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -130,8 +139,9 @@ impl Plugin {
             instance: instance.into(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             routes: RoutesBuilder::default(),
+            introspection: Introspection::new(),
             services: Vec::new(),
-            descriptors: Vec::new(),
+            health: Health::new(),
         }
     }
 
@@ -147,8 +157,11 @@ impl Plugin {
 
     /// The largest message the mesh carries (`MESH_MAX_MESSAGE_SIZE`, else 16 MiB).
     ///
-    /// tonic keeps the decoding limit inside each generated server (4 MiB unless told), so the
-    /// SDK cannot raise it for you: apply it to each service you add.
+    /// [`Plugin::serve`] holds every service to it, both ways: a request message over it fails
+    /// its call with `RESOURCE_EXHAUSTED`, and so does a response message. tonic also keeps its
+    /// own decoding limit inside each generated server, 4 MiB unless told (over it, tonic
+    /// answers `OUT_OF_RANGE`), which the SDK cannot raise for you: for messages over 4 MiB,
+    /// give the limit to each service you add.
     ///
     /// ```no_run
     /// # use mesh_proto::echo::v1::echo_server::{Echo, EchoServer};
@@ -165,7 +178,7 @@ impl Plugin {
         self.max_message_size
     }
 
-    /// Sets the largest message (see [`Plugin::max_message_size`]).
+    /// Sets the largest message, in bytes (see [`Plugin::max_message_size`]).
     pub fn with_max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self
@@ -183,21 +196,29 @@ impl Plugin {
         S::Future: Send + 'static,
     {
         self.services.push(S::NAME);
+        self.introspection = self.introspection.service(S::NAME);
         self.routes.add_service(service);
         self
     }
 
     /// Adds an encoded `FileDescriptorSet` that describes the services, for reflection.
     pub fn file_descriptor_set(mut self, encoded: &'static [u8]) -> Self {
-        self.descriptors.push(encoded);
+        self.introspection = self.introspection.file_descriptor_set(encoded);
         self
+    }
+
+    /// A handle on what the plugin's health service reports, so that the plugin can say it is
+    /// `NOT_SERVING` (and `SERVING` again) itself; see [`Health`].
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// Serves until SIGTERM or SIGINT, then reports `NOT_SERVING`, finishes the calls in
     /// flight and removes the socket.
     ///
     /// SIGUSR1 reports `NOT_SERVING` without stopping (maintenance: the manager takes the
-    /// instance out of routing, and restarts it if it stays so), SIGUSR2 `SERVING` again.
+    /// instance out of routing, and restarts it if it stays so), SIGUSR2 `SERVING` again; the
+    /// plugin itself can do the same through [`Plugin::health`].
     pub async fn serve(self) -> Result<(), PluginError> {
         let mut term =
             signal(SignalKind::terminate()).map_err(|source| socket_io(&self.socket, source))?;
@@ -207,15 +228,18 @@ impl Plugin {
             .map_err(|source| socket_io(&self.socket, source))?;
         let mut usr2 = signal(SignalKind::user_defined2())
             .map_err(|source| socket_io(&self.socket, source))?;
-        let maintenance = |health: HealthReporter, services: Vec<&'static str>| async move {
+        let health = self.health();
+        let maintenance = async move {
             loop {
-                let status = tokio::select! {
-                    _ = usr1.recv() => ServingStatus::NotServing,
-                    _ = usr2.recv() => ServingStatus::Serving,
-                };
-                tracing::info!(?status, "health set by signal");
-                for service in &services {
-                    health.set_service_status(*service, status).await;
+                tokio::select! {
+                    _ = usr1.recv() => {
+                        tracing::info!("NOT_SERVING, set by SIGUSR1");
+                        health.set_not_serving().await;
+                    }
+                    _ = usr2.recv() => {
+                        tracing::info!("SERVING, set by SIGUSR2");
+                        health.set_serving().await;
+                    }
                 }
             }
         };
@@ -236,40 +260,20 @@ impl Plugin {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), PluginError> {
-        self.serve_inner(
-            shutdown,
-            None::<fn(HealthReporter, Vec<&'static str>) -> std::future::Ready<()>>,
-        )
-        .await
+        self.serve_inner(shutdown, None::<std::future::Pending<()>>)
+            .await
     }
 
-    async fn serve_inner<M, F>(
+    async fn serve_inner(
         mut self,
         shutdown: impl Future<Output = ()>,
-        maintenance: Option<M>,
-    ) -> Result<(), PluginError>
-    where
-        M: FnOnce(HealthReporter, Vec<&'static str>) -> F,
-        F: Future<Output = ()> + Send + 'static,
-    {
+        maintenance: Option<impl Future<Output = ()> + Send + 'static>,
+    ) -> Result<(), PluginError> {
         let listener = runtime::bind(&self.socket)?;
-        let (health, health_service) = tonic_health::server::health_reporter();
-        let (reflection_v1, reflection_v1alpha) =
-            crate::reflection::services(&self.descriptors, &self.services)
-                .map_err(|e| PluginError::Reflection(e.to_string()))?;
-        self.routes
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
-
         // Only this server answers health checks, so SERVING cannot be seen before it serves.
-        let statuses: Vec<&'static str> = self.services.iter().copied().chain([""]).collect();
-        for service in &statuses {
-            health
-                .set_service_status(*service, ServingStatus::Serving)
-                .await;
-        }
-        let maintenance = maintenance.map(|m| tokio::spawn(m(health.clone(), statuses.clone())));
+        let reporter = self.introspection.add_to(&mut self.routes).await?;
+        self.health.start(reporter, self.services.clone()).await;
+        let maintenance = maintenance.map(tokio::spawn);
         // Opt-in: the manager's config sets MESH_BUSY_POLL=1 in the plugin's env.
         let polling = tuning::busy_poll_from_env().then(tuning::busy_poll);
         tracing::info!(
@@ -281,15 +285,20 @@ impl Plugin {
         let draining = async {
             shutdown.await;
             tracing::info!(instance = %self.instance, "draining");
-            for service in &statuses {
-                health
-                    .set_service_status(*service, ServingStatus::NotServing)
-                    .await;
-            }
+            self.health.set_not_serving().await;
         };
+        let limit = self.max_message_size;
+        let limits = tower::ServiceBuilder::new()
+            .map_request(move |request: Request<Body>| {
+                request.map(|body| Body::new(Limited::request(body, limit)))
+            })
+            .map_response(move |response: Response<Body>| {
+                response.map(|body| Limited::response(body, limit))
+            });
         let served = Server::builder()
             .initial_stream_window_size(transport::WINDOW)
             .initial_connection_window_size(transport::CONNECTION_WINDOW)
+            .layer(limits)
             .add_routes(self.routes.routes())
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), draining)
             .await;

@@ -294,6 +294,14 @@ impl Instance {
                             failures = 0;
                             lease = self.register();
                             self.set(State::Ready { pid });
+                        } else if !lease.is_some_and(|lease| self.registry.holds(lease)) {
+                            // Ready but not routable (removed, or never registered): put it
+                            // back, so the registry matches `mesh status` within one interval.
+                            tracing::warn!(
+                                instance = %self.launch.id,
+                                "ready but missing from the registry; registering it again"
+                            );
+                            lease = self.register();
                         }
                         continue;
                     }

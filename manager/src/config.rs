@@ -681,7 +681,8 @@ fn limits(
             Some(timeout).filter(|t| !t.is_zero())
         }
     };
-    let timeout = |field: &str, value: &Option<Spanned<String>>, default: Duration| match value {
+    let timeout = |field: &str, value: &Option<Spanned<String>>, default: Duration| {
+        match value {
         None => Ok(default),
         Some(text) => humantime::parse_duration(text.get_ref())
             .ok()
@@ -696,6 +697,7 @@ fn limits(
                     ),
                 )
             }),
+    }
     };
     let max_header_list_size = match &mesh.max_header_list_size {
         None => defaults.max_header_list_size,

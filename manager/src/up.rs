@@ -151,12 +151,8 @@ fn open_socket(config: &Config) -> Result<(), UpError> {
         source,
     };
     if let Some(gid) = config.socket_group {
-        nix::unistd::chown(
-            &config.socket,
-            None,
-            Some(nix::unistd::Gid::from_raw(gid)),
-        )
-        .map_err(|e| failed(e.into()))?;
+        nix::unistd::chown(&config.socket, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| failed(e.into()))?;
     }
     if config.socket_mode != 0o600 {
         std::fs::set_permissions(

@@ -6,5 +6,6 @@ mod bad_input;
 mod lifecycle;
 mod router;
 mod routing;
+mod security;
 mod supervision;
 mod support;

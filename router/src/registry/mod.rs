@@ -660,7 +660,7 @@ impl State {
             .is_some_and(|r| r.lease == lease)
         {
             entry.instances.remove(&held.id);
-            self.instances -= 1;
+            self.instances = self.instances.saturating_sub(1);
             self.touch(&held.service);
             true
         } else {

@@ -35,6 +35,11 @@ pub struct Config {
     /// Whether `socket` came from the command line (`mesh up --socket`, `MESH_SOCKET`) rather
     /// than the file; a reload keeps it.
     pub socket_overridden: bool,
+    /// The router socket's permission bits (`0o600` unless `socket_mode` says otherwise).
+    /// Opening it to other users lets them call plugins and read the registry, never control.
+    pub socket_mode: u32,
+    /// The group the router socket is given (`socket_group`), if any.
+    pub socket_group: Option<u32>,
     /// TCP address for remote clients, if any.
     pub listen: Option<SocketAddr>,
     /// The router's limits and default call timeout.
@@ -195,6 +200,11 @@ const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds for the sizes and counts in `[mesh]`: enough for any machine, and keeps typos out.
 const MESSAGE_SIZES: std::ops::RangeInclusive<u64> = 1024..=1 << 30;
 const MAX_COUNT: u64 = 10_000_000;
+/// Bounds for `handshake_timeout` and `idle_timeout`.
+const MIN_CONNECTION_TIMEOUT: Duration = Duration::from_millis(10);
+const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Bounds for `max_header_list_size`.
+const HEADER_LIST_SIZES: std::ops::RangeInclusive<u64> = 1024..=1 << 20;
 const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
 const DEFAULT_DRAIN_DELAY: Duration = Duration::from_millis(100);
 const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -220,6 +230,12 @@ struct RawMesh {
     max_connections: Option<Spanned<u64>>,
     max_concurrent_streams: Option<Spanned<u64>>,
     max_in_flight: Option<Spanned<u64>>,
+    max_in_flight_per_connection: Option<Spanned<u64>>,
+    handshake_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_header_list_size: Option<Spanned<RawSize>>,
+    socket_mode: Option<Spanned<String>>,
+    socket_group: Option<Spanned<String>>,
     router_threads: Option<Spanned<u64>>,
     #[serde(default)]
     busy_poll: bool,
@@ -386,6 +402,7 @@ impl File<'_> {
             })?),
         };
         let limits = limits(&mesh, &at)?;
+        let (socket_mode, socket_group) = socket_access(&mesh, &at)?;
         let router_threads = match &mesh.router_threads {
             None => default_router_threads(),
             Some(n) if (1..=MAX_ROUTER_THREADS).contains(n.get_ref()) => *n.get_ref() as usize,
@@ -435,6 +452,8 @@ impl File<'_> {
             runtime_dir,
             socket,
             socket_overridden: false,
+            socket_mode,
+            socket_group,
             listen,
             limits,
             router_threads,
@@ -806,6 +825,45 @@ fn credentials(
     }))
 }
 
+/// `socket_mode` and `socket_group` from `[mesh]`.
+fn socket_access(
+    mesh: &RawMesh,
+    at: &impl Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<(u32, Option<u32>), ConfigError> {
+    let mode = match &mesh.socket_mode {
+        None => 0o600,
+        Some(text) => u32::from_str_radix(text.get_ref().trim_start_matches("0o"), 8)
+            .ok()
+            // Owner read and write are needed; execute bits mean nothing on a socket.
+            .filter(|m| *m <= 0o777 && m & 0o600 == 0o600 && m & 0o111 == 0)
+            .ok_or_else(|| {
+                at(
+                    Some(text.span()),
+                    format!(
+                        "socket_mode = {:?}: write octal permission bits with the owner's read and write, such as \"0660\" (group) or \"0666\" (everyone); default \"0600\"",
+                        text.get_ref()
+                    ),
+                )
+            })?,
+    };
+    let group = match &mesh.socket_group {
+        None => None,
+        Some(name) => {
+            let group = nix::unistd::Group::from_name(name.get_ref())
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    at(
+                        Some(name.span()),
+                        format!("socket_group = {:?}: no such group", name.get_ref()),
+                    )
+                })?;
+            Some(group.gid.as_raw())
+        }
+    };
+    Ok((mode, group))
+}
+
 /// The router's limits from `[mesh]`.
 fn limits(
     mesh: &RawMesh,
@@ -848,6 +906,35 @@ fn limits(
             Some(timeout).filter(|t| !t.is_zero())
         }
     };
+    let timeout = |field: &str, value: &Option<Spanned<String>>, default: Duration| {
+        match value {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(text.get_ref())
+            .ok()
+            .filter(|d| (MIN_CONNECTION_TIMEOUT..=MAX_CONNECTION_TIMEOUT).contains(d))
+            .ok_or_else(|| {
+                at(
+                    Some(text.span()),
+                    format!(
+                        "{field} = {:?}: write a duration from 10ms to 24h, such as \"10s\" (default {})",
+                        text.get_ref(),
+                        humantime::format_duration(default)
+                    ),
+                )
+            }),
+    }
+    };
+    let max_header_list_size = match &mesh.max_header_list_size {
+        None => defaults.max_header_list_size,
+        Some(size) => parse_size(size.get_ref())
+            .filter(|n| HEADER_LIST_SIZES.contains(n))
+            .ok_or_else(|| {
+                at(
+                    Some(size.span()),
+                    "max_header_list_size must be 1KiB to 1MiB; write bytes or a size such as \"16KiB\" (default 16KiB)".into(),
+                )
+            })? as u32,
+    };
     Ok(Limits {
         max_connections: count(
             "max_connections",
@@ -865,7 +952,22 @@ fn limits(
             &mesh.max_in_flight,
             defaults.max_in_flight as u64,
         )? as usize,
+        max_in_flight_per_connection: match &mesh.max_in_flight_per_connection {
+            None => None,
+            Some(_) => Some(count(
+                "max_in_flight_per_connection",
+                &mesh.max_in_flight_per_connection,
+                0,
+            )? as usize),
+        },
         call_timeout,
+        handshake_timeout: timeout(
+            "handshake_timeout",
+            &mesh.handshake_timeout,
+            defaults.handshake_timeout,
+        )?,
+        idle_timeout: timeout("idle_timeout", &mesh.idle_timeout, defaults.idle_timeout)?,
+        max_header_list_size,
     })
 }
 
@@ -1035,6 +1137,7 @@ mod tests {
                 max_concurrent_streams: 8,
                 max_in_flight: 4,
                 call_timeout: Some(Duration::from_secs(2)),
+                ..Limits::default()
             }
         );
         assert_eq!(config.max_message_size, 4 << 20);
@@ -1375,6 +1478,36 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains("not found"), "{error}");
+    }
+
+    #[test]
+    fn connection_limits_and_socket_access_parse_within_bounds() {
+        let config = parse("[mesh]\n").unwrap();
+        assert_eq!((config.socket_mode, config.socket_group), (0o600, None));
+        let config = parse(
+            "[mesh]\nsocket_mode = \"0660\"\nsocket_group = \"root\"\n\
+             handshake_timeout = \"200ms\"\nidle_timeout = \"1m\"\n\
+             max_in_flight_per_connection = 2\nmax_header_list_size = \"32KiB\"\n",
+        )
+        .unwrap();
+        assert_eq!((config.socket_mode, config.socket_group), (0o660, Some(0)));
+        assert_eq!(config.limits.handshake_timeout, Duration::from_millis(200));
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.limits.max_in_flight_per_connection, Some(2));
+        assert_eq!(config.limits.max_header_list_size, 32 << 10);
+        for (bad, says) in [
+            ("socket_mode = \"0400\"", "owner's read and write"),
+            ("socket_mode = \"0777\"", "octal permission bits"),
+            ("socket_mode = \"rw\"", "octal permission bits"),
+            ("socket_group = \"no-such-group-here\"", "no such group"),
+            ("handshake_timeout = \"0s\"", "10ms to 24h"),
+            ("idle_timeout = \"1000000h\"", "10ms to 24h"),
+            ("max_in_flight_per_connection = 0", "out of range"),
+            ("max_header_list_size = \"2GiB\"", "1KiB to 1MiB"),
+        ] {
+            let text = parse(&format!("[mesh]\n{bad}\n")).unwrap_err().to_string();
+            assert!(text.contains(":2:") && text.contains(says), "{bad}: {text}");
+        }
     }
 
     #[test]

@@ -30,6 +30,14 @@ pub enum UpError {
     /// A signal handler could not be installed.
     #[error("cannot handle signals: {0}")]
     Signal(std::io::Error),
+    /// The router socket's mode or group could not be set.
+    #[error("router socket {path}: cannot apply socket_mode/socket_group: {error}")]
+    SocketAccess {
+        /// The socket.
+        path: std::path::PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
     /// The TCP listener could not be bound.
     #[error("listen = {addr}: {error}; pick a free port, or port 0 for any")]
     Listen {
@@ -51,6 +59,7 @@ impl From<runtime::SocketError> for UpError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), UpError> {
     runtime::create_private_dir(&config.runtime_dir)?;
     let listener = runtime::bind(&config.socket)?;
+    open_socket(&config)?;
     let tcp = match config.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -167,6 +176,29 @@ fn isolating(supervisor: Supervisor) -> Supervisor {
             supervisor
         }
     }
+}
+
+/// Gives the router socket the configured group and mode. Whoever it lets connect may call
+/// plugins and read the registry; control stays with the owner's uid and root, whom the
+/// router knows by the kernel's credentials, not by the socket's mode.
+fn open_socket(config: &Config) -> Result<(), UpError> {
+    use std::os::unix::fs::PermissionsExt;
+    let failed = |error| UpError::SocketAccess {
+        path: config.socket.clone(),
+        error,
+    };
+    if let Some(gid) = config.socket_group {
+        nix::unistd::chown(&config.socket, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| failed(e.into()))?;
+    }
+    if config.socket_mode != 0o600 {
+        std::fs::set_permissions(
+            &config.socket,
+            std::fs::Permissions::from_mode(config.socket_mode),
+        )
+        .map_err(failed)?;
+    }
+    Ok(())
 }
 
 /// One line per plugin once its instances settle: all ready, or which are not and why.

@@ -30,10 +30,13 @@ impl Deadlines {
     }
 
     /// The call's timeout; rewrites its `grpc-timeout` when the default is shorter or the call
-    /// had none.
-    pub(crate) fn apply(&self, headers: &mut HeaderMap) -> Option<Duration> {
-        let asked = headers.get(GRPC_TIMEOUT).and_then(|v| parse(v.as_bytes()));
-        match (asked, &self.default) {
+    /// had none. A malformed `grpc-timeout` is an error, never "no deadline".
+    pub(crate) fn apply(
+        &self,
+        headers: &mut HeaderMap,
+    ) -> Result<Option<Duration>, InvalidTimeout> {
+        let asked = asked(headers)?;
+        Ok(match (asked, &self.default) {
             (Some(asked), Some((default, _))) if asked <= *default => Some(asked),
             (Some(asked), None) => Some(asked),
             (_, Some((default, value))) => {
@@ -41,12 +44,37 @@ impl Deadlines {
                 Some(*default)
             }
             (None, None) => None,
-        }
+        })
     }
 }
 
+/// A `grpc-timeout` that is not 1 to 8 digits and a unit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "malformed grpc-timeout {0:?}: expected 1 to 8 digits and a unit (H, M, S, m, u, n), such as 250m"
+)]
+pub(crate) struct InvalidTimeout(String);
+
+impl From<InvalidTimeout> for tonic::Status {
+    fn from(error: InvalidTimeout) -> Self {
+        // As gRPC servers answer a malformed timeout (grpc-go: INTERNAL).
+        tonic::Status::internal(error.to_string())
+    }
+}
+
+/// The `grpc-timeout` a call asks for, if any.
+pub(crate) fn asked(headers: &HeaderMap) -> Result<Option<Duration>, InvalidTimeout> {
+    headers
+        .get(GRPC_TIMEOUT)
+        .map(|value| {
+            parse(value.as_bytes()).ok_or_else(|| {
+                InvalidTimeout(String::from_utf8_lossy(value.as_bytes()).into_owned())
+            })
+        })
+        .transpose()
+}
+
 /// Parses a `grpc-timeout` value: at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
-/// An invalid value counts as none (and is passed on as it came).
 pub(crate) fn parse(value: &[u8]) -> Option<Duration> {
     let (&unit, digits) = value.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
@@ -171,7 +199,7 @@ mod tests {
             if let Some(h) = header {
                 headers.insert(GRPC_TIMEOUT, h.parse().unwrap());
             }
-            let applied = deadlines.apply(&mut headers);
+            let applied = deadlines.apply(&mut headers).unwrap();
             let passed = headers
                 .get(GRPC_TIMEOUT)
                 .map(|v| v.to_str().unwrap().to_owned());
@@ -183,10 +211,20 @@ mod tests {
             timeout(&none, Some("5S")),
             (Some(Duration::from_secs(5)), Some("5S".into()))
         );
+        let mut bogus = HeaderMap::new();
+        bogus.insert(GRPC_TIMEOUT, "bogus".parse().unwrap());
+        let refused = none.apply(&mut bogus).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("malformed grpc-timeout \"bogus\""),
+            "{refused}"
+        );
+        assert_eq!(tonic::Status::from(refused).code(), tonic::Code::Internal);
         assert_eq!(
-            timeout(&none, Some("bogus")),
-            (None, Some("bogus".into())),
-            "passed on untouched"
+            timeout(&none, Some("0n")),
+            (Some(Duration::ZERO), Some("0n".into())),
+            "zero is a deadline that has passed, not none"
         );
 
         let ten = Deadlines::new(Some(Duration::from_secs(10)));
@@ -203,7 +241,9 @@ mod tests {
             (Some(Duration::from_secs(10)), Some("10000000u".into()))
         );
         assert_eq!(
-            Deadlines::new(Some(Duration::ZERO)).apply(&mut HeaderMap::new()),
+            Deadlines::new(Some(Duration::ZERO))
+                .apply(&mut HeaderMap::new())
+                .unwrap(),
             None,
             "zero means none"
         );

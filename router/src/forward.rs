@@ -7,7 +7,16 @@
 //! map read, two counters (in flight in the router and on the instance) and hyper's own work.
 //! Request and response bodies pass through unboxed.
 
-use std::{convert::Infallible, future::Future, io, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -15,6 +24,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
+    sync::watch,
+    task::JoinSet,
     time::Instant,
 };
 use tonic::{
@@ -30,8 +41,11 @@ use mesh::transport;
 use crate::{
     Limits, SERVICE_HEADER,
     body::{Forwarded, RouterBody},
-    deadline::{Deadlines, Expiry},
-    limit::Gauge,
+    deadline::{self, Deadlines, Expiry},
+    grpc::{self, RequestBody},
+    identity::{self, Caller},
+    limit::{Admission, Gauge, Handshake, Held, Permit},
+    policy,
     registry::{Registry, RegistryService},
     route::{self, Route},
     upstream::{Upstream, Upstreams},
@@ -75,11 +89,30 @@ pub(crate) struct Inner {
     local: Routes,
     upstreams: Arc<Upstreams>,
     deadlines: Deadlines,
-    /// Forwarded calls in flight.
-    in_flight: Arc<Gauge>,
-    /// Client connections open, over all listeners.
-    connections: Arc<Gauge>,
-    max_concurrent_streams: u32,
+    /// Connections and calls in flight, under the router's limits (shared by all threads).
+    admission: Arc<Admission>,
+    /// The uid trusted besides root: the router's own.
+    owner: u32,
+}
+
+/// One client connection: who is on it (fixed at accept time) and its calls.
+struct Connection {
+    inner: Arc<Inner>,
+    caller: Caller,
+    /// Forwarded calls in flight on it, within its class's share and the total.
+    calls: Arc<Gauge>,
+    /// The router's own calls open on it (unbounded: counted for the idle timeout).
+    local: Arc<Gauge>,
+    /// A call came since the last idle check.
+    active: AtomicBool,
+}
+
+impl Connection {
+    /// No call open, and none came since the last check.
+    fn idle(&self) -> bool {
+        let active = self.active.swap(false, Ordering::Relaxed);
+        !active && self.calls.count() == 0 && self.local.count() == 0
+    }
 }
 
 /// Builds a [`Router`]: the registry it serves and routes by, extra local services, and its
@@ -119,27 +152,38 @@ impl Router {
                 local: self.inner.local.clone(),
                 upstreams,
                 deadlines: self.inner.deadlines.clone(),
-                in_flight: self.inner.in_flight.clone(),
-                connections: self.inner.connections.clone(),
-                max_concurrent_streams: self.inner.max_concurrent_streams,
+                admission: self.inner.admission.clone(),
+                owner: self.inner.owner,
             }),
         }
     }
 
-    /// Serves connections from `listener` until `shutdown` completes, then lets open calls finish.
+    /// Serves connections from `listener` until `shutdown` completes, then lets open calls
+    /// finish. Each connection's caller is who the kernel says connected (`SO_PEERCRED`).
     pub async fn serve_unix(
         self,
         listener: UnixListener,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
+        let owner = self.inner.owner;
         self.serve(
-            || async { listener.accept().await.map(|(s, _)| s) },
+            || async {
+                loop {
+                    let (stream, _) = listener.accept().await?;
+                    match Caller::of_unix(&stream, owner) {
+                        Ok(caller) => return Ok((stream, caller)),
+                        // Whom the kernel cannot name is not served.
+                        Err(error) => tracing::warn!(%error, "no peer credentials; closed"),
+                    }
+                }
+            },
             shutdown,
         )
         .await
     }
 
-    /// Serves TCP connections from `listener` until `shutdown` completes.
+    /// Serves TCP connections from `listener` until `shutdown` completes. TCP callers are
+    /// [`Caller::Remote`]: they may forward calls and read the registry, nothing more.
     pub async fn serve_tcp(
         self,
         listener: TcpListener,
@@ -147,9 +191,9 @@ impl Router {
     ) -> io::Result<()> {
         self.serve(
             || async {
-                let (stream, _) = listener.accept().await?;
+                let (stream, addr) = listener.accept().await?;
                 stream.set_nodelay(true)?;
-                Ok(stream)
+                Ok((stream, Caller::Remote { addr }))
             },
             shutdown,
         )
@@ -163,21 +207,32 @@ impl Router {
     ) -> io::Result<()>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = io::Result<S>>,
+        Fut: Future<Output = io::Result<(S, Caller)>>,
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let limits = &self.inner.admission.limits;
         let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http.initial_stream_window_size(transport::WINDOW)
             .initial_connection_window_size(transport::CONNECTION_WINDOW)
-            .max_concurrent_streams(self.inner.max_concurrent_streams);
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            // h2 answers a bare 431 past its own limit: keep that well above the router's,
+            // which answers with a gRPC status (see `grpc`).
+            .max_header_list_size(
+                limits
+                    .max_header_list_size
+                    .saturating_mul(4)
+                    .max(HARD_HEADER_LIST_SIZE),
+            );
+        let (stopping, stop) = watch::channel(false);
+        let mut connections = JoinSet::new();
         let mut refused_logged: Option<Instant> = None;
         tokio::pin!(shutdown);
         loop {
-            let stream = tokio::select! {
+            let (stream, caller) = tokio::select! {
                 () = &mut shutdown => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 accepted = accept() => match accepted {
-                    Ok(stream) => stream,
+                    Ok(accepted) => accepted,
                     Err(error) => {
                         // EMFILE and friends: log, breathe, keep serving what is open.
                         tracing::warn!(%error, "accept failed");
@@ -186,45 +241,88 @@ impl Router {
                     }
                 },
             };
-            let Some(permit) = self.inner.connections.try_acquire() else {
-                // Closed at once: the client sees UNAVAILABLE now rather than a hang.
-                if refused_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-                    refused_logged = Some(Instant::now());
-                    tracing::warn!(
-                        "refusing connections: {} are open (max_connections)",
-                        self.inner.connections.max()
-                    );
+            let class = caller.class();
+            let permit = match self.inner.admission.connect(class) {
+                Ok(permit) => permit,
+                Err(full) => {
+                    // Closed at once: the client sees UNAVAILABLE now rather than a hang.
+                    if refused_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                        refused_logged = Some(Instant::now());
+                        tracing::warn!(
+                            "refusing {}: {} are open ({})",
+                            class.name(),
+                            full.max,
+                            full.name
+                        );
+                    }
+                    drop(stream);
+                    continue;
                 }
-                drop(stream);
-                continue;
             };
-            let inner = self.inner.clone();
-            let service = hyper::service::service_fn(move |request| {
-                let inner = inner.clone();
-                async move { Ok::<_, Infallible>(inner.handle(request).await) }
+            let connection = Arc::new(Connection {
+                inner: self.inner.clone(),
+                caller,
+                calls: self.inner.admission.connection_calls(class),
+                local: Gauge::new("calls open", usize::MAX),
+                active: AtomicBool::new(false),
             });
-            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "router connection ended");
+            let served = connection.clone();
+            let service = hyper::service::service_fn(move |request| {
+                let connection = served.clone();
+                async move { Ok::<_, Infallible>(connection.inner.handle(&connection, request).await) }
+            });
+            let io = Handshake::new(stream, limits.handshake_timeout);
+            let conn = http.serve_connection(TokioIo::new(io), service);
+            let idle_timeout = limits.idle_timeout;
+            let mut stop = stop.clone();
+            connections.spawn(async move {
+                tokio::pin!(conn);
+                let mut idle = tokio::time::interval_at(Instant::now() + idle_timeout, idle_timeout);
+                let mut closing = false;
+                loop {
+                    tokio::select! {
+                        ended = conn.as_mut() => {
+                            if let Err(error) = ended {
+                                tracing::debug!(%error, "router connection ended");
+                            }
+                            break;
+                        }
+                        _ = stop.wait_for(|stop| *stop), if !closing => {
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        _ = idle.tick(), if !closing => if connection.idle() {
+                            tracing::debug!(caller = %connection.caller, "closing an idle connection");
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
                 }
                 drop(permit);
             });
         }
         // Open calls may finish; a stream that never ends (a client's watch, a chat) must not
         // hold the shutdown forever.
-        if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        let _ = stopping.send(true);
+        let drained = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
             tracing::warn!("calls still open after {DRAIN_TIMEOUT:?} of draining; closing them");
+            connections.shutdown().await;
         }
         Ok(())
     }
 }
 
+/// The header list h2 itself accepts, at least: past it, h2 answers HTTP 431 before the
+/// router sees the call.
+const HARD_HEADER_LIST_SIZE: u32 = 64 << 10;
+
 impl Inner {
-    async fn handle(&self, request: Request<Incoming>) -> Response<RouterBody> {
+    async fn handle(
+        &self,
+        connection: &Connection,
+        request: Request<Incoming>,
+    ) -> Response<RouterBody> {
         // A worker serving one call at a time stays awake for the next one (see
         // `mesh::tuning::linger`); under load it has work enough, and lingering would only take
         // CPU time from the clients and plugins beside it.
@@ -232,22 +330,27 @@ impl Inner {
         if handling.alone {
             mesh::tuning::linger_touch();
         }
-        let response = self.route(request).await;
+        let response = self.route(connection, request).await;
         if handling.alone {
             mesh::tuning::linger_touch();
         }
         response
     }
 
-    async fn route(&self, request: Request<Incoming>) -> Response<RouterBody> {
+    async fn route(
+        &self,
+        connection: &Connection,
+        request: Request<Incoming>,
+    ) -> Response<RouterBody> {
+        connection.active.store(true, Ordering::Relaxed);
+        if let Err(refusal) = grpc::check(
+            &request,
+            self.admission.limits.max_header_list_size as usize,
+        ) {
+            return *refusal;
+        }
         let upstream = match route::route(&request) {
-            Route::Local => {
-                let response = match self.local.clone().oneshot(request).await {
-                    Ok(response) => response,
-                    Err(never) => match never {},
-                };
-                return response.map(RouterBody::Local);
-            }
+            Route::Local => return self.local(connection, request).await,
             Route::Service(service) => match self.upstreams.get(service) {
                 Some(upstream) => upstream,
                 None => return self.unknown(service).into_http(),
@@ -257,23 +360,53 @@ impl Inner {
                     .into_http();
             }
         };
-        self.forward(upstream, request).await
+        // The connection's share first, then its class's, then the router's: the refusal
+        // names the one that is full.
+        let permit = match connection.calls.try_acquire() {
+            Ok(permit) => permit,
+            Err(full) => return full.status().into_http(),
+        };
+        self.forward(upstream, permit, request).await
+    }
+
+    /// The router's own services, as far as the caller may use them (`policy`), with the
+    /// caller in the request's extensions for them.
+    async fn local(
+        &self,
+        connection: &Connection,
+        mut request: Request<Incoming>,
+    ) -> Response<RouterBody> {
+        if let Err(status) = policy::check(&connection.caller, request.uri().path()) {
+            return status.into_http();
+        }
+        if let Err(error) = deadline::asked(request.headers()) {
+            return Status::from(error).into_http();
+        }
+        let Ok(open) = connection.local.try_acquire() else {
+            return Status::resource_exhausted("too many calls open on this connection")
+                .into_http();
+        };
+        request.extensions_mut().insert(connection.caller);
+        let response = match self.local.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        response.map(|body| RouterBody::Local(Body::new(Held::new(body, open))))
     }
 
     async fn forward(
         &self,
         upstream: Arc<Upstream>,
+        permit: Permit,
         mut request: Request<Incoming>,
     ) -> Response<RouterBody> {
-        let Some(permit) = self.in_flight.try_acquire() else {
-            return Status::resource_exhausted(format!(
-                "the router is at its limit of {} calls in flight (max_in_flight); retry later",
-                self.in_flight.max()
-            ))
-            .into_http();
-        };
         let service = upstream.name.as_str();
-        let Some(timeout) = self.deadlines.apply(request.headers_mut()) else {
+        let timeout = match self.deadlines.apply(request.headers_mut()) {
+            Ok(timeout) => timeout,
+            Err(error) => return Status::from(error).into_http(),
+        };
+        let request = request.map(RequestBody::new);
+        let Some(timeout) = timeout else {
             return match upstream.balancer.send(request, service).await {
                 Ok(response) => {
                     response.map(|body| RouterBody::Forwarded(Forwarded::new(body, None, permit)))
@@ -282,6 +415,10 @@ impl Inner {
             };
         };
         let mut expiry = Expiry::start(timeout);
+        if timeout.is_zero() {
+            // Expired before it came: never sent.
+            return expiry.status(service).into_http();
+        }
         // The deadline first: a call polled after it passed is DEADLINE_EXCEEDED, even if an
         // answer (the plugin's own timeout, say) arrives while the call is polled.
         let sent = tokio::select! {
@@ -358,9 +495,8 @@ impl RouterBuilder {
                 local: self.routes.routes().prepare(),
                 upstreams,
                 deadlines: Deadlines::new(limits.call_timeout),
-                in_flight: Gauge::new(limits.max_in_flight),
-                connections: Gauge::new(limits.max_connections),
-                max_concurrent_streams: limits.max_concurrent_streams,
+                admission: Admission::new(limits),
+                owner: identity::own_uid(),
             }),
         }
     }

@@ -5,10 +5,15 @@
 //! receives to a healthy instance of the service the call names, over Unix sockets or TCP. Its
 //! layers, one per file:
 //!
+//! - `identity`: who is calling ([`Caller`]), from the kernel, once per connection;
+//! - `grpc`: what is a gRPC call the router takes (POST, `application/grpc`, header list);
+//! - `policy`: who may call what on the router itself (the Manager API and registry writes
+//!   are the owner's);
 //! - `route`: where a call goes (the `mesh-service` header, else `:authority`);
 //! - `upstream`: one balancer (`mesh::balance`) per service, following the registry;
 //! - `deadline`: `grpc-timeout` and the default call timeout;
-//! - `limit`: connections and calls in flight under their [`Limits`];
+//! - `limit`: connections, handshakes, idle connections and calls in flight under their
+//!   [`Limits`];
 //! - `body`: the answer's body, the router's own or an instance's streamed through;
 //! - `forward`: accepting connections and forwarding calls ([`Router`]);
 //! - `workers`: thread-per-core serving ([`Workers`]).
@@ -26,13 +31,19 @@
 mod body;
 mod deadline;
 mod forward;
+mod grpc;
+mod identity;
 mod limit;
+mod policy;
 pub mod registry;
 mod route;
 mod upstream;
 mod workers;
 
 pub use forward::{Router, RouterBuilder};
-pub use limit::Limits;
+pub use identity::Caller;
+pub use limit::{
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADER_LIST_SIZE, Limits,
+};
 pub use route::SERVICE_HEADER;
 pub use workers::Workers;

@@ -325,6 +325,11 @@ impl Instance {
                             failures = 0;
                             lease.set(self.register());
                             self.set(State::Ready { pid });
+                        } else if !lease.holds() {
+                            // Ready but not routable (removed, or never registered): put it
+                            // back, so the registry matches `mesh status` within one interval.
+                            tracing::warn!("ready but missing from the registry; registering it again");
+                            lease.set(self.register());
                         }
                         continue;
                     }
@@ -509,6 +514,11 @@ impl Registration {
 
     fn take(&mut self) -> Option<mesh_router::registry::LeaseId> {
         self.lease.take()
+    }
+
+    /// Whether the registry still holds this lease (nobody removed the entry).
+    fn holds(&self) -> bool {
+        self.lease.is_some_and(|lease| self.registry.holds(lease))
     }
 
     fn set(&mut self, lease: Option<mesh_router::registry::LeaseId>) {

@@ -8,5 +8,6 @@ mod hardening;
 mod lifecycle;
 mod router;
 mod routing;
+mod security;
 mod supervision;
 mod support;

@@ -5,6 +5,14 @@
 //! change and only when someone reads them, so a burst of registrations costs no more than one
 //! rebuild per reader. Readers learn of changes through version counters ([`tokio::sync::watch`]),
 //! which coalesce bursts instead of queueing them.
+//!
+//! Every registration has a [`Holder`]: the manager (its supervisor, in process) or the local
+//! uid that called `Register`. Lease ids are random 64-bit numbers from the operating system's
+//! CSPRNG, and only their holder may renew or release them: a lease id that is guessed, or
+//! held by someone else, is "unknown". An instance id held by one holder cannot be replaced by
+//! another — except by the manager, whose instances win. Registrations over the wire are
+//! bounded ([`Bounds`]): time to live, labels, instances per service and in all; the manager's
+//! own are bounded by its config.
 
 mod service;
 
@@ -22,6 +30,66 @@ use mesh::{Address, InvalidName, ServiceName};
 
 /// Lease time to live when a registration asks for none.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+/// Who holds a registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// The manager's supervisor, in the router's own process: bounded by its config, and its
+    /// instances replace anyone else's.
+    Manager,
+    /// A local process of this uid, over the router socket.
+    Uid(u32),
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Manager => f.write_str("the manager"),
+            Self::Uid(uid) => write!(f, "uid {uid}"),
+        }
+    }
+}
+
+/// The bounds on registrations over the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bounds {
+    /// Shortest lease time to live.
+    pub min_ttl: Duration,
+    /// Longest lease time to live.
+    pub max_ttl: Duration,
+    /// Most labels on one instance.
+    pub max_labels: usize,
+    /// Longest label key, in bytes.
+    pub max_label_key: usize,
+    /// Longest label value, in bytes.
+    pub max_label_value: usize,
+    /// Most bytes of all labels of one instance, keys and values.
+    pub max_labels_size: usize,
+    /// Most instances of one service (the manager's `MAX_INSTANCES` per plugin).
+    pub max_instances_per_service: usize,
+    /// Most instances in the registry, every service together.
+    pub max_instances: usize,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(3600),
+            max_labels: 32,
+            max_label_key: 63,
+            max_label_value: 1024,
+            max_labels_size: 4096,
+            max_instances_per_service: 1024,
+            max_instances: 16_384,
+        }
+    }
+}
+
+/// Longest instance id, in bytes.
+pub const MAX_ID_LEN: usize = 253;
+/// Longest TCP endpoint (`host:port`), in bytes.
+const MAX_HOSTPORT_LEN: usize = 253 + 6;
 
 /// The instances of one service at one moment, sorted by instance id.
 pub type Snapshot = Arc<[Instance]>;
@@ -58,16 +126,51 @@ pub enum RegistryError {
         #[source]
         source: mesh::InvalidAddress,
     },
-    /// No such lease (never granted, expired, or deregistered).
+    /// No such lease (never granted, expired, deregistered, or held by someone else).
     #[error("lease {0} is unknown: it expired or was deregistered; register again")]
     UnknownLease(LeaseId),
+    /// A registration is over one of the [`Bounds`], or not well formed.
+    #[error("instance {id:?} of {service}: {what}")]
+    Invalid {
+        /// Service name.
+        service: String,
+        /// Instance id.
+        id: String,
+        /// What is wrong, naming the bound.
+        what: String,
+    },
+    /// The registry holds as many instances as it may.
+    #[error("{0}; deregister some first")]
+    Full(String),
+    /// The instance id is held by someone else.
+    #[error(
+        "instance {id:?} of {service} is held by {holder}: only its holder may replace or remove it"
+    )]
+    Held {
+        /// Service name.
+        service: String,
+        /// Instance id.
+        id: String,
+        /// Who holds it.
+        holder: Holder,
+    },
+    /// The operating system gave no random lease id.
+    #[error("no random lease id: {0}")]
+    Entropy(String),
 }
 
 impl From<RegistryError> for tonic::Status {
     fn from(error: RegistryError) -> Self {
+        let message = error.to_string();
         match error {
-            RegistryError::UnknownLease(_) => tonic::Status::not_found(error.to_string()),
-            _ => tonic::Status::invalid_argument(error.to_string()),
+            RegistryError::UnknownLease(_) => tonic::Status::not_found(message),
+            RegistryError::Full(_) => tonic::Status::resource_exhausted(message),
+            RegistryError::Held { .. } => tonic::Status::permission_denied(message),
+            RegistryError::Entropy(_) => tonic::Status::unavailable(message),
+            RegistryError::InvalidName(_)
+            | RegistryError::MissingId(_)
+            | RegistryError::InvalidEndpoint { .. }
+            | RegistryError::Invalid { .. } => tonic::Status::invalid_argument(message),
         }
     }
 }
@@ -92,7 +195,9 @@ struct Inner {
 struct State {
     services: BTreeMap<ServiceName, Entry>,
     leases: HashMap<LeaseId, LeaseEntry>,
-    next_lease: LeaseId,
+    /// Instances in every service together.
+    instances: usize,
+    bounds: Bounds,
     version: u64,
 }
 
@@ -112,6 +217,7 @@ struct Registered {
 }
 
 struct LeaseEntry {
+    holder: Holder,
     service: ServiceName,
     id: String,
     ttl: Option<Duration>,
@@ -139,7 +245,14 @@ impl Registry {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds `instance`, replacing any instance with the same service and id.
+    /// An empty registry whose registrations over the wire are held within `bounds`.
+    pub fn with_bounds(bounds: Bounds) -> Self {
+        let registry = Self::default();
+        registry.state().bounds = bounds;
+        registry
+    }
+
+    /// Adds `instance` for the manager, replacing any instance with the same service and id.
     ///
     /// With a `ttl` the lease expires unless [`Registry::keep_alive`] renews it in time.
     pub fn register(
@@ -147,27 +260,85 @@ impl Registry {
         instance: Instance,
         ttl: Option<Duration>,
     ) -> Result<Lease, RegistryError> {
+        self.register_as(Holder::Manager, instance, ttl)
+    }
+
+    /// Adds `instance` for `holder`. It replaces an instance with the same service and id only
+    /// if `holder` holds that one too, or is the manager. Anyone but the manager must give a
+    /// `ttl`, and stays within the registry's [`Bounds`].
+    pub fn register_as(
+        &self,
+        holder: Holder,
+        instance: Instance,
+        ttl: Option<Duration>,
+    ) -> Result<Lease, RegistryError> {
         let service = ServiceName::new(&instance.service)?;
         if instance.id.is_empty() {
             return Err(RegistryError::MissingId(instance.service));
         }
-        if let Err(source) = instance.endpoint.parse::<Address>() {
-            return Err(RegistryError::InvalidEndpoint {
-                service: instance.service,
-                id: instance.id,
-                source,
-            });
+        let invalid = |what: String| invalid(&instance, what);
+        if instance.id.len() > MAX_ID_LEN || instance.id.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "an instance id is 1 to {MAX_ID_LEN} bytes without control characters"
+            )));
+        }
+        match instance.endpoint.parse::<Address>() {
+            Err(source) => {
+                return Err(RegistryError::InvalidEndpoint {
+                    service: instance.service.clone(),
+                    id: instance.id.clone(),
+                    source,
+                });
+            }
+            Ok(Address::Unix(path)) => {
+                if let Err(error) = mesh::runtime::check_socket_path(&path) {
+                    return Err(invalid(error.to_string()));
+                }
+            }
+            Ok(Address::Tcp(hostport)) if hostport.len() > MAX_HOSTPORT_LEN => {
+                return Err(invalid(format!(
+                    "endpoint is over {MAX_HOSTPORT_LEN} bytes"
+                )));
+            }
+            Ok(Address::Tcp(_)) => {}
+        }
+        let lease = random_lease()?;
+        let mut state = self.state();
+        if holder != Holder::Manager {
+            state.check_bounds(&instance, ttl).map_err(invalid)?;
+        }
+        let existing = state
+            .services
+            .get(&service)
+            .and_then(|entry| entry.instances.get(&instance.id))
+            .map(|held| held.lease);
+        match existing {
+            Some(old) => {
+                let owner = state.leases.get(&old).map_or(Holder::Manager, |l| l.holder);
+                if holder != Holder::Manager && owner != holder {
+                    return Err(RegistryError::Held {
+                        service: instance.service,
+                        id: instance.id,
+                        holder: owner,
+                    });
+                }
+            }
+            None if holder != Holder::Manager => state.check_room(&service)?,
+            None => {}
+        }
+        if state.leases.contains_key(&lease) {
+            // One chance in 2^64 per lease held: draw again rather than reason about it.
+            drop(state);
+            return self.register_as(holder, instance, ttl);
         }
         if ttl.is_some() {
             self.start_reaper();
         }
-        let mut state = self.state();
-        state.next_lease += 1;
-        let lease = state.next_lease;
         let id = instance.id.clone();
         state.leases.insert(
             lease,
             LeaseEntry {
+                holder,
                 service: service.clone(),
                 id: id.clone(),
                 ttl,
@@ -176,8 +347,11 @@ impl Registry {
         );
         let entry = state.entry(&service);
         let replaced = entry.instances.insert(id, Registered { instance, lease });
-        if let Some(old) = replaced {
-            state.leases.remove(&old.lease);
+        match replaced {
+            Some(old) => {
+                state.leases.remove(&old.lease);
+            }
+            None => state.instances += 1,
         }
         state.touch(&service);
         drop(state);
@@ -185,20 +359,71 @@ impl Registry {
         Ok(Lease { id: lease, ttl })
     }
 
-    /// Renews a lease; returns its time to live.
+    /// Renews a lease for the manager (any lease); returns its time to live.
     pub fn keep_alive(&self, lease: LeaseId) -> Result<Option<Duration>, RegistryError> {
+        self.keep_alive_as(Holder::Manager, lease)
+    }
+
+    /// Renews `holder`'s lease; returns its time to live. Someone else's lease is unknown.
+    pub fn keep_alive_as(
+        &self,
+        holder: Holder,
+        lease: LeaseId,
+    ) -> Result<Option<Duration>, RegistryError> {
         let mut state = self.state();
         let entry = state
             .leases
             .get_mut(&lease)
+            .filter(|entry| holder == Holder::Manager || entry.holder == holder)
             .ok_or(RegistryError::UnknownLease(lease))?;
         entry.deadline = entry.ttl.map(|ttl| Instant::now() + ttl);
         Ok(entry.ttl)
     }
 
-    /// Removes the instance held by `lease`; returns whether there was one.
+    /// Removes the instance held by `lease` (for the manager: any lease); returns whether
+    /// there was one.
     pub fn deregister(&self, lease: LeaseId) -> bool {
-        let removed = self.state().remove_lease(lease);
+        self.deregister_as(Holder::Manager, lease).is_ok()
+    }
+
+    /// Removes the instance `holder` holds by `lease`. Someone else's lease is unknown.
+    pub fn deregister_as(&self, holder: Holder, lease: LeaseId) -> Result<(), RegistryError> {
+        let mut state = self.state();
+        let held = state
+            .leases
+            .get(&lease)
+            .is_some_and(|entry| holder == Holder::Manager || entry.holder == holder);
+        if !(held && state.remove_lease(lease)) {
+            return Err(RegistryError::UnknownLease(lease));
+        }
+        drop(state);
+        self.publish();
+        Ok(())
+    }
+
+    /// Whether `lease` still holds its instance (it did not expire, and no one removed it).
+    pub fn holds(&self, lease: LeaseId) -> bool {
+        let state = self.state();
+        state.leases.get(&lease).is_some_and(|entry| {
+            state
+                .services
+                .get(&entry.service)
+                .and_then(|service| service.instances.get(&entry.id))
+                .is_some_and(|registered| registered.lease == lease)
+        })
+    }
+
+    /// Removes instance `id` of `service`, whoever holds it; returns whether there was one.
+    /// In process only: for the manager, and for tests of what follows a lost registration.
+    pub fn remove(&self, service: &str, id: &str) -> bool {
+        let mut state = self.state();
+        let lease = state
+            .services
+            .get(service)
+            .and_then(|entry| entry.instances.get(id))
+            .map(|registered| registered.lease);
+        let removed = lease.is_some_and(|lease| state.remove_lease(lease));
+        drop(state);
         if removed {
             self.publish();
         }
@@ -225,9 +450,15 @@ impl Registry {
             .collect()
     }
 
-    /// A receiver that changes whenever `service` changes; read the set with [`Registry::resolve`].
+    /// A receiver that changes whenever `service` changes (and maybe more often); read the set
+    /// with [`Registry::resolve`].
     pub fn watch(&self, service: &ServiceName) -> watch::Receiver<u64> {
-        self.state().entry(service).changed.subscribe()
+        match self.state().services.get(service) {
+            Some(entry) => entry.changed.subscribe(),
+            // Anyone may watch: watching a name nobody registered must not add it to the
+            // registry. Such a watch follows every change instead.
+            None => self.inner.version.subscribe(),
+        }
     }
 
     /// A receiver that changes whenever any service changes; read what changed with
@@ -306,7 +537,95 @@ impl Registry {
     }
 }
 
+/// A refusal of `instance`, saying `what` is wrong.
+fn invalid(instance: &Instance, what: String) -> RegistryError {
+    RegistryError::Invalid {
+        service: instance.service.clone(),
+        id: instance.id.chars().take(64).collect(),
+        what,
+    }
+}
+
+/// A lease id nobody can guess: 64 bits from the operating system's CSPRNG (never 0, which
+/// protobuf readers take for "none").
+fn random_lease() -> Result<LeaseId, RegistryError> {
+    loop {
+        let id = getrandom::u64().map_err(|e| RegistryError::Entropy(e.to_string()))?;
+        if id != 0 {
+            return Ok(id);
+        }
+    }
+}
+
 impl State {
+    /// Whether a registration over the wire stays within the bounds; why not if it does not.
+    fn check_bounds(&self, instance: &Instance, ttl: Option<Duration>) -> Result<(), String> {
+        let bounds = &self.bounds;
+        match ttl {
+            None => return Err("a lease needs a time to live".into()),
+            Some(ttl) if ttl < bounds.min_ttl || ttl > bounds.max_ttl => {
+                return Err(format!(
+                    "ttl_seconds {} is out of bounds: {} to {} s",
+                    ttl.as_secs(),
+                    bounds.min_ttl.as_secs(),
+                    bounds.max_ttl.as_secs()
+                ));
+            }
+            Some(_) => {}
+        }
+        let labels = &instance.labels;
+        if labels.len() > bounds.max_labels {
+            return Err(format!(
+                "{} labels, over the bound of {}",
+                labels.len(),
+                bounds.max_labels
+            ));
+        }
+        let mut size = 0;
+        for (key, value) in labels {
+            if key.is_empty() || key.len() > bounds.max_label_key {
+                return Err(format!(
+                    "label key {:?} is not 1 to {} bytes",
+                    key.chars().take(64).collect::<String>(),
+                    bounds.max_label_key
+                ));
+            }
+            if value.len() > bounds.max_label_value {
+                return Err(format!(
+                    "label {key:?} is {} bytes, over the bound of {}",
+                    value.len(),
+                    bounds.max_label_value
+                ));
+            }
+            size += key.len() + value.len();
+        }
+        if size > bounds.max_labels_size {
+            return Err(format!(
+                "labels are {size} bytes in all, over the bound of {}",
+                bounds.max_labels_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether one more instance of `service` fits.
+    fn check_room(&self, service: &ServiceName) -> Result<(), RegistryError> {
+        let bounds = &self.bounds;
+        let here = self.services.get(service).map_or(0, |e| e.instances.len());
+        if here >= bounds.max_instances_per_service {
+            return Err(RegistryError::Full(format!(
+                "{service} has {here} instances, the most one service may have"
+            )));
+        }
+        if self.instances >= bounds.max_instances {
+            return Err(RegistryError::Full(format!(
+                "the registry holds {} instances, the most it may",
+                self.instances
+            )));
+        }
+        Ok(())
+    }
+
     fn entry(&mut self, service: &ServiceName) -> &mut Entry {
         self.services
             .entry(service.clone())
@@ -341,6 +660,7 @@ impl State {
             .is_some_and(|r| r.lease == lease)
         {
             entry.instances.remove(&held.id);
+            self.instances = self.instances.saturating_sub(1);
             self.touch(&held.service);
             true
         } else {
@@ -471,6 +791,206 @@ mod tests {
             registry.keep_alive(99),
             Err(RegistryError::UnknownLease(99))
         ));
+    }
+
+    const OWNER: Holder = Holder::Uid(1000);
+    const OTHER: Holder = Holder::Uid(1001);
+    const TTL: Option<Duration> = Some(Duration::from_secs(10));
+
+    #[tokio::test]
+    async fn leases_are_random_and_only_their_holder_uses_them() {
+        let registry = Registry::new();
+        let managed = registry
+            .register(instance("plugin.echo", "echo-0"), None)
+            .unwrap();
+        let mine = registry
+            .register_as(OWNER, instance("plugin.x", "x-0"), TTL)
+            .unwrap();
+        assert!(
+            managed.id > 1 << 20 || mine.id > 1 << 20,
+            "not small sequential numbers"
+        );
+        assert_ne!(managed.id, mine.id);
+        // Someone else's lease is unknown, whether guessed or seen.
+        for lease in (1..=200).chain([managed.id, mine.id]) {
+            assert!(matches!(
+                registry.deregister_as(OTHER, lease),
+                Err(RegistryError::UnknownLease(_))
+            ));
+            assert!(registry.keep_alive_as(OTHER, lease).is_err());
+        }
+        assert!(
+            registry.deregister_as(OWNER, managed.id).is_err(),
+            "the manager's own"
+        );
+        assert_eq!(registry.list().len(), 2);
+        assert!(registry.holds(managed.id) && registry.holds(mine.id));
+        registry.keep_alive_as(OWNER, mine.id).unwrap();
+        registry.deregister_as(OWNER, mine.id).unwrap();
+        assert!(!registry.holds(mine.id));
+    }
+
+    #[tokio::test]
+    async fn an_instance_id_is_replaced_by_its_holder_or_the_manager_only() {
+        let registry = Registry::new();
+        registry
+            .register(instance("plugin.echo", "echo-0"), None)
+            .unwrap();
+        let mut planted = instance("plugin.echo", "echo-0");
+        planted.endpoint = "unix:/tmp/attacker.sock".into();
+        let err = registry.register_as(OWNER, planted, TTL).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RegistryError::Held {
+                    holder: Holder::Manager,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            registry.resolve("plugin.echo")[0].endpoint,
+            "unix:/tmp/echo-0.sock"
+        );
+
+        let first = registry
+            .register_as(OWNER, instance("plugin.echo", "echo-9"), TTL)
+            .unwrap();
+        assert!(
+            registry
+                .register_as(OTHER, instance("plugin.echo", "echo-9"), TTL)
+                .is_err()
+        );
+        let again = registry
+            .register_as(OWNER, instance("plugin.echo", "echo-9"), TTL)
+            .unwrap();
+        assert!(!registry.holds(first.id) && registry.holds(again.id));
+        // The manager takes over an id someone else registered first.
+        let managed = registry
+            .register(instance("plugin.echo", "echo-9"), None)
+            .unwrap();
+        assert!(registry.holds(managed.id) && !registry.holds(again.id));
+        assert!(registry.remove("plugin.echo", "echo-9"));
+        assert!(!registry.holds(managed.id));
+        assert_eq!(ids(&registry.resolve("plugin.echo")), ["echo-0"]);
+    }
+
+    #[tokio::test]
+    async fn registrations_over_the_wire_stay_within_bounds() {
+        let registry = Registry::with_bounds(Bounds {
+            max_instances_per_service: 3,
+            max_instances: 4,
+            ..Bounds::default()
+        });
+        let err = registry
+            .register_as(
+                OWNER,
+                instance("plugin.a", "a"),
+                Some(Duration::from_secs(u32::MAX.into())),
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("ttl_seconds 4294967295 is out of bounds: 1 to 3600 s"),
+            "{err}"
+        );
+        assert!(
+            registry
+                .register_as(OWNER, instance("plugin.a", "a"), None)
+                .is_err()
+        );
+
+        let mut many = instance("plugin.a", "a");
+        many.labels = (0..1000).map(|i| (format!("k{i}"), "v".into())).collect();
+        let err = registry.register_as(OWNER, many, TTL).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("1000 labels, over the bound of 32"),
+            "{err}"
+        );
+        for (key, value, bound) in [
+            ("k".repeat(64), String::new(), "1 to 63 bytes"),
+            ("k".into(), "v".repeat(1025), "over the bound of 1024"),
+        ] {
+            let mut big = instance("plugin.a", "a");
+            big.labels.insert(key, value);
+            let err = registry.register_as(OWNER, big, TTL).unwrap_err();
+            assert!(err.to_string().contains(bound), "{err}");
+        }
+        let mut heavy = instance("plugin.a", "a");
+        heavy.labels = (0..8)
+            .map(|i| (format!("k{i}"), "v".repeat(1000)))
+            .collect();
+        assert!(
+            registry
+                .register_as(OWNER, heavy, TTL)
+                .unwrap_err()
+                .to_string()
+                .contains("in all")
+        );
+        let mut far = instance("plugin.a", "a");
+        far.endpoint = format!("unix:/tmp/{}.sock", "d".repeat(120));
+        assert!(
+            registry
+                .register_as(OWNER, far, TTL)
+                .unwrap_err()
+                .to_string()
+                .contains("107-byte")
+        );
+        let long = registry.register_as(OWNER, instance("plugin.a", &"i".repeat(300)), TTL);
+        assert_eq!(
+            tonic::Status::from(long.unwrap_err()).code(),
+            tonic::Code::InvalidArgument
+        );
+
+        for id in ["a-0", "a-1", "a-2"] {
+            registry
+                .register_as(OWNER, instance("plugin.a", id), TTL)
+                .unwrap();
+        }
+        let err = registry
+            .register_as(OWNER, instance("plugin.a", "a-3"), TTL)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("plugin.a has 3 instances"),
+            "{err}"
+        );
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::ResourceExhausted
+        );
+        registry
+            .register_as(OWNER, instance("plugin.b", "b-0"), TTL)
+            .unwrap();
+        let err = registry
+            .register_as(OWNER, instance("plugin.c", "c-0"), TTL)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("the registry holds 4 instances"),
+            "{err}"
+        );
+        // Replacing one's own instance adds none; the manager is bounded by its config.
+        registry
+            .register_as(OWNER, instance("plugin.a", "a-0"), TTL)
+            .unwrap();
+        registry
+            .register(instance("plugin.c", "c-0"), None)
+            .unwrap();
+        assert_eq!(registry.list().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn watching_a_name_adds_nothing() {
+        let registry = Registry::new();
+        for i in 0..100 {
+            let _ = registry.watch(&ServiceName::new(format!("plugin.n{i}")).unwrap());
+        }
+        assert_eq!(registry.state().services.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]

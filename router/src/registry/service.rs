@@ -1,4 +1,8 @@
 //! `mesh.v1.Registry` over gRPC, served by the router on top of a [`Registry`].
+//!
+//! Writes are held by the caller the router put in the request's extensions ([`Caller`], from
+//! the kernel): the router lets only the owner write (`policy`), and this service checks again,
+//! so that served anywhere without that identity it refuses every write.
 
 use std::{pin::Pin, time::Duration};
 
@@ -10,7 +14,8 @@ use mesh_proto::mesh::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{DEFAULT_TTL, Registry, Snapshot};
+use super::{DEFAULT_TTL, Holder, Registry, Snapshot};
+use crate::identity::Caller;
 use mesh::ServiceName;
 
 /// The gRPC face of a [`Registry`].
@@ -44,12 +49,26 @@ fn watch_response(service: &ServiceName, instances: &Snapshot) -> WatchResponse 
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
+/// Who holds what `request` registers: the owner's uid, or a refusal.
+fn holder<T>(request: &Request<T>) -> Result<Holder, Status> {
+    match request.extensions().get::<Caller>() {
+        Some(Caller::Owner { uid, .. }) => Ok(Holder::Uid(*uid)),
+        Some(caller) => Err(Status::permission_denied(format!(
+            "registry writes are for the mesh's owner and root only, not {caller}"
+        ))),
+        None => Err(Status::permission_denied(
+            "registry writes need a caller the router identified; none was",
+        )),
+    }
+}
+
 #[tonic::async_trait]
 impl registry_server::Registry for RegistryService {
     async fn register(
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let holder = holder(&request)?;
         let request = request.into_inner();
         let instance = request
             .instance
@@ -58,7 +77,7 @@ impl registry_server::Registry for RegistryService {
             0 => DEFAULT_TTL,
             s => Duration::from_secs(s.into()),
         };
-        let lease = self.registry.register(instance, Some(ttl))?;
+        let lease = self.registry.register_as(holder, instance, Some(ttl))?;
         Ok(Response::new(RegisterResponse {
             lease: lease.id,
             ttl_seconds: ttl_seconds(lease.ttl),
@@ -69,8 +88,9 @@ impl registry_server::Registry for RegistryService {
         &self,
         request: Request<KeepAliveRequest>,
     ) -> Result<Response<KeepAliveResponse>, Status> {
+        let holder = holder(&request)?;
         let lease = request.into_inner().lease;
-        let ttl = self.registry.keep_alive(lease)?;
+        let ttl = self.registry.keep_alive_as(holder, lease)?;
         Ok(Response::new(KeepAliveResponse {
             lease,
             ttl_seconds: ttl_seconds(ttl),
@@ -81,12 +101,10 @@ impl registry_server::Registry for RegistryService {
         &self,
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
+        let holder = holder(&request)?;
         let lease = request.into_inner().lease;
-        if self.registry.deregister(lease) {
-            Ok(Response::new(DeregisterResponse {}))
-        } else {
-            Err(super::RegistryError::UnknownLease(lease).into())
-        }
+        self.registry.deregister_as(holder, lease)?;
+        Ok(Response::new(DeregisterResponse {}))
     }
 
     async fn resolve(
@@ -128,22 +146,39 @@ impl registry_server::Registry for RegistryService {
             ServiceName::new(service).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let changes = registry.watch(&service);
         let closed = registry.closed();
-        // The first item is the set now; then one item per (coalesced) change, until the
-        // registry closes (the router shuts down: watchers must not hold it open).
-        let stream = stream::unfold((changes, true), move |(mut changes, first)| {
+        // The first item is the set now; then one item per (coalesced) change of the set,
+        // until the registry closes (the router shuts down: watchers must not hold it open).
+        let stream = stream::unfold((changes, None), move |(mut changes, last)| {
             let registry = registry.clone();
             let service = service.clone();
             async move {
-                if !first {
-                    changes.changed().await.ok()?;
-                }
-                changes.mark_unchanged();
-                let instances = registry.resolve(service.as_str());
-                Some((Ok(watch_response(&service, &instances)), (changes, false)))
+                let instances = loop {
+                    if last.is_some() {
+                        changes.changed().await.ok()?;
+                    }
+                    changes.mark_unchanged();
+                    let instances = registry.resolve(service.as_str());
+                    // A watch of a name not registered yet wakes on every change: say only
+                    // what changed this one.
+                    match &last {
+                        Some(last) if same(last, &instances) => continue,
+                        _ => break instances,
+                    }
+                };
+                Some((
+                    Ok(watch_response(&service, &instances)),
+                    (changes, Some(instances)),
+                ))
             }
         });
         Ok(Response::new(Box::pin(stream.take_until(closed))))
     }
+}
+
+/// Whether two reads of a service's instances are the same set (snapshots are shared until
+/// the service changes).
+fn same(a: &Snapshot, b: &Snapshot) -> bool {
+    std::sync::Arc::ptr_eq(a, b) || (a.is_empty() && b.is_empty())
 }
 
 /// Every service with instances now, then each service that changes, with its new set.

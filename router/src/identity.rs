@@ -1,0 +1,131 @@
+//! Who is calling: the kernel's word for it, taken once per connection when it is accepted.
+//!
+//! On the Unix socket the caller is who `SO_PEERCRED` says connected: the router's own uid
+//! and root are the [`Caller::Owner`], any other uid a [`Caller::Local`] user. Over TCP the
+//! caller is a [`Caller::Remote`] address and nothing more until mTLS. Nothing a caller sends
+//! (headers, metadata, fields) changes who it is: the value is fixed before the first byte of
+//! HTTP/2 is read, and every call on the connection carries the same one.
+
+use std::{fmt, io, net::SocketAddr};
+
+use tokio::net::UnixStream;
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A local process of the router's own uid, or of root: trusted with everything.
+    Owner {
+        /// Its effective uid (the router's, or 0).
+        uid: u32,
+        /// Its pid, when the kernel tells it.
+        pid: Option<u32>,
+    },
+    /// A local process of another uid, which the socket's mode let connect.
+    Local {
+        /// Its effective uid.
+        uid: u32,
+        /// Its pid, when the kernel tells it.
+        pid: Option<u32>,
+    },
+    /// A TCP client: unauthenticated (mTLS is not configured).
+    Remote {
+        /// Its address.
+        addr: SocketAddr,
+    },
+}
+
+impl Caller {
+    /// The caller on a Unix connection, from its kernel credentials; `owner` is the uid the
+    /// router trusts besides root.
+    pub fn of_unix(stream: &UnixStream, owner: u32) -> io::Result<Self> {
+        let cred = stream.peer_cred()?;
+        let (uid, pid) = (cred.uid(), cred.pid().and_then(|p| u32::try_from(p).ok()));
+        Ok(if uid == owner || uid == 0 {
+            Self::Owner { uid, pid }
+        } else {
+            Self::Local { uid, pid }
+        })
+    }
+
+    /// Whether this caller is trusted with the Manager API and registry writes.
+    pub fn is_owner(&self) -> bool {
+        matches!(self, Self::Owner { .. })
+    }
+
+    /// The class whose connection and in-flight limits this caller counts against.
+    pub(crate) fn class(&self) -> Class {
+        match self {
+            Self::Owner { .. } => Class::Owner,
+            Self::Local { .. } => Class::Local,
+            Self::Remote { .. } => Class::Remote,
+        }
+    }
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pid = |pid: &Option<u32>| pid.map(|p| format!(", pid {p}")).unwrap_or_default();
+        match self {
+            Self::Owner { uid, pid: p } => write!(f, "the owner (uid {uid}{})", pid(p)),
+            Self::Local { uid, pid: p } => write!(f, "local uid {uid}{}", pid(p)),
+            Self::Remote { addr } => write!(f, "TCP client {addr}"),
+        }
+    }
+}
+
+/// Callers whose connections and calls are counted apart, so that no class can lock out
+/// another: whatever TCP clients do, the owner's CLI still connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// The owner's uid and root, on the Unix socket.
+    Owner = 0,
+    /// Other local uids, on the Unix socket.
+    Local = 1,
+    /// TCP clients.
+    Remote = 2,
+}
+
+impl Class {
+    /// Every class, in index order.
+    pub(crate) const ALL: [Class; 3] = [Class::Owner, Class::Local, Class::Remote];
+
+    /// The share of `max_in_flight` that bounds this class's calls, for refusals.
+    pub(crate) fn share_name(self) -> &'static str {
+        match self {
+            Self::Owner => "max_in_flight",
+            Self::Local => "other local users' share: a quarter of max_in_flight",
+            Self::Remote => "TCP clients' share: half of max_in_flight",
+        }
+    }
+
+    /// What the class is called in messages and logs.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Owner => "the owner's local connections",
+            Self::Local => "other local users' connections",
+            Self::Remote => "TCP connections",
+        }
+    }
+}
+
+/// The router's effective uid: the owner it trusts besides root.
+pub(crate) fn own_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_unix_peer_is_known_by_its_uid() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let me = own_uid();
+        let caller = Caller::of_unix(&a, me).unwrap();
+        assert!(caller.is_owner(), "{caller}");
+        assert!(matches!(caller, Caller::Owner { uid, pid: Some(_) } if uid == me));
+        // The same process seen by a router that trusts another uid: only root is owner too.
+        let caller = Caller::of_unix(&a, me.wrapping_add(1)).unwrap();
+        assert_eq!(caller.is_owner(), me == 0, "{caller}");
+    }
+}

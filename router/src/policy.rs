@@ -1,0 +1,100 @@
+//! Who may call what on the router itself, as data checked in one place.
+//!
+//! Every caller may read: the registry's Resolve, List and Watch, health, reflection. Everything
+//! else the router serves — the Manager API, registry writes, and any method not listed here —
+//! is control, for the [`Caller::Owner`] only. Forwarded calls to plugins are not checked here
+//! (plugin capabilities come with host services). The check reads the caller fixed at accept
+//! time and the path; nothing else from the request.
+
+use tonic::Status;
+
+use crate::identity::Caller;
+
+/// What a call to the router's own services does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Reads state anyone who can connect may see.
+    Read,
+    /// Changes the mesh, or reads what only its owner may see (logs).
+    Control,
+}
+
+/// Methods every caller may use. Anything not here is [`Access::Control`].
+const READ: &[&str] = &[
+    "/mesh.v1.Registry/Resolve",
+    "/mesh.v1.Registry/List",
+    "/mesh.v1.Registry/Watch",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// What calling `path` on the router does.
+pub(crate) fn access(path: &str) -> Access {
+    if READ.contains(&path) {
+        Access::Read
+    } else {
+        Access::Control
+    }
+}
+
+/// Whether `caller` may call `path` on the router; the refusal says why and what would do.
+pub(crate) fn check(caller: &Caller, path: &str) -> Result<(), Status> {
+    if caller.is_owner() || access(path) == Access::Read {
+        return Ok(());
+    }
+    Err(Status::permission_denied(match caller {
+        Caller::Remote { .. } => format!(
+            "{path} is refused over TCP: the Manager API and registry writes are served on the \
+             Unix socket only, to the owner's uid; over TCP they need mTLS (not yet configured)"
+        ),
+        _ => format!(
+            "{path} is refused to {caller}: the Manager API and registry writes are for the \
+             mesh's owner (uid {}) and root only; other users may call plugins and read the \
+             registry",
+            crate::identity::own_uid()
+        ),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_owner_controls_and_everyone_reads() {
+        let owner = Caller::Owner {
+            uid: 1000,
+            pid: None,
+        };
+        let local = Caller::Local {
+            uid: 65534,
+            pid: Some(7),
+        };
+        let remote = Caller::Remote {
+            addr: "127.0.0.1:5000".parse().unwrap(),
+        };
+        for path in [
+            "/mesh.v1.Manager/Stop",
+            "/mesh.v1.Manager/Scale",
+            "/mesh.v1.Manager/Logs",
+            "/mesh.v1.Registry/Register",
+            "/mesh.v1.Registry/KeepAlive",
+            "/mesh.v1.Registry/Deregister",
+            "/mesh.v1.Something/New",
+            "/mesh.v1.Registry/List/../Register",
+        ] {
+            assert!(check(&owner, path).is_ok(), "{path}");
+            let denied = check(&local, path).unwrap_err();
+            assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+            assert!(denied.message().contains("owner"), "{denied}");
+            let denied = check(&remote, path).unwrap_err();
+            assert!(denied.message().contains("mTLS"), "{denied}");
+        }
+        for path in READ {
+            assert!(check(&local, path).is_ok(), "{path}");
+            assert!(check(&remote, path).is_ok(), "{path}");
+        }
+    }
+}

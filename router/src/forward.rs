@@ -275,31 +275,37 @@ impl Router {
             let conn = http.serve_connection(TokioIo::new(io), service);
             let idle_timeout = limits.idle_timeout;
             let mut stop = stop.clone();
-            connections.spawn(async move {
-                tokio::pin!(conn);
-                let mut idle = tokio::time::interval_at(Instant::now() + idle_timeout, idle_timeout);
-                let mut closing = false;
-                loop {
-                    tokio::select! {
-                        ended = conn.as_mut() => {
-                            if let Err(error) = ended {
-                                tracing::debug!(%error, "router connection ended");
+            // A debug span, so that with the default filter it costs nothing per poll.
+            let span = tracing::debug_span!("connection", caller = %connection.caller);
+            connections.spawn(tracing::Instrument::instrument(
+                async move {
+                    tokio::pin!(conn);
+                    let mut idle =
+                        tokio::time::interval_at(Instant::now() + idle_timeout, idle_timeout);
+                    let mut closing = false;
+                    loop {
+                        tokio::select! {
+                            ended = conn.as_mut() => {
+                                if let Err(error) = ended {
+                                    tracing::debug!(%error, "router connection ended");
+                                }
+                                break;
                             }
-                            break;
-                        }
-                        _ = stop.wait_for(|stop| *stop), if !closing => {
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                        _ = idle.tick(), if !closing => if connection.idle() {
-                            tracing::debug!(caller = %connection.caller, "closing an idle connection");
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
+                            _ = stop.wait_for(|stop| *stop), if !closing => {
+                                closing = true;
+                                conn.as_mut().graceful_shutdown();
+                            }
+                            _ = idle.tick(), if !closing => if connection.idle() {
+                                tracing::debug!("closing an idle connection");
+                                closing = true;
+                                conn.as_mut().graceful_shutdown();
+                            }
                         }
                     }
-                }
-                drop(permit);
-            });
+                    drop(permit);
+                },
+                span,
+            ));
         }
         // Open calls may finish; a stream that never ends (a client's watch, a chat) must not
         // hold the shutdown forever.

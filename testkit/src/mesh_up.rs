@@ -94,8 +94,7 @@ impl MeshUp {
         dir: tempfile::TempDir,
         config: PathBuf,
     ) -> anyhow::Result<MeshUp> {
-        let socket = dir.path().join("run/mesh.sock");
-        MeshUp::spawn(bin, drop_grace, dir, config, socket, |_| {}).await
+        MeshUp::spawn(bin, drop_grace, dir, config, None, |_| {}).await
     }
 
     /// Starts `mesh up` from `bin` with the config file `config` already written in `dir`
@@ -108,7 +107,7 @@ impl MeshUp {
         socket: PathBuf,
         customize: impl FnOnce(&mut Command),
     ) -> anyhow::Result<MeshUp> {
-        MeshUp::spawn(bin, Duration::ZERO, dir, config, socket, customize).await
+        MeshUp::spawn(bin, Duration::ZERO, dir, config, Some(socket), customize).await
     }
 
     async fn spawn(
@@ -116,7 +115,7 @@ impl MeshUp {
         drop_grace: Duration,
         dir: tempfile::TempDir,
         config: PathBuf,
-        socket: PathBuf,
+        socket: Option<PathBuf>,
         customize: impl FnOnce(&mut Command),
     ) -> anyhow::Result<MeshUp> {
         let mut command = Command::new(&bin);
@@ -143,18 +142,29 @@ impl MeshUp {
             tx.clone(),
         );
         read_lines(process.take_stderr().context("mesh up's stderr")?, tx);
-        let mesh = MeshUp {
+        let expected = socket.clone();
+        let mut mesh = MeshUp {
             process,
             bin,
             drop_grace,
             lines,
             spawned_at,
-            socket,
+            socket: socket.unwrap_or_default(),
             config,
             dir,
         };
-        let listening = format!("router listening on unix:{}", mesh.socket.display());
-        mesh.wait_line(&listening, LISTEN_DEADLINE).await?;
+        // Where it listens is what it prints (the config may name any socket).
+        let listening = match &expected {
+            Some(socket) => format!("router listening on unix:{}", socket.display()),
+            None => "router listening on unix:".to_owned(),
+        };
+        let line = mesh.wait_line(&listening, LISTEN_DEADLINE).await?;
+        if expected.is_none() {
+            let (_, path) = line
+                .split_once("router listening on unix:")
+                .context("the listening line names the socket")?;
+            mesh.socket = PathBuf::from(path.trim());
+        }
         Ok(mesh)
     }
 

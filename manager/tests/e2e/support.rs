@@ -212,7 +212,12 @@ impl Mesh {
                 let request = PluginRequest {
                     name: plugin.into(),
                 };
-                let answer = manager.get(request).await.expect("Manager.Get");
+                let answer = match manager.get(request).await {
+                    Ok(answer) => answer,
+                    // `mesh up` listens before it has started every plugin.
+                    Err(status) if status.code() == tonic::Code::NotFound => continue,
+                    Err(status) => panic!("Manager.Get: {status}"),
+                };
                 let found = answer
                     .into_inner()
                     .instances

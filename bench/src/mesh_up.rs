@@ -134,7 +134,7 @@ fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
         "[[plugin]]\nname = \"echo\"\ncommand = {:?}\ninstances = {}\nstop_grace = \"2s\"\n\
          # Every kill measures the first restart: the delay starts over after 1 ms of readiness,\n\
          # and repeated kills never count as a crash loop.\n\
-         backoff_reset = \"1ms\"\nmax_failures = 1000000\n",
+         backoff_reset = \"1ms\"\nmax_failures = 1000\n",
         bins.echo_plugin.display().to_string(),
         spec.instances,
     );

@@ -373,7 +373,10 @@ async fn interrupted() {
 }
 
 fn write_outputs(cli: &Cli, report: &Report) -> anyhow::Result<()> {
-    let full = !cli.quick && cli.parts.len() == 5 && report.settings.variants.len() == 5;
+    // Every part and every variant: what the published pages are made of.
+    let full = !cli.quick
+        && cli.parts.len() == Part::value_variants().len()
+        && report.settings.variants.len() == Variant::value_variants().len();
     let pick = |given: &Option<PathBuf>, default: &str| match given {
         Some(path) => Some(path.clone()),
         None if full => Some(PathBuf::from(default)),

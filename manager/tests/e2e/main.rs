@@ -11,3 +11,4 @@ mod routing;
 mod security;
 mod supervision;
 mod support;
+mod system_service;

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod cancel;
+mod command_line;
 mod hardening;
 mod lifecycle;
 mod router;

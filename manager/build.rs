@@ -1,6 +1,7 @@
 //! Puts the git commit into `mesh --version` (`MESH_GIT_COMMIT`): `git rev-parse --short HEAD`
 //! where the sources are a git checkout and git is installed, `unknown` anywhere else (a
-//! tarball, a crate, a container build without `.git`). It never fails the build.
+//! tarball, a crate, a container build without `.git`). A `MESH_GIT_COMMIT` in the build's
+//! environment wins (the container build passes it in). It never fails the build.
 
 use std::process::Command;
 
@@ -17,6 +18,13 @@ fn git(args: &[&str]) -> Option<String> {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=MESH_GIT_COMMIT");
+    if let Ok(commit) = std::env::var("MESH_GIT_COMMIT")
+        && !commit.is_empty()
+    {
+        println!("cargo:rustc-env=MESH_GIT_COMMIT={commit}");
+        return;
+    }
     let commit = git(&["rev-parse", "--short", "HEAD"]);
     if commit.is_some() {
         // HEAD moves on checkout; the branch it names moves on commit (a loose ref, or

@@ -5,6 +5,7 @@
 mod bad_input;
 mod cancel;
 mod command_line;
+mod deploy;
 mod hardening;
 mod lifecycle;
 mod router;

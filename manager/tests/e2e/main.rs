@@ -8,6 +8,7 @@ mod command_line;
 mod deploy;
 mod hardening;
 mod lifecycle;
+mod python_plugin;
 mod router;
 mod routing;
 mod security;

@@ -90,6 +90,30 @@ stop_grace = "5s"
     ]);
     assert!(reply.contains(r#""instance": "pyecho-0""#), "{reply}");
 
+    // Reflection v1 too (newer tools), asked with the venv's own grpcio on the instance socket.
+    let ask_v1 = r#"
+import sys, grpc
+from grpc_reflection.v1alpha import reflection_pb2 as r
+call = grpc.insecure_channel("unix:" + sys.argv[1]).stream_stream(
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    request_serializer=r.ServerReflectionRequest.SerializeToString,
+    response_deserializer=r.ServerReflectionResponse.FromString)
+for reply in call(iter([r.ServerReflectionRequest(list_services="")]), timeout=10):
+    for service in reply.list_services_response.service:
+        print(service.name)
+"#;
+    let out = std::process::Command::new(venv_python())
+        .args(["-c", ask_v1])
+        .arg(instances[0].socket())
+        .output()
+        .unwrap();
+    let v1 = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && v1.lines().any(|l| l == "echo.v1.Echo"),
+        "reflection v1 lists echo.v1.Echo: {v1}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Stopped gracefully: SIGTERM, the plugin drains and exits by itself, no SIGKILL.
     let pid = instances[0].pid;
     mesh.cli_ok(&["stop", "pyecho"]).await;

@@ -37,19 +37,27 @@ fn assert_clean(what: &str, out: &Output) {
     );
 }
 
-/// `systemd-analyze verify` on a copy of `unit` whose ExecStart is the mesh binary under test
-/// (verify checks that the program exists).
-fn verify_unit(unit: &str) -> Output {
+/// `systemd-analyze verify` on a copy of `unit` whose ExecStart (`program`) is the mesh binary
+/// under test (verify checks that the program exists); `--user` for a user unit, with a runtime
+/// directory of its own (a user manager needs one; a build machine has no user session).
+fn verify_unit(unit: &str, program: &str, user: bool) -> Output {
     let dir = short_tempdir();
     let copy = dir.path().join("mesh.service");
-    let text = unit.replace("/usr/local/bin/mesh", &mesh_bin().display().to_string());
+    let text = unit.replace(program, &mesh_bin().display().to_string());
     std::fs::write(&copy, text).unwrap();
-    run(
-        "systemd-analyze",
-        "apt-get install systemd",
-        // The man page the unit names is installed with it, not on a build machine.
-        &["verify", "--man=no", copy.to_str().unwrap()],
-    )
+    let mut args = vec!["verify", "--man=no", copy.to_str().unwrap()];
+    if user {
+        args.insert(0, "--user");
+    }
+    let out = Command::new("systemd-analyze")
+        .args(&args)
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run systemd-analyze ({e}): apt-get install systemd (scripts/test does)")
+        });
+    drop(dir);
+    out
 }
 
 #[test]
@@ -67,12 +75,36 @@ fn systemd_unit_verifies() {
         !unit.contains("\nRestrictNamespaces="),
         "RestrictNamespaces would take the PID namespace per instance away"
     );
-    assert_clean("systemd-analyze verify mesh.service", &verify_unit(&unit));
-    // The check is real: a misspelt key is reported.
-    let broken = verify_unit(&unit.replace("KillMode=mixed", "KillMode=mixd"));
+    let program = "/usr/local/bin/mesh";
+    assert_clean(
+        "systemd-analyze verify mesh.service",
+        &verify_unit(&unit, program, false),
+    );
+    // The check is real: a misspelt value is reported.
+    let broken = verify_unit(
+        &unit.replace("KillMode=mixed", "KillMode=mixd"),
+        program,
+        false,
+    );
     assert!(
         String::from_utf8_lossy(&broken.stderr).contains("mixd"),
         "systemd-analyze verify reports a bad value: {broken:?}"
+    );
+}
+
+#[test]
+fn systemd_user_unit_verifies() {
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/user/mesh.service")).unwrap();
+    assert!(unit.contains("Type=notify"));
+    let program = "%h/.cargo/bin/mesh";
+    assert_clean(
+        "systemd-analyze --user verify user/mesh.service",
+        &verify_unit(&unit, program, true),
+    );
+    let broken = verify_unit(&unit.replace("Type=notify", "Type=notfy"), program, true);
+    assert!(
+        String::from_utf8_lossy(&broken.stderr).contains("notfy"),
+        "systemd-analyze --user verify reports a bad value: {broken:?}"
     );
 }
 

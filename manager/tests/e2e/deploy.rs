@@ -159,3 +159,38 @@ fn kubernetes_manifests_validate_against_the_schemas() {
     );
     assert!(!out.status.success(), "a misspelt field passes validation");
 }
+
+/// Loads `text` as mesh would, the image's echo-plugin path standing for the one built here.
+fn load_config(what: &str, text: &str) {
+    let dir = short_tempdir();
+    let path = dir.path().join("mesh.toml");
+    let text = text.replace(
+        "/usr/local/bin/echo-plugin",
+        &crate::support::echo_plugin().display().to_string(),
+    );
+    std::fs::write(&path, text).unwrap();
+    if let Err(error) = mesh_manager::Config::load(&path) {
+        panic!("{what} is not a valid mesh.toml: {error}");
+    }
+}
+
+#[test]
+fn the_configs_shipped_in_the_image_and_the_configmap_load() {
+    let container = std::fs::read_to_string(repo().join("deploy/container/mesh.toml")).unwrap();
+    load_config("deploy/container/mesh.toml", &container);
+    // The ConfigMap's `mesh.toml: |` block, its indentation taken off.
+    let configmap =
+        std::fs::read_to_string(repo().join("deploy/kubernetes/configmap.yaml")).unwrap();
+    let block: Vec<&str> = configmap
+        .lines()
+        .skip_while(|l| l.trim() != "mesh.toml: |")
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect();
+    assert!(
+        block.iter().any(|l| l.starts_with("[[plugin]]")),
+        "{block:?}"
+    );
+    load_config("the ConfigMap's mesh.toml", &block.join("\n"));
+}

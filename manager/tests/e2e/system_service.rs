@@ -63,17 +63,19 @@ instances = 2
     })
     .await;
 
-    // READY=1 only once both instances had their chance: both are registered by then.
+    // READY=1 only once both instances had their chance: by then both are ready.
     let (ready, _) = notifications.next_beyond_watchdog().await;
     assert_eq!(ready, ["READY=1"], "{}", mesh.output());
+    let status = mesh.status().await;
+    let states: Vec<&serde_json::Value> = status["plugins"][0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| &i["state"])
+        .collect();
+    assert_eq!(states, ["ready", "ready"], "{status}");
     let instances = mesh.wait_instances("plugin.echo", 2).await;
-    assert_eq!(instances.len(), 2);
-    // The output says every plugin settled: the line is printed before READY=1 is sent.
-    assert!(
-        mesh.output().contains("plugin echo: 2/2 instances ready"),
-        "{}",
-        mesh.output()
-    );
+    mesh.wait_line("plugin echo: 2/2 instances ready").await;
 
     // The watchdog keeps being pinged.
     for _ in 0..3 {
@@ -108,4 +110,10 @@ instances = 2
     assert!(status.success(), "{status:?}\n{}", mesh.output());
     let (stopping, _) = notifications.next_beyond_watchdog().await;
     assert_eq!(stopping, ["STOPPING=1"]);
+    // mesh up has exited: what is left in the queue is all it sent after STOPPING=1.
+    let mut buf = [0; 4096];
+    while let Ok(n) = notifications.0.try_recv(&mut buf) {
+        let after = String::from_utf8_lossy(&buf[..n]);
+        assert_eq!(after, "WATCHDOG=1\n", "sent after STOPPING=1");
+    }
 }

@@ -20,11 +20,16 @@ static READY: AtomicBool = AtomicBool::new(false);
 /// Whether `STOPPING=1` was sent: nothing announces readiness after it.
 static STOPPING: AtomicBool = AtomicBool::new(false);
 
+/// Whether a failed notification was logged: the watchdog would repeat it every period.
+static WARNED: AtomicBool = AtomicBool::new(false);
+
 fn send(states: &[NotifyState<'_>]) {
-    if let Err(error) = sd_notify::notify(states) {
+    if let Err(error) = sd_notify::notify(states)
+        && !WARNED.swap(true, Ordering::SeqCst)
+    {
         let socket = std::env::var_os("NOTIFY_SOCKET").unwrap_or_default();
         tracing::warn!(
-            "cannot notify the service manager at NOTIFY_SOCKET={}: {error}",
+            "cannot notify the service manager at NOTIFY_SOCKET={} (said once): {error}",
             socket.to_string_lossy()
         );
     }

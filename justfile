@@ -1,6 +1,6 @@
 # The developer's recipes; CI (.ci/run) runs the same commands.
 
-# Run the whole test suite (installs grpcurl if missing).
+# Run the whole test suite (installs the test tools it needs when missing; see scripts/test).
 test *args:
     scripts/test {{args}}
 

@@ -39,6 +39,7 @@ impl ManagerService {
     /// Re-reads the config file and applies the difference. An invalid file changes nothing.
     pub async fn reload(&self) -> Result<ReloadReport, ConfigError> {
         let mut current = self.config.lock().await;
+        let _reloading = crate::systemd::Reloading::start();
         let path: PathBuf = current.path.clone();
         let mut next = Config::load(&path)?;
         if current.socket_overridden {

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod config;
 pub mod supervisor;
+mod systemd;
 pub mod up;
 
 pub use config::{Config, ConfigError, PluginConfig};

@@ -12,8 +12,20 @@ use tokio::signal::unix::{SignalKind, signal};
 /// Exit status for a bad command line or configuration (sysexits' EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
+/// `mesh --version`: the crate's version and the git commit it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("MESH_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
-#[command(name = "mesh", version, about = "A plugin mesh for gRPC services")]
+#[command(
+    name = "mesh",
+    version = VERSION,
+    about = "A plugin mesh for gRPC services"
+)]
 struct Cli {
     /// Router socket: where `mesh up` listens (over the config's `[mesh] socket`) and where the
     /// other commands find it (default: $MESH_SOCKET, else $XDG_RUNTIME_DIR/mesh/mesh.sock or
@@ -74,6 +86,15 @@ enum Command {
     },
     /// Re-read the config and apply the difference.
     Reload,
+    /// Print a completion script for SHELL to stdout (e.g. `mesh completions bash >
+    /// /etc/bash_completion.d/mesh`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to stdout: `mesh man | man -l -`.
+    #[command(hide = true)]
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +108,11 @@ fn main() -> ExitCode {
         mesh_manager::supervisor::init::main(&args[2..]);
     }
     let cli = Cli::parse();
+    match cli.command {
+        Command::Completions { shell } => return print_completions(shell),
+        Command::Man => return print_man(),
+        _ => {}
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -145,6 +171,7 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Reload => cli::reload(&socket).await.map(|()| ExitCode::SUCCESS),
+            Command::Completions { .. } | Command::Man => unreachable!("handled before"),
         }
     });
     match result {
@@ -167,4 +194,23 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => {}
         }
     })
+}
+
+/// `mesh completions SHELL`: generated from the same clap definitions that parse the command.
+fn print_completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "mesh", &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
+
+/// `mesh man`: the manual page, from the clap definitions.
+fn print_man() -> ExitCode {
+    use clap::CommandFactory;
+    match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("mesh: cannot write the manual page: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

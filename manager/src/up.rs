@@ -14,6 +14,7 @@ use crate::{
     Config, Supervisor,
     api::ManagerService,
     supervisor::{PluginStatus, State},
+    systemd,
 };
 
 /// Why `mesh up` could not start. Each says its cause once: the message carries it, and there
@@ -57,6 +58,7 @@ impl From<runtime::SocketError> for UpError {
 /// Runs the mesh described by `config` until `shutdown` completes; then deregisters and stops
 /// every plugin and closes the router.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), UpError> {
+    let watchdog = systemd::watchdog();
     runtime::create_private_dir(&config.runtime_dir)?;
     let listener = runtime::bind(&config.socket)?;
     open_socket(&config)?;
@@ -125,6 +127,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.socket.display()
     );
 
+    let mut settling = Vec::with_capacity(config.plugins.len());
     for plugin in config.plugins {
         let name = plugin.name.clone();
         if let Err(error) = supervisor.add(plugin) {
@@ -132,14 +135,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             continue;
         }
         let supervisor = supervisor.clone();
-        tokio::spawn(async move {
+        settling.push(tokio::spawn(async move {
             if let Ok(status) = supervisor.settled(&name).await {
                 report_settled(&status);
             }
-        });
+        }));
     }
+    // Startup is over once every plugin had its first chance, ready or not: a unit that waits
+    // for READY=1 must not wait on a plugin that fails (`mesh status` says which did).
+    tokio::spawn(async move {
+        for plugin in settling {
+            let _ = plugin.await;
+        }
+        systemd::ready();
+    });
 
     shutdown.await;
+    systemd::stopping();
     tracing::info!("stopping: deregistering and stopping plugins");
     supervisor.shutdown().await;
     // Watch streams (every mesh::connect channel has one) would keep the router draining.
@@ -149,6 +161,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!(%error, "router workers");
     }
     let _ = std::fs::remove_file(&config.socket);
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

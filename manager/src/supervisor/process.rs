@@ -91,6 +91,7 @@ pub(crate) fn spawn(launch: &Launch, logs: &Arc<LogBook>) -> io::Result<(Child, 
         // std drops supplementary groups too when it changes the uid as root.
         command.uid(credentials.uid).gid(credentials.gid);
     }
+    crate::systemd::hide(&mut command);
     before_exec(&mut command, plugin.limits);
     let mut child = command.spawn()?;
     let mut capture = Capture(Vec::with_capacity(2));

@@ -4,10 +4,14 @@
 
 mod bad_input;
 mod cancel;
+mod command_line;
+mod deploy;
 mod hardening;
 mod lifecycle;
+mod python_plugin;
 mod router;
 mod routing;
 mod security;
 mod supervision;
 mod support;
+mod system_service;

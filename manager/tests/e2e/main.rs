@@ -5,6 +5,7 @@
 mod bad_input;
 mod cancel;
 mod hardening;
+mod host;
 mod lifecycle;
 mod router;
 mod routing;

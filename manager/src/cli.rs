@@ -201,8 +201,14 @@ pub(crate) async fn audit(socket: &Path, follow: bool) -> anyhow::Result<()> {
         .await
         .map_err(|s| explain(socket, s))?
         .into_inner();
+    let mut out = std::io::stdout();
     while let Some(line) = lines.message().await.map_err(|s| explain(socket, s))? {
-        println!("{}", line.json);
+        use std::io::Write;
+        // `mesh audit -f | head` ends quietly when its reader goes.
+        match writeln!(out, "{}", line.json).and_then(|()| out.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            other => other?,
+        }
     }
     Ok(())
 }

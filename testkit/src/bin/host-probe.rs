@@ -3,7 +3,8 @@
 //! descendant of the instance, and the router must know it as that plugin.
 //!
 //! Each line it reads is one call, `OP ARG [DATA]` (`read`, `stream`, `write`, `delete`, `stat`,
-//! `list`, `env`; `stats N` times N Stat calls of `.`), and each answer is one line:
+//! `list`, `env`; `manager` lists plugins through the Manager API; `stats N` times N Stat calls
+//! of `.`), and each answer is one line:
 //! `ok TEXT` or `err CODE MESSAGE`, newlines escaped. Every call also sends headers that claim
 //! another plugin's name: they must change nothing.
 
@@ -128,28 +129,58 @@ async fn call(line: &str) -> String {
         "stats" => {
             let n: usize = arg.parse().unwrap_or(1000).max(1);
             let mut times = Vec::with_capacity(n);
-            let mut failed = None;
             for _ in 0..n {
                 let start = Instant::now();
                 if let Err(status) = host.stat(StatRequest { path: ".".into() }).await {
-                    failed = Some(status);
-                    break;
+                    return format!("err {} {}", status.code() as i32, status.message());
                 }
                 times.push(start.elapsed().as_micros());
             }
-            match failed {
-                Some(status) => Err(status),
-                None => {
-                    times.sort_unstable();
-                    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
-                    Ok(format!("median_us={} p99_us={}", at(0.5), at(0.99)))
-                }
-            }
+            Ok(quantiles(times))
         }
+        // The same number of unary echo calls forwarded by the router to this plugin: the
+        // baseline a host call compares with, measured in the same run.
+        "echoes" => {
+            use mesh_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
+            let n: usize = arg.parse().unwrap_or(1000).max(1);
+            let router = mesh::Address::Unix(mesh::runtime::router_socket());
+            let name = std::env::var("PLUGIN_NAME").unwrap_or_default();
+            let channel = match mesh::Channel::to_address(router, &format!("plugin.{name}")) {
+                Ok(channel) => channel,
+                Err(error) => return format!("err 3 {error}"),
+            };
+            let mut echo = EchoClient::new(channel);
+            let mut times = Vec::with_capacity(n);
+            for _ in 0..n {
+                let start = Instant::now();
+                let request = EchoRequest {
+                    message: "x".repeat(64),
+                };
+                if let Err(status) = echo.echo(request).await {
+                    return format!("err {} {}", status.code() as i32, status.message());
+                }
+                times.push(start.elapsed().as_micros());
+            }
+            Ok(quantiles(times))
+        }
+        // The Manager API, which a plugin must not get though it runs as the owner's uid.
+        "manager" => mesh_proto::mesh::v1::manager_client::ManagerClient::new(
+            mesh::Channel::to_server(mesh::Address::Unix(mesh::runtime::router_socket())),
+        )
+        .list(forged(mesh_proto::mesh::v1::ListPluginsRequest {}))
+        .await
+        .map(|r| r.into_inner().plugins.len().to_string()),
         other => return format!("err 3 unknown op {other:?}"),
     };
     match result {
         Ok(text) => format!("ok {text}"),
         Err(status) => format!("err {} {}", status.code() as i32, status.message()),
     }
+}
+
+/// `median_us=.. p99_us=..` of call times.
+fn quantiles(mut times: Vec<u128>) -> String {
+    times.sort_unstable();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+    format!("median_us={} p99_us={}", at(0.5), at(0.99))
 }

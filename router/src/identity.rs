@@ -85,15 +85,25 @@ impl Caller {
     ) -> io::Result<Self> {
         let cred = stream.peer_cred()?;
         let (uid, pid) = (cred.uid(), cred.pid().and_then(|p| u32::try_from(p).ok()));
-        if let (Some(identify), Some(pid)) = (identify, pid)
-            && let Some(found) = identify.identify(pid)
-        {
-            return Ok(Self::Plugin {
-                plugin: found.plugin,
-                instance: found.instance,
-                pid,
-                uid,
-            });
+        if let (Some(identify), Some(pid)) = (identify, pid) {
+            let found = identify.identify(pid);
+            // Checked after the lookup: a process that connected and exited (leaving the
+            // connection to a child, say) must not pass for whoever has its pid now, nor for
+            // the owner because its plugin ancestry can no longer be read.
+            if !still_connected(stream, pid) {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("the process that connected (pid {pid}) has exited"),
+                ));
+            }
+            if let Some(found) = found {
+                return Ok(Self::Plugin {
+                    plugin: found.plugin,
+                    instance: found.instance,
+                    pid,
+                    uid,
+                });
+            }
         }
         Ok(if uid == owner || uid == 0 {
             Self::Owner { uid, pid }
@@ -170,6 +180,25 @@ impl Class {
     }
 }
 
+/// Whether the process that connected is still alive as `pid`: by its pidfd
+/// (`SO_PEERPIDFD`, which pins the process itself, so a recycled pid cannot pass for it) where
+/// the kernel has it, else by `/proc/<pid>` existing.
+fn still_connected(stream: &UnixStream, pid: u32) -> bool {
+    use nix::sys::socket::{getsockopt, sockopt::PeerPidfd};
+    use std::os::fd::AsRawFd;
+    match getsockopt(stream, PeerPidfd) {
+        Ok(pidfd) => std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("Pid:"))
+                    .map(|p| p.trim() == pid.to_string())
+            })
+            .unwrap_or(false),
+        Err(_) => std::path::Path::new(&format!("/proc/{pid}")).exists(),
+    }
+}
+
 /// The router's effective uid: the owner it trusts besides root.
 pub(crate) fn own_uid() -> u32 {
     nix::unistd::geteuid().as_raw()
@@ -214,5 +243,31 @@ mod tests {
                 .unwrap()
                 .is_owner()
         );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_exited_after_connecting_is_nobody() {
+        // A child connects and exits before the connection is accepted: its pid names no
+        // process now (or another one later), so the connection is not served at all.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let connected = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
+            ])
+            .arg(&path)
+            .status();
+        let Ok(status) = connected else {
+            panic!("this test needs python3 to connect from a process that then exits");
+        };
+        assert!(status.success());
+        let (stream, _) = listener.accept().await.unwrap();
+        let nobody = |_: u32| None;
+        let refused = Caller::of_unix(&stream, own_uid(), Some(&nobody)).unwrap_err();
+        assert!(refused.to_string().contains("exited"), "{refused}");
+        // Without a plugin lookup (a router with no managed plugins) nothing changes.
+        assert!(Caller::of_unix(&stream, own_uid(), None).is_ok());
     }
 }

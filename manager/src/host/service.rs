@@ -22,8 +22,9 @@ use super::{
     fs::{Roots, normalize},
 };
 
-/// The largest file ReadFile answers whole; ReadFileStream has no limit.
-pub const MAX_READ: u64 = 4 << 20;
+/// The largest file ReadFile answers whole: its answer must fit gRPC's default 4 MiB message
+/// limit, which generated clients decode with. ReadFileStream has no limit.
+pub const MAX_READ: u64 = (4 << 20) - 1024;
 /// The largest chunk ReadFileStream sends.
 pub const CHUNK: usize = 64 << 10;
 

@@ -23,6 +23,8 @@ use crate::support::{DEADLINE, Mesh, echo_plugin, host_probe, script, short_temp
 /// A mesh running plugin `files` whose command starts a probe beside echo-plugin.
 struct Setup {
     mesh: Mesh,
+    /// The `[[plugin]]` table with other capabilities, for reloads.
+    table: Box<dyn Fn(&str) -> String>,
     root: PathBuf,
     audit: PathBuf,
     probe: Probe,
@@ -96,18 +98,20 @@ async fn setup(capabilities: &str) -> Setup {
         ),
     );
     let audit = dir.path().join("audit.log");
-    let mesh = Mesh::start_with(
-        &format!("audit_log = {audit:?}"),
-        &format!(
-            "[[plugin]]\nname = \"files\"\ncommand = {:?}\nroot = {root:?}\ncapabilities = [{capabilities}]\n",
-            command.display().to_string()
-        ),
-    )
-    .await;
+    let table = {
+        let (command, root) = (command.display().to_string(), root.clone());
+        move |capabilities: &str| {
+            format!(
+                "[[plugin]]\nname = \"files\"\ncommand = {command:?}\nroot = {root:?}\ncapabilities = [{capabilities}]\n"
+            )
+        }
+    };
+    let mesh = Mesh::start_with(&format!("audit_log = {audit:?}"), &table(capabilities)).await;
     mesh.wait_line("host-probe: listening").await;
     let probe = Probe::connect(&socket).await;
     Setup {
         mesh,
+        table: Box::new(table),
         root,
         audit,
         probe,
@@ -132,6 +136,7 @@ async fn host_calls_are_allowed_by_capability_denied_by_name_and_audited() {
         audit,
         mut probe,
         _dir,
+        ..
     } = setup(
         "\"read:reports/*.txt\", \"read:.\", \"read:big.bin\", \"write:out/**\", \"env:PATH\"",
     )
@@ -427,4 +432,37 @@ async fn only_plugin_processes_are_served_and_headers_change_nothing() {
     );
     // Nothing it did reached the log as anyone else.
     assert!(lines.iter().all(|l| l["plugin"] == "files"));
+}
+
+#[tokio::test]
+async fn a_reload_rereads_config_capabilities_keeps_run_time_changes_and_restarts_nothing() {
+    let Setup {
+        mesh,
+        table,
+        mut probe,
+        _dir,
+        ..
+    } = setup("\"read:reports/*.txt\", \"env:PATH\"").await;
+    let before = mesh.status().await["plugins"][0]["instances"][0]["pid"].clone();
+    mesh.cli_ok(&["grant", "files", "read:secret.txt"]).await;
+    mesh.cli_ok(&["revoke", "files", "env:PATH"]).await;
+    // The file now grants the deep report and no longer the top-level ones.
+    mesh.rewrite(&table("\"read:reports/**\", \"env:PATH\""));
+    mesh.cli_ok(&["reload"]).await;
+    assert_eq!(
+        probe.call("read reports/deep/b.txt").await.unwrap(),
+        "deep b"
+    );
+    assert_eq!(probe.call("read secret.txt").await.unwrap(), "secret");
+    probe.denied("env PATH").await;
+    let caps = mesh.cli_ok(&["caps", "files"]).await;
+    assert!(
+        caps.contains("read:reports/**")
+            && caps.contains("read:secret.txt")
+            && caps.contains("revoked"),
+        "{caps}"
+    );
+    // Same process: capabilities changed, nothing restarted.
+    let after = mesh.status().await["plugins"][0]["instances"][0]["pid"].clone();
+    assert_eq!(before, after);
 }

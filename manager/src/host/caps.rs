@@ -183,9 +183,40 @@ pub struct Policy {
     pub granted: BTreeSet<Capability>,
     /// From the config, revoked at run time.
     pub revoked: BTreeSet<Capability>,
-    read: GlobSet,
-    write: GlobSet,
+    read: Globs,
+    write: Globs,
     env: BTreeSet<String>,
+}
+
+/// Compiled globs and the capabilities they came from, to name the one that allowed a call.
+#[derive(Debug)]
+struct Globs {
+    set: GlobSet,
+    caps: Vec<String>,
+}
+
+impl Globs {
+    fn new(kind: &str, globs: Vec<&str>) -> Self {
+        let mut set = GlobSetBuilder::new();
+        let mut caps = Vec::new();
+        for g in globs {
+            // Validated when parsed: a glob that fails now is left out, never allowed.
+            if let Ok(compiled) = glob(g) {
+                set.add(compiled);
+                caps.push(format!("{kind}:{g}"));
+            }
+        }
+        Self {
+            set: set.build().unwrap_or_else(|_| GlobSet::empty()),
+            caps,
+        }
+    }
+
+    /// The first capability whose glob matches `path`.
+    fn matching(&self, path: &str) -> Option<&str> {
+        let first = *self.set.matches(path).first()?;
+        self.caps.get(first).map(String::as_str)
+    }
 }
 
 impl Policy {
@@ -197,35 +228,27 @@ impl Policy {
         granted: BTreeSet<Capability>,
         revoked: BTreeSet<Capability>,
     ) -> Self {
-        let (mut read, mut write) = (GlobSetBuilder::new(), GlobSetBuilder::new());
+        let (mut read, mut write) = (Vec::new(), Vec::new());
         let mut env = BTreeSet::new();
         for cap in config.difference(&revoked).chain(granted.iter()) {
             match cap {
-                // Validated when parsed: a glob that fails now is left out, never allowed.
-                Capability::Read(g) => {
-                    if let Ok(g) = glob(g) {
-                        read.add(g);
-                    }
-                }
-                Capability::Write(g) => {
-                    if let Ok(g) = glob(g) {
-                        write.add(g);
-                    }
-                }
+                Capability::Read(g) => read.push(g.as_str()),
+                Capability::Write(g) => write.push(g.as_str()),
                 Capability::Env(name) => {
                     env.insert(name.clone());
                 }
                 Capability::Call { .. } => {}
             }
         }
+        let (read, write) = (Globs::new("read", read), Globs::new("write", write));
         Self {
             plugin,
             root,
             config,
             granted,
             revoked,
-            read: read.build().unwrap_or_else(|_| GlobSet::empty()),
-            write: write.build().unwrap_or_else(|_| GlobSet::empty()),
+            read,
+            write,
             env,
         }
     }
@@ -240,15 +263,19 @@ impl Policy {
     }
 
     /// Whether `action` on `resource` (a normalized relative path, or a variable name) is
-    /// allowed; the refusal names what is missing and how to grant it.
-    pub fn check(&self, action: Action, resource: &str) -> Result<(), String> {
+    /// allowed: the capability that allows it, or a refusal that names what is missing and
+    /// how to grant it.
+    pub fn check(&self, action: Action, resource: &str) -> Result<String, String> {
         let allowed = match action.kind() {
-            "read" => self.read.is_match(resource),
-            "write" => self.write.is_match(resource),
-            _ => self.env.contains(resource),
+            "read" => self.read.matching(resource).map(str::to_owned),
+            "write" => self.write.matching(resource).map(str::to_owned),
+            _ => self
+                .env
+                .contains(resource)
+                .then(|| format!("env:{resource}")),
         };
-        if allowed {
-            return Ok(());
+        if let Some(cap) = allowed {
+            return Ok(format!("allowed by {cap}"));
         }
         let kind = action.kind();
         let plugin = &self.plugin;
@@ -430,7 +457,10 @@ mod tests {
             BTreeSet::new(),
             BTreeSet::new(),
         );
-        assert!(policy.check(Action::ReadFile, "reports/a.txt").is_ok());
+        assert_eq!(
+            policy.check(Action::ReadFile, "reports/a.txt").unwrap(),
+            "allowed by read:reports/*.txt"
+        );
         assert!(policy.check(Action::ReadFile, "reports/x/a.txt").is_err());
         assert!(policy.check(Action::WriteFile, "out/x/y.txt").is_ok());
         assert!(policy.check(Action::WriteFile, "reports/a.txt").is_err());

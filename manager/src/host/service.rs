@@ -121,10 +121,10 @@ impl HostService {
                 Err(reason) => return deny(resource, format!("plugin {:?}: {reason}", who.plugin)),
             },
         };
-        if let Err(reason) = policy.check(action, &resource) {
-            return deny(&resource, reason);
+        match policy.check(action, &resource) {
+            Ok(reason) => self.record(&who, action, &resource, true, &reason),
+            Err(reason) => return deny(&resource, reason),
         }
-        self.record(&who, action, &resource, true, "capability held");
         Ok(Allowed {
             policy,
             resource,

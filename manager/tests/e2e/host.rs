@@ -268,7 +268,8 @@ async fn host_calls_are_allowed_by_capability_denied_by_name_and_audited() {
     );
     assert!(lines.iter().any(|l| l["resource"] == "reports/a.txt"
         && l["allowed"] == true
-        && l["action"] == "read_file"));
+        && l["action"] == "read_file"
+        && l["reason"] == "allowed by read:reports/*.txt"));
     // `mesh audit` prints the same lines; `mesh audit -f` the new ones as they come.
     let printed = mesh.cli_ok(&["audit"]).await;
     assert_eq!(printed.lines().count(), lines.len());

@@ -514,6 +514,8 @@ fn ended_unexpectedly(status: &watch::Sender<InstanceStatus>, panic: &(dyn std::
             process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
         }
         s.state = State::Failed { reason };
+        // No process is this instance's any more: nothing is identified as it.
+        s.process = None;
     });
 }
 

@@ -459,7 +459,8 @@ async fn a_reload_rereads_config_capabilities_keeps_run_time_changes_and_restart
         _dir,
         ..
     } = setup("\"read:reports/*.txt\", \"env:PATH\"").await;
-    let before = mesh.status().await["plugins"][0]["instances"][0]["pid"].clone();
+    // The probe listens before the instance is ready: wait for ready, when its pid is final.
+    let before = mesh.wait_state("files", "files-0", "ready").await;
     mesh.cli_ok(&["grant", "files", "read:secret.txt"]).await;
     mesh.cli_ok(&["revoke", "files", "env:PATH"]).await;
     // The file now grants the deep report and no longer the top-level ones.
@@ -479,6 +480,6 @@ async fn a_reload_rereads_config_capabilities_keeps_run_time_changes_and_restart
         "{caps}"
     );
     // Same process: capabilities changed, nothing restarted.
-    let after = mesh.status().await["plugins"][0]["instances"][0]["pid"].clone();
-    assert_eq!(before, after);
+    let after = mesh.wait_state("files", "files-0", "ready").await;
+    assert_eq!((before.pid, after.restarts), (after.pid, 0));
 }

@@ -8,6 +8,7 @@ use prost::Message;
 const PROTOS: &[&str] = &[
     "mesh/v1/registry.proto",
     "mesh/v1/manager.proto",
+    "mesh/v1/host.proto",
     "echo/v1/echo.proto",
 ];
 

@@ -4,14 +4,19 @@ use std::{path::PathBuf, pin::Pin, sync::Arc, time::SystemTime};
 
 use futures_util::{Stream, StreamExt, stream};
 use mesh_proto::mesh::v1::{
-    InstanceInfo, ListPluginsRequest, ListPluginsResponse, LogLine, LogsRequest, Plugin,
-    PluginRequest, ReloadRequest, ReloadResponse, ScaleRequest, manager_server,
+    AuditLine, Capability as CapabilityInfo, CapabilityRequest, CapsResponse, InstanceInfo,
+    ListPluginsRequest, ListPluginsResponse, LogLine, LogsRequest, Plugin, PluginRequest,
+    ReadAuditRequest, ReloadRequest, ReloadResponse, ScaleRequest, manager_server,
 };
 use tokio::sync::{Mutex, broadcast::error::RecvError};
 use tonic::{Request, Response, Status};
 
 use crate::{
     Config, ConfigError,
+    host::{
+        Audit, Policies, Policy,
+        caps::{CapsError, RELOAD},
+    },
     supervisor::{PluginStatus, ReloadReport, Supervisor, SupervisorError, logs},
 };
 
@@ -20,14 +25,25 @@ use crate::{
 pub struct ManagerService {
     supervisor: Arc<Supervisor>,
     config: Arc<Mutex<Config>>,
+    policies: Arc<Policies>,
+    audit: Arc<Audit>,
 }
 
 impl ManagerService {
-    /// Serves `supervisor`, which runs `config`.
-    pub fn new(supervisor: Arc<Supervisor>, config: Config) -> Self {
+    /// Serves `supervisor`, which runs `config`; grants and revokes change `policies`
+    /// (configured here from `config`), and `audit` is the log `ReadAudit` reads.
+    pub fn new(
+        supervisor: Arc<Supervisor>,
+        config: Config,
+        policies: Arc<Policies>,
+        audit: Arc<Audit>,
+    ) -> Self {
+        configure(&policies, &config);
         Self {
             supervisor,
             config: Arc::new(Mutex::new(config)),
+            policies,
+            audit,
         }
     }
 
@@ -46,10 +62,49 @@ impl ManagerService {
             next.override_socket(current.socket.clone())?;
         }
         let report = self.supervisor.reload(&current, next.clone()).await;
+        // Capabilities and roots from the new file, run-time grants and revokes kept.
+        configure(&self.policies, &next);
         *current = next;
         Ok(report)
     }
 }
+
+/// Every configured plugin's capabilities and root, into `policies`.
+fn configure(policies: &Policies, config: &Config) {
+    policies.configure(
+        config
+            .plugins
+            .iter()
+            .map(|p| (p.name.as_str(), p.root.clone(), &p.capabilities[..])),
+    );
+}
+
+fn caps_response(policy: &Policy) -> CapsResponse {
+    CapsResponse {
+        name: policy.plugin.clone(),
+        root: policy.root.display().to_string(),
+        effective: policy
+            .effective()
+            .into_iter()
+            .map(|(cap, source)| CapabilityInfo {
+                capability: cap.to_string(),
+                source: source.into(),
+            })
+            .collect(),
+        revoked: policy.revoked.iter().map(|c| c.to_string()).collect(),
+        reload: RELOAD.into(),
+    }
+}
+
+fn caps_status(error: CapsError) -> Status {
+    match error {
+        CapsError::Unknown(_) => Status::not_found(error.to_string()),
+        CapsError::Invalid(_) => Status::invalid_argument(error.to_string()),
+        CapsError::NotHeld { .. } => Status::failed_precondition(error.to_string()),
+    }
+}
+
+type AuditStream = Pin<Box<dyn Stream<Item = Result<AuditLine, Status>> + Send>>;
 
 fn status(error: SupervisorError) -> Status {
     match error {
@@ -194,6 +249,76 @@ impl manager_server::Manager for ManagerService {
                     }
                     Err(RecvError::Closed) => return None,
                 }
+            }
+        });
+        Ok(Response::new(Box::pin(first.chain(rest))))
+    }
+
+    async fn grant(
+        &self,
+        request: Request<CapabilityRequest>,
+    ) -> Result<Response<CapsResponse>, Status> {
+        let CapabilityRequest { name, capability } = request.into_inner();
+        let policy = self
+            .policies
+            .grant(&name, &capability)
+            .map_err(caps_status)?;
+        tracing::info!(plugin = %name, %capability, "capability granted");
+        Ok(Response::new(caps_response(&policy)))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<CapabilityRequest>,
+    ) -> Result<Response<CapsResponse>, Status> {
+        let CapabilityRequest { name, capability } = request.into_inner();
+        let policy = self
+            .policies
+            .revoke(&name, &capability)
+            .map_err(caps_status)?;
+        tracing::info!(plugin = %name, %capability, "capability revoked");
+        Ok(Response::new(caps_response(&policy)))
+    }
+
+    async fn caps(
+        &self,
+        request: Request<PluginRequest>,
+    ) -> Result<Response<CapsResponse>, Status> {
+        let name = request.into_inner().name;
+        let policy = self
+            .policies
+            .get(&name)
+            .ok_or_else(|| caps_status(CapsError::Unknown(name)))?;
+        Ok(Response::new(caps_response(&policy)))
+    }
+
+    type ReadAuditStream = AuditStream;
+
+    async fn read_audit(
+        &self,
+        request: Request<ReadAuditRequest>,
+    ) -> Result<Response<AuditStream>, Status> {
+        let follow = request.into_inner().follow;
+        // Subscribe first: a line written between the two is shown twice rather than lost.
+        let updates = self.audit.subscribe();
+        let kept = self.audit.lines();
+        let first = stream::iter(kept.into_iter().map(|json| Ok(AuditLine { json })));
+        if !follow {
+            return Ok(Response::new(Box::pin(first)));
+        }
+        let rest = stream::unfold(updates, |mut updates| async move {
+            match updates.recv().await {
+                Ok(json) => Some((Ok(AuditLine { json }), updates)),
+                Err(RecvError::Lagged(n)) => {
+                    let note = serde_json::json!({ "note": format!("{n} lines dropped: the reader was too slow") });
+                    Some((
+                        Ok(AuditLine {
+                            json: note.to_string(),
+                        }),
+                        updates,
+                    ))
+                }
+                Err(RecvError::Closed) => None,
             }
         });
         Ok(Response::new(Box::pin(first.chain(rest))))

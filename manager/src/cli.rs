@@ -5,8 +5,8 @@ use std::{path::Path, time::Duration};
 use anyhow::bail;
 use mesh::{Address, Channel};
 use mesh_proto::mesh::v1::{
-    ListPluginsRequest, LogsRequest, Plugin, PluginRequest, ReloadRequest, ScaleRequest,
-    manager_client::ManagerClient,
+    CapabilityRequest, CapsResponse, ListPluginsRequest, LogsRequest, Plugin, PluginRequest,
+    ReadAuditRequest, ReloadRequest, ScaleRequest, manager_client::ManagerClient,
 };
 use serde::Serialize;
 
@@ -104,6 +104,111 @@ pub(crate) async fn logs(socket: &Path, name: &str, follow: bool, tail: u32) -> 
         .into_inner();
     while let Some(line) = lines.message().await.map_err(|s| explain(socket, s))? {
         println!("{} {}: {}", line.instance, line.stream, line.text);
+    }
+    Ok(())
+}
+
+/// What `caps` does.
+#[derive(Debug, Clone)]
+pub(crate) enum CapsAction {
+    Grant(String),
+    Revoke(String),
+    Show,
+}
+
+/// `mesh grant|revoke NAME CAP` and `mesh caps NAME [--json]`: act, then show the plugin's
+/// capabilities.
+pub(crate) async fn caps(
+    socket: &Path,
+    action: CapsAction,
+    name: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut manager = client(socket);
+    let request = |capability: String| CapabilityRequest {
+        name: name.into(),
+        capability,
+    };
+    let caps = match action {
+        CapsAction::Grant(cap) => manager.grant(request(cap)).await,
+        CapsAction::Revoke(cap) => manager.revoke(request(cap)).await,
+        CapsAction::Show => manager.caps(PluginRequest { name: name.into() }).await,
+    }
+    .map_err(|s| explain(socket, s))?
+    .into_inner();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&CapsJson::from(&caps))?);
+    } else {
+        print!("{}", caps_text(&caps));
+    }
+    Ok(())
+}
+
+/// `mesh caps --json`.
+#[derive(Serialize)]
+struct CapsJson<'a> {
+    name: &'a str,
+    root: &'a str,
+    capabilities: Vec<CapJson<'a>>,
+    revoked: &'a [String],
+    reload: &'a str,
+}
+
+#[derive(Serialize)]
+struct CapJson<'a> {
+    capability: &'a str,
+    source: &'a str,
+}
+
+impl<'a> From<&'a CapsResponse> for CapsJson<'a> {
+    fn from(caps: &'a CapsResponse) -> Self {
+        Self {
+            name: &caps.name,
+            root: &caps.root,
+            capabilities: caps
+                .effective
+                .iter()
+                .map(|c| CapJson {
+                    capability: &c.capability,
+                    source: &c.source,
+                })
+                .collect(),
+            revoked: &caps.revoked,
+            reload: &caps.reload,
+        }
+    }
+}
+
+fn caps_text(caps: &CapsResponse) -> String {
+    let mut text = format!("plugin {}, root {}\n", caps.name, caps.root);
+    if caps.effective.is_empty() {
+        text.push_str("  no capabilities\n");
+    }
+    for cap in &caps.effective {
+        text.push_str(&format!("  {:<40} {}\n", cap.capability, cap.source));
+    }
+    for cap in &caps.revoked {
+        text.push_str(&format!("  {cap:<40} config, revoked\n"));
+    }
+    text.push_str(&format!("({})\n", caps.reload));
+    text
+}
+
+/// `mesh audit [-f]`: the audit log's JSON lines.
+pub(crate) async fn audit(socket: &Path, follow: bool) -> anyhow::Result<()> {
+    let mut lines = client(socket)
+        .read_audit(ReadAuditRequest { follow })
+        .await
+        .map_err(|s| explain(socket, s))?
+        .into_inner();
+    let mut out = std::io::stdout();
+    while let Some(line) = lines.message().await.map_err(|s| explain(socket, s))? {
+        use std::io::Write;
+        // `mesh audit -f | head` ends quietly when its reader goes.
+        match writeln!(out, "{}", line.json).and_then(|()| out.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            other => other?,
+        }
     }
     Ok(())
 }

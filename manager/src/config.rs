@@ -21,7 +21,7 @@ use mesh_router::Limits;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::supervisor::MAX_INSTANCES;
+use crate::{host::Capability, supervisor::MAX_INSTANCES};
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +54,14 @@ pub struct Config {
     /// The largest gRPC message plugins accept and send, in bytes; handed to each plugin as
     /// `MESH_MAX_MESSAGE_SIZE` (the router itself streams messages without a limit of its own).
     pub max_message_size: usize,
+    /// The audit log of host-service decisions (`[mesh] audit_log`, default
+    /// `<runtime_dir>/audit.log`).
+    pub audit_log: PathBuf,
+    /// The audit log's bound before it is rotated to `audit.log.1` (`audit_max_size`).
+    pub audit_max_size: u64,
+    /// Where plugins' default roots live (`[mesh] data_dir`, default `$XDG_DATA_HOME/mesh`,
+    /// else `~/.local/share/mesh`).
+    pub data_dir: PathBuf,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
 }
@@ -101,6 +109,11 @@ pub struct PluginConfig {
     pub credentials: Option<Credentials>,
     /// Resource limits applied before exec.
     pub limits: ResourceLimits,
+    /// What it may reach through host services (`capabilities = [...]`).
+    pub capabilities: Vec<Capability>,
+    /// The directory its host paths are relative to (`root`; default `<data_dir>/<name>`,
+    /// created 0700 when first used).
+    pub root: PathBuf,
 }
 
 /// A user and group to run a plugin as.
@@ -240,6 +253,9 @@ struct RawMesh {
     #[serde(default)]
     busy_poll: bool,
     spin: Option<Spanned<String>>,
+    data_dir: Option<Spanned<PathBuf>>,
+    audit_log: Option<Spanned<PathBuf>>,
+    audit_max_size: Option<Spanned<RawSize>>,
 }
 
 /// A size in bytes, or text with a unit (`"16MiB"`).
@@ -278,6 +294,9 @@ struct RawPlugin {
     group: Option<Spanned<String>>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    capabilities: Vec<Spanned<String>>,
+    root: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -447,8 +466,30 @@ impl File<'_> {
                     )
                 })? as usize,
         };
+        let data_dir = match &mesh.data_dir {
+            Some(dir) => self.path_value("data_dir", dir)?,
+            None => default_data_dir(&runtime_dir),
+        };
+        let audit_log = match &mesh.audit_log {
+            Some(path) => self.path_value("audit_log", path)?,
+            None => runtime_dir.join("audit.log"),
+        };
+        let audit_max_size = match &mesh.audit_max_size {
+            None => crate::host::audit::DEFAULT_MAX_SIZE,
+            Some(size) => parse_size(size.get_ref())
+                .filter(|n| AUDIT_SIZES.contains(n))
+                .ok_or_else(|| {
+                    at(
+                        Some(size.span()),
+                        "audit_max_size must be 4KiB to 1GiB; write bytes or a size such as \"10MiB\" (default 10MiB)".into(),
+                    )
+                })?,
+        };
         Ok(Config {
             path: self.path.to_owned(),
+            data_dir,
+            audit_log,
+            audit_max_size,
             runtime_dir,
             socket,
             socket_overridden: false,
@@ -567,6 +608,19 @@ impl File<'_> {
                 false => Ok(arg.into_inner()),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let capabilities = p
+            .capabilities
+            .iter()
+            .map(|cap| {
+                cap.get_ref()
+                    .parse::<Capability>()
+                    .map_err(|message| plugin_error(cap.span(), message))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let root = match &p.root {
+            Some(root) => self.path_value("root", root)?,
+            None => config.data_dir.join(&name),
+        };
         let mut env = environment(p.env).map_err(|(span, message)| plugin_error(span, message))?;
         env.entry(MAX_MESSAGE_SIZE_VAR.to_owned())
             .or_insert_with(|| config.max_message_size.to_string());
@@ -605,6 +659,8 @@ impl File<'_> {
             args,
             env,
             idempotent,
+            capabilities,
+            root,
         };
         // The longest id this plugin can have must still fit a socket path.
         let longest = plugin.socket(&plugin.instance_id(MAX_INSTANCES));
@@ -661,6 +717,26 @@ impl File<'_> {
         }
         Ok(absolute(self.base, value.get_ref()))
     }
+}
+
+/// `audit_max_size` bounds.
+const AUDIT_SIZES: std::ops::RangeInclusive<u64> = 4 << 10..=1 << 30;
+
+/// Plugins' default roots: `$XDG_DATA_HOME/mesh`, `~/.local/share/mesh`, or (no home) a
+/// `data` directory beside the runtime directory's files.
+fn default_data_dir(runtime_dir: &Path) -> PathBuf {
+    let nonempty = |var| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(data) = nonempty("XDG_DATA_HOME") {
+        return data.join("mesh");
+    }
+    if let Some(home) = nonempty("HOME") {
+        return home.join(".local/share/mesh");
+    }
+    runtime_dir.join("data")
 }
 
 /// Variables the manager sets for every instance (the plugin contract): a config cannot.
@@ -1516,6 +1592,44 @@ mod tests {
         assert!(config.busy_poll);
         assert_eq!(config.router_threads, 2);
         let error = parse("[mesh]\nbusy_poll = \"yes\"\n").unwrap_err();
+        assert_eq!(error.line, Some(2), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod capability_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/mesh/mesh.toml"), text)
+    }
+
+    #[test]
+    fn capabilities_root_and_audit_parse_and_bad_ones_name_their_line() {
+        let config = parse(
+            "[mesh]\nruntime_dir = \"/run/m\"\ndata_dir = \"/var/lib/mesh\"\naudit_max_size = \"1MiB\"\n\
+             [[plugin]]\nname = \"a\"\ncommand = \"sh\"\ncapabilities = [\"read:**\", \"env:HOME\", \"call:plugin.echo/echo.v1.Echo/Echo\"]\n\
+             [[plugin]]\nname = \"b\"\ncommand = \"sh\"\nroot = \"files\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.audit_log, PathBuf::from("/run/m/audit.log"));
+        assert_eq!(config.audit_max_size, 1 << 20);
+        assert_eq!(config.plugins[0].root, PathBuf::from("/var/lib/mesh/a"));
+        assert_eq!(config.plugins[0].capabilities.len(), 3);
+        assert_eq!(config.plugins[1].root, PathBuf::from("/etc/mesh/files"));
+        for (caps, needle) in [
+            ("[\"read:/etc/*\"]", "relative"),
+            ("[\"nope\"]", "no kind"),
+            ("[\"env:A-B\"]", "variable"),
+            ("[\"call:plugin.echo/x\"]", "method"),
+        ] {
+            let text =
+                format!("[[plugin]]\nname = \"a\"\ncommand = \"sh\"\ncapabilities = {caps}\n");
+            let error = parse(&text).unwrap_err();
+            assert_eq!(error.line, Some(4), "{error}");
+            assert!(error.to_string().contains(needle), "{error}");
+        }
+        let error = parse("[mesh]\naudit_max_size = 10\n").unwrap_err();
         assert_eq!(error.line, Some(2), "{error}");
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod host;
 pub mod supervisor;
 mod systemd;
 pub mod up;

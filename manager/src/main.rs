@@ -5,7 +5,7 @@ mod cli;
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use cli::Action;
+use cli::{Action, CapsAction};
 use mesh_manager::{Config, up};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -95,6 +95,34 @@ enum Command {
     /// Print the manual page (roff) to stdout: `mesh man | man -l -`.
     #[command(hide = true)]
     Man,
+    /// Grant a plugin a capability now (read:GLOB, write:GLOB, env:NAME, call:SERVICE[/METHOD]).
+    Grant {
+        /// Plugin name.
+        name: String,
+        /// The capability.
+        capability: String,
+    },
+    /// Revoke a plugin's capability now (from the config or granted).
+    Revoke {
+        /// Plugin name.
+        name: String,
+        /// The capability.
+        capability: String,
+    },
+    /// A plugin's capabilities: from the config, granted and revoked at run time.
+    Caps {
+        /// Plugin name.
+        name: String,
+        /// Print JSON (a stable shape for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit log of host-service decisions, one JSON line each.
+    Audit {
+        /// Keep printing new lines.
+        #[arg(long, short)]
+        follow: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -172,6 +200,22 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS),
             Command::Reload => cli::reload(&socket).await.map(|()| ExitCode::SUCCESS),
             Command::Completions { .. } | Command::Man => unreachable!("handled before"),
+            Command::Grant { name, capability } => {
+                cli::caps(&socket, CapsAction::Grant(capability), &name, false)
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+            }
+            Command::Revoke { name, capability } => {
+                cli::caps(&socket, CapsAction::Revoke(capability), &name, false)
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+            }
+            Command::Caps { name, json } => cli::caps(&socket, CapsAction::Show, &name, json)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Audit { follow } => cli::audit(&socket, follow)
+                .await
+                .map(|()| ExitCode::SUCCESS),
         }
     });
     match result {

@@ -13,6 +13,7 @@ use tokio::{
 use crate::{
     Config, Supervisor,
     api::ManagerService,
+    host::{Audit, HostService, Policies},
     supervisor::{PluginStatus, State},
     systemd,
 };
@@ -39,6 +40,9 @@ pub enum UpError {
         /// Why.
         error: std::io::Error,
     },
+    /// The audit log could not be opened (a symlink, another owner's, unwritable).
+    #[error("{0}; set [mesh] audit_log to a file mesh up may write")]
+    Audit(std::io::Error),
     /// The TCP listener could not be bound.
     #[error("listen = {addr}: {error}; pick a free port, or port 0 for any")]
     Listen {
@@ -76,10 +80,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         registry.clone(),
         config.socket.clone(),
     )));
-    let manager = ManagerService::new(supervisor.clone(), config.clone());
+    let audit = Arc::new(
+        Audit::open(config.audit_log.clone(), config.audit_max_size).map_err(UpError::Audit)?,
+    );
+    let policies = Arc::new(Policies::default());
+    let manager = ManagerService::new(
+        supervisor.clone(),
+        config.clone(),
+        policies.clone(),
+        audit.clone(),
+    );
+    let host = HostService::new(policies, audit);
+    let identify = supervisor.clone();
     let router = Router::builder(registry)
         .limits(config.limits.clone())
         .add_service(manager.clone().into_server())
+        .add_service(host.into_server())
+        // Once per connection: is the peer a managed instance, or a process it started?
+        .identify(move |pid| identify.identify(pid))
         .build()
         .await;
     let mut hangup = signal(SignalKind::hangup()).map_err(UpError::Signal)?;

@@ -4,7 +4,7 @@
 
 #![allow(missing_docs, unreachable_pub, clippy::all)]
 
-/// `mesh.v1`: the registry and manager APIs.
+/// `mesh.v1`: the registry, manager and host APIs.
 pub mod mesh {
     /// Version 1.
     pub mod v1 {

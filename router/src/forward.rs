@@ -43,7 +43,7 @@ use crate::{
     body::{Forwarded, RouterBody},
     deadline::{self, Deadlines, Expiry},
     grpc::{self, RequestBody},
-    identity::{self, Caller},
+    identity::{self, Caller, Identify},
     limit::{Admission, Gauge, Handshake, Held, Permit},
     policy,
     registry::{Registry, RegistryService},
@@ -93,6 +93,8 @@ pub(crate) struct Inner {
     admission: Arc<Admission>,
     /// The uid trusted besides root: the router's own.
     owner: u32,
+    /// Names the managed plugin instance a Unix peer belongs to, once per connection.
+    identify: Option<Arc<dyn Identify>>,
 }
 
 /// One client connection: who is on it (fixed at accept time) and its calls.
@@ -122,6 +124,7 @@ pub struct RouterBuilder {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     limits: Limits,
+    identify: Option<Arc<dyn Identify>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -138,6 +141,7 @@ impl Router {
             routes: RoutesBuilder::default(),
             names: Vec::new(),
             limits: Limits::default(),
+            identify: None,
         }
     }
 
@@ -154,6 +158,7 @@ impl Router {
                 deadlines: self.inner.deadlines.clone(),
                 admission: self.inner.admission.clone(),
                 owner: self.inner.owner,
+                identify: self.inner.identify.clone(),
             }),
         }
     }
@@ -166,11 +171,13 @@ impl Router {
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
         let owner = self.inner.owner;
+        let identify = self.inner.identify.clone();
         self.serve(
             || async {
                 loop {
                     let (stream, _) = listener.accept().await?;
-                    match Caller::of_unix(&stream, owner) {
+                    // Once per connection: reads a few /proc files when a lookup is installed.
+                    match Caller::of_unix(&stream, owner, identify.as_deref()) {
                         Ok(caller) => return Ok((stream, caller)),
                         // Whom the kernel cannot name is not served.
                         Err(error) => tracing::warn!(%error, "no peer credentials; closed"),
@@ -392,7 +399,7 @@ impl Inner {
             return Status::resource_exhausted("too many calls open on this connection")
                 .into_http();
         };
-        request.extensions_mut().insert(connection.caller);
+        request.extensions_mut().insert(connection.caller.clone());
         let response = match self.local.clone().oneshot(request).await {
             Ok(response) => response,
             Err(never) => match never {},
@@ -480,6 +487,13 @@ impl RouterBuilder {
         self
     }
 
+    /// Installs the lookup that names managed plugin instances by pid: a Unix peer it names is
+    /// a [`Caller::Plugin`], asked once when its connection is accepted.
+    pub fn identify(mut self, identify: impl Identify) -> Self {
+        self.identify = Some(Arc::new(identify));
+        self
+    }
+
     /// Builds the router and starts following the registry (needs a Tokio runtime).
     pub async fn build(mut self) -> Router {
         let registry_server = RegistryService::new(self.registry.clone()).into_server();
@@ -503,6 +517,7 @@ impl RouterBuilder {
                 deadlines: Deadlines::new(limits.call_timeout),
                 admission: Admission::new(limits),
                 owner: identity::own_uid(),
+                identify: self.identify,
             }),
         }
     }

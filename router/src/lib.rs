@@ -41,7 +41,7 @@ mod upstream;
 mod workers;
 
 pub use forward::{Router, RouterBuilder};
-pub use identity::Caller;
+pub use identity::{Caller, Identify, PluginIdentity};
 pub use limit::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADER_LIST_SIZE, Limits,
 };

@@ -17,7 +17,13 @@ pub(crate) enum Access {
     Read,
     /// Changes the mesh, or reads what only its owner may see (logs).
     Control,
+    /// Host services (`mesh.v1.Host`): for plugin callers only, whose capabilities the
+    /// service checks per call.
+    Host,
 }
+
+/// The prefix of every host-service method.
+const HOST: &str = "/mesh.v1.Host/";
 
 /// Methods every caller may use. Anything not here is [`Access::Control`].
 const READ: &[&str] = &[
@@ -34,6 +40,8 @@ const READ: &[&str] = &[
 pub(crate) fn access(path: &str) -> Access {
     if READ.contains(&path) {
         Access::Read
+    } else if path.starts_with(HOST) {
+        Access::Host
     } else {
         Access::Control
     }
@@ -41,13 +49,25 @@ pub(crate) fn access(path: &str) -> Access {
 
 /// Whether `caller` may call `path` on the router; the refusal says why and what would do.
 pub(crate) fn check(caller: &Caller, path: &str) -> Result<(), Status> {
-    if caller.is_owner() || access(path) == Access::Read {
-        return Ok(());
+    match (access(path), caller) {
+        (Access::Read, _) | (Access::Host, Caller::Plugin { .. }) => return Ok(()),
+        (Access::Control, caller) if caller.is_owner() => return Ok(()),
+        (Access::Host, _) => {
+            return Err(Status::permission_denied(format!(
+                "{path} is refused to {caller}: host services are served to managed plugin \
+                 instances (and processes they start) only, known by their kernel credentials"
+            )));
+        }
+        (Access::Control, _) => {}
     }
     Err(Status::permission_denied(match caller {
         Caller::Remote { .. } => format!(
             "{path} is refused over TCP: the Manager API and registry writes are served on the \
              Unix socket only, to the owner's uid; over TCP they need mTLS (not yet configured)"
+        ),
+        Caller::Plugin { .. } => format!(
+            "{path} is refused to {caller}: plugins may call other plugins, host services and \
+             read the registry; the Manager API and registry writes are the mesh owner's"
         ),
         _ => format!(
             "{path} is refused to {caller}: the Manager API and registry writes are for the \
@@ -92,9 +112,26 @@ mod tests {
             let denied = check(&remote, path).unwrap_err();
             assert!(denied.message().contains("mTLS"), "{denied}");
         }
+        let plugin = Caller::Plugin {
+            plugin: "files".into(),
+            instance: "files-0".into(),
+            pid: 7,
+            uid: 1000,
+        };
         for path in READ {
             assert!(check(&local, path).is_ok(), "{path}");
             assert!(check(&remote, path).is_ok(), "{path}");
+            assert!(check(&plugin, path).is_ok(), "{path}");
+        }
+        for path in ["/mesh.v1.Manager/Stop", "/mesh.v1.Registry/Register"] {
+            let denied = check(&plugin, path).unwrap_err();
+            assert!(denied.message().contains("plugins may"), "{denied}");
+        }
+        assert!(check(&plugin, "/mesh.v1.Host/ReadFile").is_ok());
+        for caller in [&owner, &local, &remote] {
+            let denied = check(caller, "/mesh.v1.Host/ReadFile").unwrap_err();
+            assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+            assert!(denied.message().contains("plugin"), "{denied}");
         }
     }
 }

@@ -147,6 +147,9 @@ pub struct InstanceStatus {
     pub restarts: u32,
     /// How its last process ended.
     pub last_exit: Option<String>,
+    /// The process the supervisor started for it now, which it and everything it starts
+    /// descend from (in a PID namespace: the namespace's host side), with its start time.
+    pub process: Option<super::identify::Process>,
 }
 
 /// The task behind one instance.
@@ -268,8 +271,12 @@ impl Instance {
         // The process group's id: the process started (in a PID namespace, its host side).
         let group = child.id().unwrap_or_default();
         let mut pid = group;
-        self.status
-            .send_modify(|s| s.started = Some(SystemTime::now()));
+        // Read before anything can reap it: the pid is ours until we wait for it.
+        let process = super::identify::Process::of(group);
+        self.status.send_modify(|s| {
+            s.started = Some(SystemTime::now());
+            s.process = process;
+        });
         self.set(State::Starting { pid });
 
         let ready = tokio::select! {
@@ -478,7 +485,12 @@ impl Instance {
         } else {
             tracing::info!("{state}");
         }
-        self.status.send_modify(|s| s.state = state);
+        self.status.send_modify(|s| {
+            if state.pid().is_none() {
+                s.process = None;
+            }
+            s.state = state
+        });
     }
 }
 

@@ -4,11 +4,13 @@
 //!   limits, credentials) and stopping it (SIGTERM to the group, SIGKILL after the grace);
 //! - [`init`]: a PID namespace per instance, so that no descendant outlives the manager;
 //! - [`instance`]: one instance's life as a task with an explicit [`State`];
-//! - [`logs`]: captured stdout and stderr.
+//! - [`logs`]: captured stdout and stderr;
+//! - `identify`: which instance a local process belongs to, for the router ([`Supervisor::identify`]).
 //!
 //! Operations on one plugin (start, stop, restart, scale, reload) run one at a time; reading
 //! its status never waits for them.
 
+mod identify;
 pub mod init;
 mod instance;
 pub mod logs;
@@ -197,6 +199,7 @@ impl Supervisor {
             started: None,
             restarts: 0,
             last_exit: None,
+            process: None,
         });
         let (stop, stop_rx) = watch::channel(false);
         let watchdog = status.clone();
@@ -408,8 +411,11 @@ impl Supervisor {
                 continue;
             };
             let old = slot.run().config.clone();
+            // Capabilities and root apply on the next call (the host's policies), not by restart.
             let same_but_count = PluginConfig {
                 instances: old.instances,
+                capabilities: old.capabilities.clone(),
+                root: old.root.clone(),
                 ..plugin.clone()
             };
             if same_but_count != *old {
@@ -508,6 +514,8 @@ fn ended_unexpectedly(status: &watch::Sender<InstanceStatus>, panic: &(dyn std::
             process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
         }
         s.state = State::Failed { reason };
+        // No process is this instance's any more: nothing is identified as it.
+        s.process = None;
     });
 }
 

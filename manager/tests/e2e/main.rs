@@ -7,6 +7,7 @@ mod cancel;
 mod command_line;
 mod deploy;
 mod hardening;
+mod host;
 mod lifecycle;
 mod python_plugin;
 mod router;

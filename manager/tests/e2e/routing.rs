@@ -255,6 +255,10 @@ async fn grpcurl_works_through_the_router_and_on_a_plugin_socket() {
     // The router's own API, addressed as localhost.
     let own = grpcurl_ok(&["-unix", "-authority", "localhost", &router, "list"]);
     assert!(own.contains("mesh.v1.Registry"), "{own}");
+    assert!(
+        own.contains("mesh.v1.Host"),
+        "host services are listed: {own}"
+    );
     let listed = grpcurl_ok(&[
         "-unix",
         "-authority",

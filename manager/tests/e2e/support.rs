@@ -26,26 +26,31 @@ pub fn mesh_bin() -> &'static Path {
 /// The `echo-plugin` binary, built (once per test process) so it is never stale.
 pub fn echo_plugin() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let target = mesh_bin().parent().expect("target dir");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args([
-            "build",
-            "--quiet",
-            "-p",
-            "echo-plugin",
-            "--bin",
-            "echo-plugin",
-        ]);
-        if target.ends_with("release") {
-            cargo.arg("--release");
-        }
-        let status = cargo.status().expect("run cargo build for echo-plugin");
-        assert!(status.success(), "cargo build -p echo-plugin failed");
-        let path = target.join("echo-plugin");
-        assert!(path.exists(), "{} missing after the build", path.display());
-        path
-    })
+    BUILT.get_or_init(|| build("echo-plugin", "echo-plugin"))
+}
+
+/// The `host-probe` test helper (mesh-testkit), built once per test process.
+pub fn host_probe() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| build("mesh-testkit", "host-probe"))
+}
+
+/// Builds `bin` of `package` beside the `mesh` binary under test.
+fn build(package: &str, bin: &str) -> PathBuf {
+    let target = mesh_bin().parent().expect("target dir");
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    if target.ends_with("release") {
+        cargo.arg("--release");
+    }
+    let status = cargo.status().expect("run cargo build");
+    assert!(
+        status.success(),
+        "cargo build -p {package} --bin {bin} failed"
+    );
+    let path = target.join(bin);
+    assert!(path.exists(), "{} missing after the build", path.display());
+    path
 }
 
 /// A short temporary directory (socket paths must stay under 108 bytes).

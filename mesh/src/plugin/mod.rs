@@ -98,6 +98,26 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
+/// A client of the host services (`mesh.v1.Host`: files under the plugin's root, the host's
+/// environment) on the router socket, `MESH_SOCKET`. The router knows the plugin by its
+/// process, so there is nothing to present; each call is checked against its capabilities.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), tonic::Status> {
+/// use mesh_proto::mesh::v1::ReadFileRequest;
+/// let file = mesh::plugin::host()
+///     .read_file(ReadFileRequest { path: "reports/a.txt".into() })
+///     .await?
+///     .into_inner();
+/// # let _ = file; Ok(())
+/// # }
+/// ```
+pub fn host() -> mesh_proto::mesh::v1::host_client::HostClient<crate::Channel> {
+    mesh_proto::mesh::v1::host_client::HostClient::new(crate::Channel::to_server(
+        crate::Address::Unix(crate::runtime::router_socket()),
+    ))
+}
+
 impl Plugin {
     /// Reads `PLUGIN_SOCKET`, `PLUGIN_NAME` and `PLUGIN_INSTANCE`; the error lists the missing
     /// ones and shows how to run the plugin by hand.

@@ -1,0 +1,502 @@
+//! Capabilities: their syntax, a plugin's policy compiled from them, and the store that holds
+//! every plugin's policy, swapped whole when a grant, a revoke or a reload changes it.
+//!
+//! A call reads its plugin's policy once (one atomic load) and checks it; nothing else decides.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    path::PathBuf,
+    str::FromStr,
+    sync::{Arc, Mutex},
+};
+
+use arc_swap::ArcSwap;
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use mesh::{ServiceName, labels};
+
+/// One capability, as written in `capabilities = [...]` and `mesh grant`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Capability {
+    /// `read:GLOB`: ReadDir, ReadFile, Stat on matching paths under the root.
+    Read(String),
+    /// `write:GLOB`: WriteFile, DeleteFile on matching paths under the root.
+    Write(String),
+    /// `env:NAME`: GetEnv of NAME.
+    Env(String),
+    /// `call:SERVICE` or `call:SERVICE/pkg.Svc/Method` (enforced by a later part).
+    Call {
+        /// The service (`plugin.echo`).
+        service: String,
+        /// One method (`echo.v1.Echo/Echo`), or every one.
+        method: Option<String>,
+    },
+}
+
+/// The syntax, for error messages.
+pub const SYNTAX: &str = "write read:GLOB, write:GLOB (relative to the plugin's root, ** allowed), \
+    env:NAME, call:SERVICE or call:SERVICE/package.Service/Method";
+
+impl FromStr for Capability {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = |why: String| format!("capability {text:?}: {why}");
+        let Some((kind, value)) = text.split_once(':') else {
+            return Err(bad(format!("no kind; {SYNTAX}")));
+        };
+        match kind {
+            "read" | "write" => {
+                let glob = pattern(value).map_err(bad)?;
+                Ok(if kind == "read" {
+                    Self::Read(glob)
+                } else {
+                    Self::Write(glob)
+                })
+            }
+            "env" => {
+                let valid = value
+                    .bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if !valid {
+                    return Err(bad(
+                        "a variable name is letters, digits and _, not starting with a digit"
+                            .into(),
+                    ));
+                }
+                Ok(Self::Env(value.to_owned()))
+            }
+            "call" => {
+                let (service, method) = match value.split_once('/') {
+                    Some((service, method)) => (service, Some(method)),
+                    None => (value, None),
+                };
+                ServiceName::new(service).map_err(|e| bad(format!("service: {e}")))?;
+                if let Some(method) = method {
+                    labels::method(method).map_err(|e| bad(format!("method: {e}")))?;
+                }
+                Ok(Self::Call {
+                    service: service.to_owned(),
+                    method: method.map(str::to_owned),
+                })
+            }
+            other => Err(bad(format!("unknown kind {other:?}; {SYNTAX}"))),
+        }
+    }
+}
+
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read(glob) => write!(f, "read:{glob}"),
+            Self::Write(glob) => write!(f, "write:{glob}"),
+            Self::Env(name) => write!(f, "env:{name}"),
+            Self::Call {
+                service,
+                method: None,
+            } => write!(f, "call:{service}"),
+            Self::Call {
+                service,
+                method: Some(method),
+            } => write!(f, "call:{service}/{method}"),
+        }
+    }
+}
+
+/// A read:/write: glob: relative, without `..`, valid for globset.
+fn pattern(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Err("an empty glob; write one such as reports/*.txt or **".into());
+    }
+    if value.starts_with('/') {
+        return Err("globs are relative to the plugin's root; drop the leading /".into());
+    }
+    if value.split('/').any(|part| part == "..") {
+        return Err("a glob cannot climb out of the root with ..".into());
+    }
+    if value.contains('\0') {
+        return Err("a glob cannot hold a NUL byte".into());
+    }
+    glob(value).map_err(|e| e.kind().to_string())?;
+    Ok(value.to_owned())
+}
+
+/// `*` and `?` stay within one path segment; `**` crosses them.
+fn glob(pattern: &str) -> Result<Glob, globset::Error> {
+    GlobBuilder::new(pattern).literal_separator(true).build()
+}
+
+/// What a host call asks to do, for the check and the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// ReadDir.
+    ReadDir,
+    /// ReadFile, ReadFileStream.
+    ReadFile,
+    /// Stat.
+    Stat,
+    /// WriteFile.
+    WriteFile,
+    /// DeleteFile.
+    DeleteFile,
+    /// GetEnv.
+    GetEnv,
+}
+
+impl Action {
+    /// Its name in the audit log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReadDir => "read_dir",
+            Self::ReadFile => "read_file",
+            Self::Stat => "stat",
+            Self::WriteFile => "write_file",
+            Self::DeleteFile => "delete_file",
+            Self::GetEnv => "get_env",
+        }
+    }
+
+    /// The kind of capability it needs.
+    fn kind(self) -> &'static str {
+        match self {
+            Self::ReadDir | Self::ReadFile | Self::Stat => "read",
+            Self::WriteFile | Self::DeleteFile => "write",
+            Self::GetEnv => "env",
+        }
+    }
+}
+
+/// One plugin's capabilities: where they came from, and compiled for checks.
+#[derive(Debug)]
+pub struct Policy {
+    /// The plugin's name.
+    pub plugin: String,
+    /// Its root directory.
+    pub root: PathBuf,
+    /// From the config file.
+    pub config: BTreeSet<Capability>,
+    /// Granted at run time (and not in the config).
+    pub granted: BTreeSet<Capability>,
+    /// From the config, revoked at run time.
+    pub revoked: BTreeSet<Capability>,
+    read: Globs,
+    write: Globs,
+    env: BTreeSet<String>,
+}
+
+/// Compiled globs and the capabilities they came from, to name the one that allowed a call.
+#[derive(Debug)]
+struct Globs {
+    set: GlobSet,
+    caps: Vec<String>,
+}
+
+impl Globs {
+    fn new(kind: &str, globs: Vec<&str>) -> Self {
+        let mut set = GlobSetBuilder::new();
+        let mut caps = Vec::new();
+        for g in globs {
+            // Validated when parsed: a glob that fails now is left out, never allowed.
+            if let Ok(compiled) = glob(g) {
+                set.add(compiled);
+                caps.push(format!("{kind}:{g}"));
+            }
+        }
+        Self {
+            set: set.build().unwrap_or_else(|_| GlobSet::empty()),
+            caps,
+        }
+    }
+
+    /// The first capability whose glob matches `path`.
+    fn matching(&self, path: &str) -> Option<&str> {
+        let first = *self.set.matches(path).first()?;
+        self.caps.get(first).map(String::as_str)
+    }
+}
+
+impl Policy {
+    /// Compiles the capabilities in force: the config's not revoked, and the granted.
+    pub fn new(
+        plugin: String,
+        root: PathBuf,
+        config: BTreeSet<Capability>,
+        granted: BTreeSet<Capability>,
+        revoked: BTreeSet<Capability>,
+    ) -> Self {
+        let (mut read, mut write) = (Vec::new(), Vec::new());
+        let mut env = BTreeSet::new();
+        for cap in config.difference(&revoked).chain(granted.iter()) {
+            match cap {
+                Capability::Read(g) => read.push(g.as_str()),
+                Capability::Write(g) => write.push(g.as_str()),
+                Capability::Env(name) => {
+                    env.insert(name.clone());
+                }
+                Capability::Call { .. } => {}
+            }
+        }
+        let (read, write) = (Globs::new("read", read), Globs::new("write", write));
+        Self {
+            plugin,
+            root,
+            config,
+            granted,
+            revoked,
+            read,
+            write,
+            env,
+        }
+    }
+
+    /// The capabilities in force, each with its source.
+    pub fn effective(&self) -> Vec<(&Capability, &'static str)> {
+        self.config
+            .difference(&self.revoked)
+            .map(|c| (c, "config"))
+            .chain(self.granted.iter().map(|c| (c, "granted")))
+            .collect()
+    }
+
+    /// Whether `action` on `resource` (a normalized relative path, or a variable name) is
+    /// allowed: the capability that allows it, or a refusal that names what is missing and
+    /// how to grant it.
+    pub fn check(&self, action: Action, resource: &str) -> Result<String, String> {
+        let allowed = match action.kind() {
+            "read" => self.read.matching(resource).map(str::to_owned),
+            "write" => self.write.matching(resource).map(str::to_owned),
+            _ => self
+                .env
+                .contains(resource)
+                .then(|| format!("env:{resource}")),
+        };
+        if let Some(cap) = allowed {
+            return Ok(format!("allowed by {cap}"));
+        }
+        let kind = action.kind();
+        let plugin = &self.plugin;
+        Err(format!(
+            "plugin {plugin:?} lacks {kind}:{resource} (no {kind}: capability matches \
+             {resource:?}); grant it with mesh grant {plugin} '{kind}:{resource}'"
+        ))
+    }
+}
+
+/// What a reload does to run-time changes, as `mesh caps` and the docs say it.
+pub const RELOAD: &str = "a reload re-reads the config's capabilities and root and keeps \
+    run-time grants and revokes; they last until mesh up stops";
+
+/// Every plugin's policy: read lock-free per call, replaced whole on a change.
+#[derive(Default)]
+pub struct Policies {
+    current: ArcSwap<BTreeMap<String, Arc<Policy>>>,
+    /// Serialises changes (grant, revoke, reload), so none is lost.
+    changing: Mutex<()>,
+}
+
+/// Why a grant or revoke was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CapsError {
+    /// No such plugin in the config.
+    #[error("no plugin named {0:?}; `mesh status` lists the plugins")]
+    Unknown(String),
+    /// The capability does not parse.
+    #[error("{0}")]
+    Invalid(String),
+    /// Revoking what the plugin does not have.
+    #[error("plugin {plugin:?} does not have {cap}; `mesh caps {plugin}` lists what it has")]
+    NotHeld {
+        /// The plugin.
+        plugin: String,
+        /// The capability.
+        cap: Capability,
+    },
+}
+
+impl Policies {
+    /// The policy of `plugin` now.
+    pub fn get(&self, plugin: &str) -> Option<Arc<Policy>> {
+        self.current.load().get(plugin).cloned()
+    }
+
+    /// Sets the config's capabilities and roots (at start and on reload), keeping run-time
+    /// grants and revokes of plugins still configured.
+    pub fn configure<'a>(
+        &self,
+        plugins: impl IntoIterator<Item = (&'a str, PathBuf, &'a [Capability])>,
+    ) {
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load();
+        let mut next = BTreeMap::new();
+        for (name, root, caps) in plugins {
+            let config: BTreeSet<Capability> = caps.iter().cloned().collect();
+            let (granted, revoked) = match old.get(name) {
+                Some(p) => (
+                    p.granted.difference(&config).cloned().collect(),
+                    p.revoked.intersection(&config).cloned().collect(),
+                ),
+                None => Default::default(),
+            };
+            let policy = Policy::new(name.to_owned(), root, config, granted, revoked);
+            next.insert(name.to_owned(), Arc::new(policy));
+        }
+        self.current.store(Arc::new(next));
+    }
+
+    /// Grants `cap` to `plugin`: in force from its next call.
+    pub fn grant(&self, plugin: &str, cap: &str) -> Result<Arc<Policy>, CapsError> {
+        self.change(plugin, cap, |config, granted, revoked, cap| {
+            if !revoked.remove(&cap) && !config.contains(&cap) {
+                granted.insert(cap);
+            }
+            Ok(())
+        })
+    }
+
+    /// Revokes `cap` from `plugin`: refused from its next call.
+    pub fn revoke(&self, plugin: &str, cap: &str) -> Result<Arc<Policy>, CapsError> {
+        self.change(plugin, cap, |config, granted, revoked, cap| {
+            if granted.remove(&cap) {
+                return Ok(());
+            }
+            if config.contains(&cap) && !revoked.contains(&cap) {
+                revoked.insert(cap);
+                return Ok(());
+            }
+            Err(cap)
+        })
+    }
+
+    fn change(
+        &self,
+        plugin: &str,
+        cap: &str,
+        apply: impl FnOnce(
+            &BTreeSet<Capability>,
+            &mut BTreeSet<Capability>,
+            &mut BTreeSet<Capability>,
+            Capability,
+        ) -> Result<(), Capability>,
+    ) -> Result<Arc<Policy>, CapsError> {
+        let cap: Capability = cap.parse().map_err(CapsError::Invalid)?;
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load();
+        let Some(policy) = old.get(plugin) else {
+            return Err(CapsError::Unknown(plugin.to_owned()));
+        };
+        let (mut granted, mut revoked) = (policy.granted.clone(), policy.revoked.clone());
+        apply(&policy.config, &mut granted, &mut revoked, cap).map_err(|cap| {
+            CapsError::NotHeld {
+                plugin: plugin.to_owned(),
+                cap,
+            }
+        })?;
+        let next = Arc::new(Policy::new(
+            plugin.to_owned(),
+            policy.root.clone(),
+            policy.config.clone(),
+            granted,
+            revoked,
+        ));
+        let mut map = BTreeMap::clone(&old);
+        map.insert(plugin.to_owned(), next.clone());
+        self.current.store(Arc::new(map));
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(list: &[&str]) -> Vec<Capability> {
+        list.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn capabilities_parse_and_print_back() {
+        for text in [
+            "read:reports/*.txt",
+            "write:**",
+            "env:HOME",
+            "call:plugin.echo",
+            "call:plugin.echo/echo.v1.Echo/Echo",
+        ] {
+            let cap: Capability = text.parse().unwrap();
+            assert_eq!(cap.to_string(), text);
+        }
+        for (text, needle) in [
+            ("read", "no kind"),
+            ("read:", "empty"),
+            ("read:/etc/*", "relative"),
+            ("write:a/../../b", ".."),
+            ("read:a[", "capability"),
+            ("env:1X", "variable"),
+            ("env:", "variable"),
+            ("call:Plugin.Echo", "service"),
+            ("call:plugin.echo/nomethod", "method"),
+            ("exec:ls", "unknown kind"),
+        ] {
+            let error = text.parse::<Capability>().unwrap_err();
+            assert!(error.contains(needle), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn globs_match_within_segments_and_across_with_double_star() {
+        let policy = Policy::new(
+            "lister".into(),
+            "/r".into(),
+            caps(&["read:reports/*.txt", "write:out/**", "env:HOME"])
+                .into_iter()
+                .collect(),
+            BTreeSet::new(),
+            BTreeSet::new(),
+        );
+        assert_eq!(
+            policy.check(Action::ReadFile, "reports/a.txt").unwrap(),
+            "allowed by read:reports/*.txt"
+        );
+        assert!(policy.check(Action::ReadFile, "reports/x/a.txt").is_err());
+        assert!(policy.check(Action::WriteFile, "out/x/y.txt").is_ok());
+        assert!(policy.check(Action::WriteFile, "reports/a.txt").is_err());
+        assert!(policy.check(Action::GetEnv, "HOME").is_ok());
+        let denied = policy.check(Action::GetEnv, "PATH").unwrap_err();
+        assert!(
+            denied.contains("lacks env:PATH") && denied.contains("mesh grant lister 'env:PATH'"),
+            "{denied}"
+        );
+    }
+
+    #[test]
+    fn grants_and_revokes_change_the_next_check_and_survive_a_reload() {
+        let policies = Policies::default();
+        let config = caps(&["read:a.txt"]);
+        policies.configure([("p", PathBuf::from("/r"), &config[..])]);
+        let p = || policies.get("p").unwrap();
+        assert!(p().check(Action::ReadFile, "b.txt").is_err());
+        policies.grant("p", "read:b.txt").unwrap();
+        assert!(p().check(Action::ReadFile, "b.txt").is_ok());
+        policies.revoke("p", "read:a.txt").unwrap();
+        assert!(p().check(Action::ReadFile, "a.txt").is_err());
+        assert!(matches!(
+            policies.revoke("p", "read:zzz"),
+            Err(CapsError::NotHeld { .. })
+        ));
+        assert!(matches!(
+            policies.grant("q", "read:a"),
+            Err(CapsError::Unknown(_))
+        ));
+        // A reload keeps both run-time changes.
+        policies.configure([("p", PathBuf::from("/r"), &config[..])]);
+        assert!(p().check(Action::ReadFile, "b.txt").is_ok());
+        assert!(p().check(Action::ReadFile, "a.txt").is_err());
+        // Granting back a revoked config capability undoes the revoke.
+        policies.grant("p", "read:a.txt").unwrap();
+        assert!(p().revoked.is_empty() && p().check(Action::ReadFile, "a.txt").is_ok());
+    }
+}

@@ -1,0 +1,186 @@
+//! A test helper that calls `mesh.v1.Host` as the plugin it runs under, as told over a Unix
+//! socket: started by a plugin command (`host-probe SOCKET & exec echo-plugin`), it is a
+//! descendant of the instance, and the router must know it as that plugin.
+//!
+//! Each line it reads is one call, `OP ARG [DATA]` (`read`, `stream`, `write`, `delete`, `stat`,
+//! `list`, `env`; `manager` lists plugins through the Manager API; `stats N` times N Stat calls
+//! of `.`), and each answer is one line:
+//! `ok TEXT` or `err CODE MESSAGE`, newlines escaped. Every call also sends headers that claim
+//! another plugin's name: they must change nothing.
+
+use std::time::Instant;
+
+use mesh_proto::mesh::v1::{
+    DeleteFileRequest, GetEnvRequest, ReadDirRequest, ReadFileRequest, StatRequest,
+    WriteFileRequest,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+};
+use tonic::Request;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let Some(path) = std::env::args().nth(1) else {
+        eprintln!("usage: host-probe SOCKET");
+        std::process::exit(64);
+    };
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).expect("bind the probe socket");
+    println!("host-probe: listening on {path}");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut answer = call(&line).await.replace('\n', "\\n");
+                answer.push('\n');
+                if write.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// A request that claims, in every header a caller can set, to be another plugin.
+fn forged<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    for (key, value) in [
+        ("mesh-plugin", "other"),
+        ("mesh-instance", "other-0"),
+        ("x-mesh-caller", "plugin.other"),
+        ("mesh-service", "localhost"),
+    ] {
+        request
+            .metadata_mut()
+            .insert(key, value.parse().expect("ascii"));
+    }
+    request
+}
+
+async fn call(line: &str) -> String {
+    let mut parts = line.splitn(3, ' ');
+    let (op, arg, data) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or("").to_owned(),
+        parts.next().unwrap_or("").to_owned(),
+    );
+    let mut host = mesh::plugin::host();
+    let path = arg.clone();
+    let result = match op {
+        "read" => host
+            .read_file(forged(ReadFileRequest { path }))
+            .await
+            .map(|r| String::from_utf8_lossy(&r.into_inner().data).into_owned()),
+        "stream" => match host
+            .read_file_stream(forged(ReadFileRequest { path }))
+            .await
+        {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                let (mut chunks, mut bytes, mut largest) = (0, 0, 0);
+                loop {
+                    match stream.message().await {
+                        Ok(Some(chunk)) => {
+                            chunks += 1;
+                            bytes += chunk.data.len();
+                            largest = largest.max(chunk.data.len());
+                        }
+                        Ok(None) => break Ok(format!("{chunks} {bytes} {largest}")),
+                        Err(status) => break Err(status),
+                    }
+                }
+            }
+            Err(status) => Err(status),
+        },
+        "write" => host
+            .write_file(forged(WriteFileRequest {
+                path,
+                data: data.into_bytes(),
+                append: false,
+            }))
+            .await
+            .map(|r| r.into_inner().written.to_string()),
+        "delete" => host
+            .delete_file(forged(DeleteFileRequest { path }))
+            .await
+            .map(|_| String::new()),
+        "stat" => host.stat(forged(StatRequest { path })).await.map(|r| {
+            let stat = r.into_inner();
+            format!("{} {} {:o}", stat.kind, stat.size, stat.mode)
+        }),
+        "list" => host
+            .read_dir(forged(ReadDirRequest { path }))
+            .await
+            .map(|r| {
+                let names: Vec<String> =
+                    r.into_inner().entries.into_iter().map(|e| e.name).collect();
+                names.join(",")
+            }),
+        "env" => host
+            .get_env(forged(GetEnvRequest { name: arg }))
+            .await
+            .map(|r| r.into_inner().value),
+        "stats" => {
+            let n: usize = arg.parse().unwrap_or(1000).max(1);
+            let mut times = Vec::with_capacity(n);
+            for _ in 0..n {
+                let start = Instant::now();
+                if let Err(status) = host.stat(StatRequest { path: ".".into() }).await {
+                    return format!("err {} {}", status.code() as i32, status.message());
+                }
+                times.push(start.elapsed().as_micros());
+            }
+            Ok(quantiles(times))
+        }
+        // The same number of unary echo calls forwarded by the router to this plugin: the
+        // baseline a host call compares with, measured in the same run.
+        "echoes" => {
+            use mesh_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
+            let n: usize = arg.parse().unwrap_or(1000).max(1);
+            let router = mesh::Address::Unix(mesh::runtime::router_socket());
+            let name = std::env::var("PLUGIN_NAME").unwrap_or_default();
+            let channel = match mesh::Channel::to_address(router, &format!("plugin.{name}")) {
+                Ok(channel) => channel,
+                Err(error) => return format!("err 3 {error}"),
+            };
+            let mut echo = EchoClient::new(channel);
+            let mut times = Vec::with_capacity(n);
+            for _ in 0..n {
+                let start = Instant::now();
+                let request = EchoRequest {
+                    message: "x".repeat(64),
+                };
+                if let Err(status) = echo.echo(request).await {
+                    return format!("err {} {}", status.code() as i32, status.message());
+                }
+                times.push(start.elapsed().as_micros());
+            }
+            Ok(quantiles(times))
+        }
+        // The Manager API, which a plugin must not get though it runs as the owner's uid.
+        "manager" => mesh_proto::mesh::v1::manager_client::ManagerClient::new(
+            mesh::Channel::to_server(mesh::Address::Unix(mesh::runtime::router_socket())),
+        )
+        .list(forged(mesh_proto::mesh::v1::ListPluginsRequest {}))
+        .await
+        .map(|r| r.into_inner().plugins.len().to_string()),
+        other => return format!("err 3 unknown op {other:?}"),
+    };
+    match result {
+        Ok(text) => format!("ok {text}"),
+        Err(status) => format!("err {} {}", status.code() as i32, status.message()),
+    }
+}
+
+/// `median_us=.. p99_us=..` of call times.
+fn quantiles(mut times: Vec<u128>) -> String {
+    times.sort_unstable();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+    format!("median_us={} p99_us={}", at(0.5), at(0.99))
+}

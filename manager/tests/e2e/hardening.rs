@@ -195,12 +195,12 @@ async fn an_instance_task_that_panics_leaves_the_instance_failed_and_out_of_the_
     let mut config = Config::parse(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
     let mut plugin = config.plugins.remove(0);
     plugin.health_interval = std::time::Duration::ZERO;
+    let socket = plugin.socket(&plugin.instance_id(0));
     let registry = mesh_router::registry::Registry::new();
     let supervisor = Supervisor::new(registry.clone(), dir.path().join("mesh.sock"));
     supervisor.add(plugin).unwrap();
-    // Ready first (settled), then the task panics.
-    let ready = supervisor.settled("echo").await.unwrap();
-    let pid = ready.instances[0].state.pid().expect("a process");
+    // The task panics at its first health tick, once ready: `settled` may see either state.
+    supervisor.settled("echo").await.unwrap();
     crate::support::eventually("the instance is failed", crate::support::DEADLINE, || {
         supervisor.get("echo").unwrap().instances[0].state.name() == "failed"
     })
@@ -211,7 +211,14 @@ async fn an_instance_task_that_panics_leaves_the_instance_failed_and_out_of_the_
     };
     assert!(reason.contains("panicked"), "{reason}");
     assert!(registry.resolve("plugin.echo").is_empty(), "deregistered");
-    crate::support::wait_gone(&[pid], crate::support::DEADLINE).await;
+    // Its process is known by the socket it was told to serve on.
+    let told = format!("PLUGIN_SOCKET={}", socket.display());
+    crate::support::eventually(
+        "no process serves the failed instance",
+        crate::support::DEADLINE,
+        || !serving_processes(&told),
+    )
+    .await;
     // Its process is gone too, and stop and start work on it.
     let last = supervisor.stop("echo").await.unwrap();
     assert_eq!(last.instances[0].state.name(), "failed");
@@ -253,6 +260,27 @@ fn config_values_that_used_to_panic_the_supervisor_are_refused_at_load() {
         );
         assert!(stderr.contains(needle), "{line}: {stderr}");
     }
+}
+
+/// Whether a live process has `variable` (`NAME=value`) in its environment.
+fn serving_processes(variable: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            return false;
+        };
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        crate::support::alive(pid)
+            && environ
+                .split(|b| *b == 0)
+                .any(|entry| entry == variable.as_bytes())
+    })
 }
 
 /// Every process descending from `root`, from `/proc` (parent links).

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod scaffold;
 pub mod supervisor;
 pub mod up;
 

@@ -8,6 +8,7 @@ mod hardening;
 mod lifecycle;
 mod router;
 mod routing;
+mod scaffold;
 mod security;
 mod supervision;
 mod support;

@@ -8,5 +8,5 @@ pub mod scaffold;
 pub mod supervisor;
 pub mod up;
 
-pub use config::{Config, ConfigError, PluginConfig};
+pub use config::{Config, ConfigError, PluginConfig, Transport};
 pub use supervisor::Supervisor;

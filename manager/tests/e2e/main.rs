@@ -11,5 +11,5 @@ mod routing;
 mod scaffold;
 mod security;
 mod supervision;
-mod transport;
 mod support;
+mod transport;

@@ -470,3 +470,28 @@ enum Incoming {
     Unix(UnixListenerStream),
     Tcp(TcpListenerStream),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tcp_address_must_be_loopback() {
+        for good in ["127.0.0.1:7701", "[::1]:7701", "127.0.0.2:0"] {
+            assert!(
+                matches!(Listen::tcp(good), Ok(Listen::Tcp(_))),
+                "{good} refused"
+            );
+        }
+        for bad in [
+            "0.0.0.0:7701",
+            "10.0.0.1:7701",
+            "[::]:7701",
+            "localhost:7701",
+            "7701",
+        ] {
+            let error = Listen::tcp(bad).expect_err(bad).to_string();
+            assert!(error.contains("loopback only"), "{bad}: {error}");
+        }
+    }
+}

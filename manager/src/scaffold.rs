@@ -281,9 +281,7 @@ impl {snake}_server::{service} for {service} {{
     }}
 }}
 
-fn main() -> std::process::ExitCode {{
-    mesh::plugin::run({snake}_server::{service}Server::new({service}), mesh::file_descriptor_set!())
-}}
+mesh::plugin::main!({snake}_server::{service}Server::new({service}));
 "#,
             name = self.name,
             snake = self.snake,
@@ -325,7 +323,7 @@ To run it from another mesh config, add (with `command` relative to that file, o
 {table}```
 
 The API is in `{proto}`; its implementation in `src/main.rs`. `build.rs` generates the code
-and the descriptors for reflection (`mesh-build`), and `mesh::plugin::run` serves it on the
+and the descriptors for reflection (`mesh-build`), and `mesh::plugin::main!` serves it on the
 socket `mesh up` hands out, with health and reflection. The plugin depends on the mesh source
 tree at `{source}`.
 "#,

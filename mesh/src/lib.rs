@@ -74,6 +74,17 @@ macro_rules! include_proto {
     };
 }
 
+/// `mesh::plugin::main!(service)`: see [`plugin::main`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __plugin_main {
+    ($service:expr $(,)?) => {
+        fn main() -> ::std::process::ExitCode {
+            $crate::plugin::run($service, $crate::file_descriptor_set!())
+        }
+    };
+}
+
 /// The encoded `FileDescriptorSet` `mesh-build` wrote for everything the build script compiled
 /// (a `&'static [u8]`), for reflection: [`plugin::run`] and
 /// [`plugin::Plugin::file_descriptor_set`] take it.

@@ -1,7 +1,8 @@
 //! The plugin SDK: serve a gRPC API on the socket the manager hands out, with health and
 //! reflection, the mesh's message size limit, and drain on SIGTERM.
 //!
-//! A plugin with one service needs nothing but [`run`] in its `main`:
+//! A plugin with one service needs nothing but [`run`] in its `main` (or [`main!`], which
+//! writes that `main`):
 //!
 //! ```no_run
 //! # use mesh_proto::echo::v1::echo_server::{Echo, EchoServer};
@@ -95,6 +96,16 @@ pub enum PluginError {
     #[error("serving failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
+
+/// Writes a plugin's `fn main` that serves one service with [`run`] and the descriptors
+/// `mesh-build` wrote for the crate (`mesh::file_descriptor_set!()`), for reflection:
+///
+/// ```ignore
+/// mesh::include_proto!("hello.v1");
+///
+/// mesh::plugin::main!(hello_server::HelloServer::new(Hello));
+/// ```
+pub use crate::__plugin_main as main;
 
 /// The whole `main` of a plugin with one service: reads the manager's variables
 /// ([`Plugin::from_env`]), serves `service` with health and reflection (`descriptors`, such as

@@ -15,6 +15,8 @@
 //!
 //! - [`connect`] and [`Channel`]: a balanced channel to a service, for any tonic client;
 //! - [`plugin`]: the SDK plugin authors serve with;
+//! - [`inprocess`]: a service registered under a name inside this process, reached by
+//!   [`connect`] over an in-memory stream; [`transport::Dial`] brings a transport of your own;
 //! - [`introspection`]: health and server reflection, as plugins and the router serve them;
 //! - [`runtime`]: where sockets live, and binding them safely;
 //! - [`tuning`]: every latency knob — client spinning (opt-in), the router's linger, busy
@@ -31,6 +33,7 @@ pub mod backoff;
 pub mod balance;
 mod client;
 mod error;
+pub mod inprocess;
 pub mod introspection;
 pub mod labels;
 mod name;

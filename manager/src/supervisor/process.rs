@@ -95,6 +95,11 @@ pub(crate) fn spawn(
             command.env(plugin::PLUGIN_SOCKET, socket)
         }
         Address::Tcp(address) => command.env(plugin::PLUGIN_ADDRESS, address),
+        Address::Dialer(name) => {
+            return Err(io::Error::other(format!(
+                "{name} is an in-process transport; a plugin process cannot serve it"
+            )));
+        }
     };
     command
         .args(&plugin.args)

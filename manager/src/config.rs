@@ -114,6 +114,20 @@ pub struct PluginConfig {
     /// The directory its host paths are relative to (`root`; default `<data_dir>/<name>`,
     /// created 0700 when first used).
     pub root: PathBuf,
+    /// How the instances serve: a Unix socket (default) or loopback TCP.
+    pub transport: Transport,
+}
+
+/// How a plugin's instances serve (`transport` in `[[plugin]]`): the host picks, the plugin
+/// follows the variable it is given.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// A Unix socket under the runtime directory (`PLUGIN_SOCKET`).
+    #[default]
+    Unix,
+    /// A loopback TCP port the manager picks for each start (`PLUGIN_ADDRESS=127.0.0.1:PORT`),
+    /// for runtimes without Unix sockets.
+    Tcp,
 }
 
 /// A user and group to run a plugin as.
@@ -297,6 +311,7 @@ struct RawPlugin {
     #[serde(default)]
     capabilities: Vec<Spanned<String>>,
     root: Option<Spanned<PathBuf>>,
+    transport: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -653,6 +668,22 @@ impl File<'_> {
             stop_grace: duration("stop_grace", &p.stop_grace, DEFAULT_STOP_GRACE, SPAN)?,
             drain_delay: duration("drain_delay", &p.drain_delay, DEFAULT_DRAIN_DELAY, SPAN)?,
             instances: count("instances", &p.instances, 1, MAX_INSTANCES)?,
+            transport: match p
+                .transport
+                .as_ref()
+                .map(|t| (t.get_ref().as_str(), t.span()))
+            {
+                None | Some(("unix", _)) => Transport::Unix,
+                Some(("tcp", _)) => Transport::Tcp,
+                Some((other, span)) => {
+                    return Err(plugin_error(
+                        span,
+                        format!(
+                            "transport = {other:?}: write \"unix\" (the default) or \"tcp\" (loopback)"
+                        ),
+                    ));
+                }
+            },
             name,
             service,
             command,
@@ -1631,5 +1662,33 @@ mod capability_tests {
         }
         let error = parse("[mesh]\naudit_max_size = 10\n").unwrap_err();
         assert_eq!(error.line, Some(2), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/mesh/mesh.toml"), text)
+    }
+
+    #[test]
+    fn transport_is_unix_unless_tcp_is_asked_for_and_anything_else_names_its_line() {
+        let plugin = |transport: &str| {
+            format!("[[plugin]]\nname = \"a\"\ncommand = \"/bin/sh\"\n{transport}\n")
+        };
+        let transport = |text: &str| parse(&plugin(text)).map(|c| c.plugins[0].transport);
+        assert_eq!(transport(""), Ok(Transport::Unix));
+        assert_eq!(transport("transport = \"unix\""), Ok(Transport::Unix));
+        assert_eq!(transport("transport = \"tcp\""), Ok(Transport::Tcp));
+        let error = parse(&plugin("transport = \"quic\"")).unwrap_err();
+        assert_eq!(error.line, Some(4));
+        assert!(
+            error.to_string().starts_with(
+                "/etc/mesh/mesh.toml:4: plugin \"a\": transport = \"quic\": write \"unix\""
+            ),
+            "{error}"
+        );
     }
 }

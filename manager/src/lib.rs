@@ -5,9 +5,10 @@
 pub mod api;
 pub mod config;
 pub mod host;
+pub mod scaffold;
 pub mod supervisor;
 mod systemd;
 pub mod up;
 
-pub use config::{Config, ConfigError, PluginConfig};
+pub use config::{Config, ConfigError, PluginConfig, Transport};
 pub use supervisor::Supervisor;

@@ -123,6 +123,15 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Make a plugin crate in ./NAME that builds and runs under `mesh up` as it is.
+    New {
+        /// Plugin name (also the crate's and the proto package's: `hello`, `my-plugin`).
+        name: String,
+        /// The mesh source tree the crate depends on by path (default: the one this `mesh`
+        /// was built from).
+        #[arg(long, value_name = "DIR")]
+        mesh_path: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -216,6 +225,7 @@ fn main() -> ExitCode {
             Command::Audit { follow } => cli::audit(&socket, follow)
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Command::New { name, mesh_path } => new_plugin(&name, mesh_path),
         }
     });
     match result {
@@ -226,6 +236,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `mesh new NAME [--mesh-path DIR]`.
+fn new_plugin(name: &str, mesh_path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    use mesh_manager::scaffold;
+    let mesh_path = mesh_path.unwrap_or_else(scaffold::default_mesh_path);
+    let dir = scaffold::new_plugin(std::path::Path::new("."), name, &mesh_path)?;
+    println!(
+        "made {}: cd {name} && cargo build && mesh up (see {name}/README.md)",
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Completes on the first SIGINT or SIGTERM.

@@ -54,6 +54,11 @@ pub enum Error {
     /// A channel was asked to send an `:authority` that is not one.
     #[error("invalid authority {0:?}: expected a service name such as plugin.echo (or host:port)")]
     InvalidAuthority(String),
+    /// A transport or in-process service is already registered under this name.
+    #[error(
+        "{0} is already registered in this process; drop its registration first or pick another name"
+    )]
+    NameTaken(String),
     /// The environment names a router by something that is not an address.
     #[error("{variable}: {source}")]
     InvalidRouter {
@@ -78,6 +83,7 @@ impl Error {
             | Self::InvalidRequest(_)
             | Self::InvalidAuthority(_)
             | Self::InvalidRouter { .. } => tonic::Status::invalid_argument(message),
+            Self::NameTaken(_) => tonic::Status::already_exists(message),
         }
     }
 }

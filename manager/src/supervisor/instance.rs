@@ -255,7 +255,11 @@ impl Instance {
         if *self.stop.borrow() {
             return None;
         }
-        let (mut child, capture) = match process::spawn(&self.launch, &self.logs) {
+        let spawned =
+            process::endpoint(&self.launch.plugin, &self.launch.id).and_then(|endpoint| {
+                process::spawn(&self.launch, &endpoint, &self.logs).map(|s| (endpoint, s))
+            });
+        let (endpoint, (mut child, capture)) = match spawned {
             Ok(spawned) => spawned,
             Err(error) => {
                 return Some(Ended {
@@ -280,7 +284,7 @@ impl Instance {
         self.set(State::Starting { pid });
 
         let ready = tokio::select! {
-            ready = self.wait_ready(&mut child) => ready,
+            ready = self.wait_ready(&mut child, &endpoint) => ready,
             _ = stopped(self.stop.clone()) => {
                 self.stop_child(&mut child, pid).await;
                 return None;
@@ -308,10 +312,10 @@ impl Instance {
         self.status
             .send_modify(|s| s.state = State::Starting { pid });
         // A guard: whatever ends this function, a panic included, takes the entry out.
-        let mut lease = Registration::new(self.registry.clone(), self.register());
+        let mut lease = Registration::new(self.registry.clone(), self.register(&endpoint));
         let ready_at = Instant::now();
         self.set(State::Ready { pid });
-        let mut health = health_client(&self.launch);
+        let mut health = health_client(&endpoint);
         let mut tick = tokio::time::interval(self.launch.plugin.health_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
@@ -330,13 +334,13 @@ impl Instance {
                     if check(&mut health).await == Some(ServingStatus::Serving) {
                         if failures > 0 {
                             failures = 0;
-                            lease.set(self.register());
+                            lease.set(self.register(&endpoint));
                             self.set(State::Ready { pid });
                         } else if !lease.holds() {
                             // Ready but not routable (removed, or never registered): put it
                             // back, so the registry matches `mesh status` within one interval.
                             tracing::warn!("ready but missing from the registry; registering it again");
-                            lease.set(self.register());
+                            lease.set(self.register(&endpoint));
                         }
                         continue;
                     }
@@ -387,10 +391,10 @@ impl Instance {
     }
 
     /// Polls health until SERVING; fails when the process exits or the deadline passes.
-    async fn wait_ready(&self, child: &mut Child) -> Result<(), String> {
+    async fn wait_ready(&self, child: &mut Child, endpoint: &Address) -> Result<(), String> {
         let plugin = &self.launch.plugin;
         let id = &self.launch.id;
-        let mut health = health_client(&self.launch);
+        let mut health = health_client(endpoint);
         let probe = async {
             let mut pause = Duration::from_millis(2);
             loop {
@@ -408,19 +412,18 @@ impl Instance {
                 Err(error) => format!("instance {id} could not be waited for: {error}"),
             }),
             () = tokio::time::sleep(plugin.ready_timeout) => Err(format!(
-                "instance {id} did not report SERVING on {} within {:?} (ready_timeout)",
-                plugin.socket(id).display(),
+                "instance {id} did not report SERVING on {endpoint} within {:?} (ready_timeout)",
                 plugin.ready_timeout
             )),
         }
     }
 
-    fn register(&self) -> Option<mesh_router::registry::LeaseId> {
+    fn register(&self, endpoint: &Address) -> Option<mesh_router::registry::LeaseId> {
         let plugin = &self.launch.plugin;
         let instance = mesh_router::registry::Instance {
             service: plugin.service.to_string(),
             id: self.launch.id.clone(),
-            endpoint: Address::Unix(plugin.socket(&self.launch.id)).to_string(),
+            endpoint: endpoint.to_string(),
             labels: [(
                 "pid".to_owned(),
                 self.status
@@ -548,9 +551,8 @@ impl Drop for Registration {
     }
 }
 
-fn health_client(launch: &Launch) -> HealthClient<Channel> {
-    let socket = launch.plugin.socket(&launch.id);
-    HealthClient::new(Channel::to_server(Address::Unix(socket)))
+fn health_client(endpoint: &Address) -> HealthClient<Channel> {
+    HealthClient::new(Channel::to_server(endpoint.clone()))
 }
 
 /// Completes once a stop is asked for (at once if it already was).

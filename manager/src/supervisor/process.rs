@@ -5,7 +5,7 @@
 
 use std::{io, path::Path, process::Stdio, sync::Arc, time::Duration};
 
-use mesh::{plugin, runtime::MESH_SOCKET};
+use mesh::{Address, plugin, runtime::MESH_SOCKET};
 use nix::{
     sys::signal::{Signal, killpg},
     unistd::Pid,
@@ -13,7 +13,7 @@ use nix::{
 use tokio::process::{Child, Command};
 
 use super::logs::{LogBook, Stream};
-use crate::config::{PluginConfig, ResourceLimits};
+use crate::config::{PluginConfig, ResourceLimits, Transport};
 
 /// What a started instance needs to know.
 #[derive(Debug, Clone)]
@@ -52,14 +52,29 @@ impl Capture {
     }
 }
 
-/// Starts the instance with the plugin contract's environment and captures its output.
-pub(crate) fn spawn(launch: &Launch, logs: &Arc<LogBook>) -> io::Result<(Child, Capture)> {
-    let plugin = &launch.plugin;
-    let socket = plugin.socket(&launch.id);
-    // A socket left by a crashed instance would make the plugin's bind fail.
-    if let Err(error) = mesh::runtime::remove_stale_socket(&socket) {
-        return Err(io::Error::other(error));
+/// Where an instance of `plugin` serves this time: its socket, or (`transport = "tcp"`) a
+/// loopback port free a moment ago. Another process may take that port before the plugin
+/// binds it; the plugin then fails to start, and its restart picks a port again.
+pub(crate) fn endpoint(plugin: &PluginConfig, id: &str) -> io::Result<Address> {
+    match plugin.transport {
+        Transport::Unix => Ok(Address::Unix(plugin.socket(id))),
+        Transport::Tcp => {
+            let port = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?
+                .local_addr()?
+                .port();
+            Ok(Address::Tcp(format!("127.0.0.1:{port}")))
+        }
     }
+}
+
+/// Starts the instance with the plugin contract's environment, serving on `endpoint`, and
+/// captures its output.
+pub(crate) fn spawn(
+    launch: &Launch,
+    endpoint: &Address,
+    logs: &Arc<LogBook>,
+) -> io::Result<(Child, Capture)> {
+    let plugin = &launch.plugin;
     let mut command = match &launch.init {
         Some(init) => {
             let mut command = Command::new(init);
@@ -71,10 +86,24 @@ pub(crate) fn spawn(launch: &Launch, logs: &Arc<LogBook>) -> io::Result<(Child, 
         }
         None => Command::new(&plugin.command),
     };
+    match endpoint {
+        Address::Unix(socket) => {
+            // A socket left by a crashed instance would make the plugin's bind fail.
+            if let Err(error) = mesh::runtime::remove_stale_socket(socket) {
+                return Err(io::Error::other(error));
+            }
+            command.env(plugin::PLUGIN_SOCKET, socket)
+        }
+        Address::Tcp(address) => command.env(plugin::PLUGIN_ADDRESS, address),
+        Address::Dialer(name) => {
+            return Err(io::Error::other(format!(
+                "{name} is an in-process transport; a plugin process cannot serve it"
+            )));
+        }
+    };
     command
         .args(&plugin.args)
         .envs(&plugin.env)
-        .env(plugin::PLUGIN_SOCKET, &socket)
         .env(plugin::PLUGIN_NAME, &plugin.name)
         .env(plugin::PLUGIN_INSTANCE, &launch.id)
         .env(MESH_SOCKET, &launch.mesh_socket)

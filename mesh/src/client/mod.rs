@@ -41,7 +41,9 @@ const WATCH_BACKOFF: Backoff = Backoff::new(
     Jitter::Full,
 );
 
-/// Connects to `service` (`plugin.echo`) through the router named by the environment:
+/// Connects to `service` (`plugin.echo`): in this process if it is registered here
+/// ([`crate::inprocess::serve`], [`crate::transport::register`]), else through the router named
+/// by the environment:
 /// `MESH_ROUTER` if set, else the router socket `MESH_SOCKET` (or its default path). An
 /// invalid `MESH_ROUTER` is an error, not a silent fall back to the local router.
 ///
@@ -168,6 +170,14 @@ impl Connector {
     pub async fn connect(&self, service: &str) -> Result<Channel, Error> {
         let name = ServiceName::new(service)?;
         let options = self.options();
+        // Registered in this process (in-process service, custom transport): no router asked.
+        if crate::transport::dialer(name.as_str()).is_some() {
+            return Ok(Channel::fixed(
+                Address::Dialer(name.to_string()),
+                authority(name.as_str()),
+                options,
+            ));
+        }
         match &self.router {
             RouterAt::Remote(address) => Ok(Channel::fixed(
                 address.clone(),

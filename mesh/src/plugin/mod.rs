@@ -1,6 +1,18 @@
 //! The plugin SDK: serve a gRPC API on the socket the manager hands out, with health and
 //! reflection, the mesh's message size limit, and drain on SIGTERM.
 //!
+//! A plugin with one service needs nothing but [`run`] in its `main` (or [`main!`], which
+//! writes that `main`):
+//!
+//! ```no_run
+//! # use mesh_proto::echo::v1::echo_server::{Echo, EchoServer};
+//! # fn main_of<E: Echo>(echo: E) -> std::process::ExitCode {
+//! mesh::plugin::run(EchoServer::new(echo), mesh_proto::FILE_DESCRIPTOR_SET)
+//! # }
+//! ```
+//!
+//! and [`Plugin`] sets up more (several services, health handles, limits):
+//!
 //! ```no_run
 //! # use mesh_proto::echo::v1::echo_server::{Echo, EchoServer};
 //! # async fn run<E: Echo>(echo: E) -> Result<(), mesh::plugin::PluginError> {
@@ -15,11 +27,11 @@
 mod health;
 mod limit;
 
-use std::{convert::Infallible, future::Future, path::PathBuf};
+use std::{convert::Infallible, future::Future, net::SocketAddr, path::PathBuf};
 
 use http::{Request, Response};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
 
 use crate::{
@@ -31,6 +43,8 @@ use limit::Limited;
 
 /// The socket the plugin must listen on.
 pub const PLUGIN_SOCKET: &str = "PLUGIN_SOCKET";
+/// Instead of `PLUGIN_SOCKET`, for `transport = "tcp"`: the loopback `host:port` to listen on.
+pub const PLUGIN_ADDRESS: &str = "PLUGIN_ADDRESS";
 /// The plugin's name in the config (`echo`); it is registered as `plugin.<name>`.
 pub const PLUGIN_NAME: &str = "PLUGIN_NAME";
 /// This instance's id (`echo-0`).
@@ -62,6 +76,19 @@ pub enum PluginError {
     /// The socket could not be bound.
     #[error(transparent)]
     Socket(#[from] runtime::SocketError),
+    /// `PLUGIN_ADDRESS` is not a loopback `host:port`.
+    #[error(
+        "PLUGIN_ADDRESS={0:?}: a plugin serves TCP on loopback only; give an address such as 127.0.0.1:7701 or [::1]:7701"
+    )]
+    Address(String),
+    /// The TCP address could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Tcp {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A file descriptor set given for reflection could not be read.
     #[error(transparent)]
     Reflection(#[from] InvalidDescriptors),
@@ -70,13 +97,99 @@ pub enum PluginError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// Writes a plugin's `fn main` that serves one service with [`run`] and the descriptors
+/// `mesh-build` wrote for the crate (`mesh::file_descriptor_set!()`), for reflection:
+///
+/// ```ignore
+/// mesh::include_proto!("hello.v1");
+///
+/// mesh::plugin::main!(hello_server::HelloServer::new(Hello));
+/// ```
+pub use crate::__plugin_main as main;
+
+/// The whole `main` of a plugin with one service: reads the manager's variables
+/// ([`Plugin::from_env`]), serves `service` with health and reflection (`descriptors`, such as
+/// `mesh::file_descriptor_set!()`) on a multi-threaded tokio runtime until SIGTERM or SIGINT,
+/// then drains ([`Plugin::serve`]).
+///
+/// Returns the exit status: success after a drain, 64 (EX_USAGE) when the variables are
+/// missing, failure otherwise, with one line on stderr saying why.
+pub fn run<S>(service: S, descriptors: &'static [u8]) -> std::process::ExitCode
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    use std::process::ExitCode;
+    let plugin = match Plugin::from_env() {
+        Ok(plugin) => plugin,
+        Err(error) => {
+            eprintln!("{}: {error}", program());
+            return ExitCode::from(64);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{}: cannot start the async runtime: {error}", program());
+            return ExitCode::FAILURE;
+        }
+    };
+    let served = runtime.block_on(
+        plugin
+            .add_service(service)
+            .file_descriptor_set(descriptors)
+            .serve(),
+    );
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{}: {error}", program());
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn program() -> String {
     std::env::args().next().unwrap_or_else(|| "PLUGIN".into())
 }
 
+/// Where a plugin serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A Unix socket (`PLUGIN_SOCKET`): the default.
+    Unix(PathBuf),
+    /// A loopback TCP address (`PLUGIN_ADDRESS`, for `transport = "tcp"`).
+    Tcp(SocketAddr),
+}
+
+impl Listen {
+    /// A TCP address to listen on, refused unless it is loopback: a plugin trusts whoever
+    /// reaches it, so it never listens where another machine could.
+    pub fn tcp(address: &str) -> Result<Self, PluginError> {
+        match address.parse::<SocketAddr>() {
+            Ok(parsed) if parsed.ip().is_loopback() => Ok(Self::Tcp(parsed)),
+            _ => Err(PluginError::Address(address.to_owned())),
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+            Self::Tcp(address) => write!(f, "http://{address}"),
+        }
+    }
+}
+
 /// A plugin being set up: its identity, its services and their descriptors.
 pub struct Plugin {
-    socket: PathBuf,
+    listen: Listen,
     name: String,
     instance: String,
     max_message_size: usize,
@@ -89,7 +202,7 @@ pub struct Plugin {
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
-            .field("socket", &self.socket)
+            .field("listen", &self.listen)
             .field("name", &self.name)
             .field("instance", &self.instance)
             .field("max_message_size", &self.max_message_size)
@@ -119,14 +232,20 @@ pub fn host() -> mesh_proto::mesh::v1::host_client::HostClient<crate::Channel> {
 }
 
 impl Plugin {
-    /// Reads `PLUGIN_SOCKET`, `PLUGIN_NAME` and `PLUGIN_INSTANCE`; the error lists the missing
-    /// ones and shows how to run the plugin by hand.
+    /// Reads `PLUGIN_SOCKET` (or `PLUGIN_ADDRESS`, a loopback `host:port`, for the TCP
+    /// transport), `PLUGIN_NAME` and `PLUGIN_INSTANCE`; the error lists the missing ones and
+    /// shows how to run the plugin by hand.
     pub fn from_env() -> Result<Self, PluginError> {
         let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
-        let (socket, name, instance) = (var(PLUGIN_SOCKET), var(PLUGIN_NAME), var(PLUGIN_INSTANCE));
-        match (socket, name, instance) {
-            (Some(socket), Some(name), Some(instance)) => {
-                let plugin = Self::new(socket, name, instance);
+        let listen = match (var(PLUGIN_SOCKET), var(PLUGIN_ADDRESS)) {
+            (Some(socket), _) => Some(Listen::Unix(socket.into())),
+            (None, Some(address)) => Some(Listen::tcp(&address)?),
+            (None, None) => None,
+        };
+        let (name, instance) = (var(PLUGIN_NAME), var(PLUGIN_INSTANCE));
+        match (listen, name, instance) {
+            (Some(listen), Some(name), Some(instance)) => {
+                let plugin = Self::listening(listen, name, instance);
                 Ok(
                     match var(MAX_MESSAGE_SIZE_VAR).and_then(|v| v.parse().ok()) {
                         Some(size) => plugin.with_max_message_size(size),
@@ -134,9 +253,9 @@ impl Plugin {
                     },
                 )
             }
-            (socket, name, instance) => Err(PluginError::MissingEnv {
+            (listen, name, instance) => Err(PluginError::MissingEnv {
                 missing: [
-                    (PLUGIN_SOCKET, socket.is_none()),
+                    (PLUGIN_SOCKET, listen.is_none()),
                     (PLUGIN_NAME, name.is_none()),
                     (PLUGIN_INSTANCE, instance.is_none()),
                 ]
@@ -147,14 +266,19 @@ impl Plugin {
         }
     }
 
-    /// A plugin serving on `socket` as instance `instance` of plugin `name`.
+    /// A plugin serving on the Unix socket `socket` as instance `instance` of plugin `name`.
     pub fn new(
         socket: impl Into<PathBuf>,
         name: impl Into<String>,
         instance: impl Into<String>,
     ) -> Self {
+        Self::listening(Listen::Unix(socket.into()), name, instance)
+    }
+
+    /// A plugin serving on `listen` as instance `instance` of plugin `name`.
+    pub fn listening(listen: Listen, name: impl Into<String>, instance: impl Into<String>) -> Self {
         Self {
-            socket: socket.into(),
+            listen,
             name: name.into(),
             instance: instance.into(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
@@ -163,6 +287,11 @@ impl Plugin {
             services: Vec::new(),
             health: Health::new(),
         }
+    }
+
+    /// Where the plugin serves.
+    pub fn listen(&self) -> &Listen {
+        &self.listen
     }
 
     /// The plugin's name (`echo`).
@@ -240,14 +369,11 @@ impl Plugin {
     /// instance out of routing, and restarts it if it stays so), SIGUSR2 `SERVING` again; the
     /// plugin itself can do the same through [`Plugin::health`].
     pub async fn serve(self) -> Result<(), PluginError> {
-        let mut term =
-            signal(SignalKind::terminate()).map_err(|source| socket_io(&self.socket, source))?;
-        let mut int =
-            signal(SignalKind::interrupt()).map_err(|source| socket_io(&self.socket, source))?;
-        let mut usr1 = signal(SignalKind::user_defined1())
-            .map_err(|source| socket_io(&self.socket, source))?;
-        let mut usr2 = signal(SignalKind::user_defined2())
-            .map_err(|source| socket_io(&self.socket, source))?;
+        let signals = |kind| signal(kind).map_err(|source| self.io(source));
+        let mut term = signals(SignalKind::terminate())?;
+        let mut int = signals(SignalKind::interrupt())?;
+        let mut usr1 = signals(SignalKind::user_defined1())?;
+        let mut usr2 = signals(SignalKind::user_defined2())?;
         let health = self.health();
         let maintenance = async move {
             loop {
@@ -289,7 +415,17 @@ impl Plugin {
         shutdown: impl Future<Output = ()>,
         maintenance: Option<impl Future<Output = ()> + Send + 'static>,
     ) -> Result<(), PluginError> {
-        let listener = runtime::bind(&self.socket)?;
+        let incoming = match &self.listen {
+            Listen::Unix(path) => Incoming::Unix(UnixListenerStream::new(runtime::bind(path)?)),
+            Listen::Tcp(address) => Incoming::Tcp(TcpListenerStream::new(
+                tokio::net::TcpListener::bind(address)
+                    .await
+                    .map_err(|source| PluginError::Tcp {
+                        address: *address,
+                        source,
+                    })?,
+            )),
+        };
         // Only this server answers health checks, so SERVING cannot be seen before it serves.
         let reporter = self.introspection.add_to(&mut self.routes).await?;
         self.health.start(reporter, self.services.clone()).await;
@@ -297,7 +433,7 @@ impl Plugin {
         // Opt-in: the manager's config sets MESH_BUSY_POLL=1 in the plugin's env.
         let polling = tuning::busy_poll_from_env().then(tuning::busy_poll);
         tracing::info!(
-            socket = %self.socket.display(),
+            listen = %self.listen,
             instance = %self.instance,
             services = ?self.services,
             "serving"
@@ -315,28 +451,78 @@ impl Plugin {
             .map_response(move |response: Response<Body>| {
                 response.map(|body| Limited::response(body, limit))
             });
-        let served = Server::builder()
+        let server = Server::builder()
             .initial_stream_window_size(transport::WINDOW)
             .initial_connection_window_size(transport::CONNECTION_WINDOW)
             .layer(limits)
-            .add_routes(self.routes.routes())
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), draining)
-            .await;
+            .add_routes(self.routes.routes());
+        let served = match incoming {
+            Incoming::Unix(incoming) => {
+                server
+                    .serve_with_incoming_shutdown(incoming, draining)
+                    .await
+            }
+            Incoming::Tcp(incoming) => {
+                server
+                    .serve_with_incoming_shutdown(incoming, draining)
+                    .await
+            }
+        };
         if let Some(maintenance) = maintenance {
             maintenance.abort();
         }
         if let Some(polling) = polling {
             polling.abort();
         }
-        let _ = std::fs::remove_file(&self.socket);
+        if let Listen::Unix(path) = &self.listen {
+            let _ = std::fs::remove_file(path);
+        }
         served?;
         Ok(())
     }
+
+    /// An I/O error while setting up, naming where the plugin serves.
+    fn io(&self, source: std::io::Error) -> PluginError {
+        match &self.listen {
+            Listen::Unix(path) => PluginError::Socket(runtime::SocketError::Io {
+                path: path.to_owned(),
+                source,
+            }),
+            Listen::Tcp(address) => PluginError::Tcp {
+                address: *address,
+                source,
+            },
+        }
+    }
 }
 
-fn socket_io(path: &std::path::Path, source: std::io::Error) -> PluginError {
-    PluginError::Socket(runtime::SocketError::Io {
-        path: path.to_owned(),
-        source,
-    })
+/// The connections a plugin accepts.
+enum Incoming {
+    Unix(UnixListenerStream),
+    Tcp(TcpListenerStream),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tcp_address_must_be_loopback() {
+        for good in ["127.0.0.1:7701", "[::1]:7701", "127.0.0.2:0"] {
+            assert!(
+                matches!(Listen::tcp(good), Ok(Listen::Tcp(_))),
+                "{good} refused"
+            );
+        }
+        for bad in [
+            "0.0.0.0:7701",
+            "10.0.0.1:7701",
+            "[::]:7701",
+            "localhost:7701",
+            "7701",
+        ] {
+            let error = Listen::tcp(bad).expect_err(bad).to_string();
+            assert!(error.contains("loopback only"), "{bad}: {error}");
+        }
+    }
 }

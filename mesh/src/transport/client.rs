@@ -247,9 +247,36 @@ struct Shared {
 /// h2's half of a connection: it reads and writes the socket.
 type H2Connection = Connection<SpinIo<Box<dyn Stream>>, Bytes>;
 
-/// The socket types a connection runs on.
-pub(crate) trait Stream: AsyncRead + AsyncWrite + std::os::fd::AsFd + Unpin + Send {}
-impl<S: AsyncRead + AsyncWrite + std::os::fd::AsFd + Unpin + Send> Stream for S {}
+/// The byte streams a connection runs on: sockets, and a custom transport's streams.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The socket, which a spinning caller reads directly (`spin_io`); `None` for a stream
+    /// that is no socket (it is then read only as Tokio wakes it).
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>>;
+}
+
+impl Stream for tokio::net::UnixStream {
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(self))
+    }
+}
+
+impl Stream for tokio::net::TcpStream {
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(self))
+    }
+}
+
+impl Stream for dyn super::Connection {
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+}
+
+impl<S: Stream + ?Sized> Stream for Box<S> {
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        (**self).socket()
+    }
+}
 
 /// The connection's task, as a waker.
 #[derive(Default)]

@@ -6,7 +6,9 @@
 //!
 //! Public here are the router's building blocks — [`Address`], [`SendBody`], [`BoxError`],
 //! [`WINDOW`] and [`CONNECTION_WINDOW`] — and [`CallError`], what a failed call's stream
-//! reports. h2 stays an implementation detail: no h2 type appears in a public signature.
+//! reports — and [`Dial`] with [`register`], for a transport of the caller's own (a byte
+//! stream of any kind). h2 stays an implementation detail: no h2 type appears in a public
+//! signature.
 
 pub(crate) mod client;
 mod spin_io;
@@ -15,7 +17,17 @@ use std::{fmt, io, path::PathBuf, str::FromStr, time::Duration};
 
 use bytes::Bytes;
 use http_body::Body as HttpBody;
-use tokio::net::{TcpStream, UnixStream};
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpStream, UnixStream},
+};
 
 pub(crate) use client::{RecvBody, SendError, Sender};
 
@@ -26,6 +38,10 @@ pub enum Address {
     Unix(PathBuf),
     /// A TCP address: `http://127.0.0.1:7700`.
     Tcp(String),
+    /// A transport of this process's own, registered under this name with [`register`]
+    /// (an in-process service, [`crate::inprocess`], or a custom [`Dial`]); printed
+    /// `dial:NAME`. Never parsed from text: it means nothing outside this process.
+    Dialer(String),
 }
 
 /// An address that could not be parsed.
@@ -61,6 +77,7 @@ impl fmt::Display for Address {
         match self {
             Self::Unix(path) => write!(f, "unix:{}", path.display()),
             Self::Tcp(hostport) => write!(f, "http://{hostport}"),
+            Self::Dialer(name) => write!(f, "dial:{name}"),
         }
     }
 }
@@ -142,6 +159,95 @@ pub(crate) async fn connect(address: &Address, options: &Options) -> io::Result<
             stream.set_nodelay(true)?;
             client::handshake(stream, options, options.keepalive).await
         }
+        Address::Dialer(name) => {
+            let dialer = dialer(name).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no transport registered as {name:?} in this process"),
+                )
+            })?;
+            client::handshake(dialer.dial().await?, options, None).await
+        }
+    }
+}
+
+/// A byte stream a custom transport opens: anything that reads and writes.
+pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection for T {}
+
+/// What [`Dial::dial`] returns.
+pub type Dialing = Pin<Box<dyn Future<Output = io::Result<Box<dyn Connection>>> + Send>>;
+
+/// A custom transport: opens a new byte stream to the server each time a channel connects (on
+/// its first call, and again after a connection is lost). The channel runs HTTP/2 over it.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use mesh::transport::{Connection, Dial, Dialing};
+///
+/// struct Abstract; // say, a socket in the abstract namespace, or a vsock
+/// impl Dial for Abstract {
+///     fn dial(&self) -> Dialing {
+///         Box::pin(async {
+///             let stream = tokio::net::UnixStream::connect("/run/my.sock").await?;
+///             Ok(Box::new(stream) as Box<dyn Connection>)
+///         })
+///     }
+/// }
+/// let _registered = mesh::transport::register("my.service", Abstract)?;
+/// let channel = mesh::connect("my.service").await?; // over Abstract
+/// # Ok(()) }
+/// ```
+pub trait Dial: Send + Sync + 'static {
+    /// Opens one connection.
+    fn dial(&self) -> Dialing;
+}
+
+/// The transports registered in this process, by service name.
+static DIALERS: Mutex<BTreeMap<String, Arc<dyn Dial>>> = Mutex::new(BTreeMap::new());
+
+fn dialers() -> std::sync::MutexGuard<'static, BTreeMap<String, Arc<dyn Dial>>> {
+    // The map stays consistent whatever panicked while holding it.
+    DIALERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The transport registered as `name`, if any.
+pub(crate) fn dialer(name: &str) -> Option<Arc<dyn Dial>> {
+    dialers().get(name).cloned()
+}
+
+/// Registers `dialer` as the way to reach service `name` from this process: from now on
+/// [`crate::connect`]`(name)` and [`Address::Dialer`]`(name)` use it, until the returned
+/// handle is dropped. Fails if the name is invalid or already registered.
+pub fn register(name: &str, dialer: impl Dial) -> Result<Registered, crate::Error> {
+    let name = crate::ServiceName::new(name)?.to_string();
+    let mut dialers = dialers();
+    if dialers.contains_key(&name) {
+        return Err(crate::Error::NameTaken(name));
+    }
+    dialers.insert(name.clone(), Arc::new(dialer));
+    Ok(Registered { name })
+}
+
+/// A transport registered with [`register`]; dropping it unregisters the name (channels
+/// already connected keep their connections).
+#[derive(Debug)]
+pub struct Registered {
+    name: String,
+}
+
+impl Registered {
+    /// The service name it is registered under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        dialers().remove(&self.name);
     }
 }
 

@@ -7,7 +7,6 @@
 
 use std::{
     io,
-    os::fd::AsFd,
     pin::Pin,
     sync::{
         Arc,
@@ -36,7 +35,7 @@ impl<S> SpinIo<S> {
     }
 }
 
-impl<S: AsyncRead + AsFd + Unpin> AsyncRead for SpinIo<S> {
+impl<S: super::client::Stream> AsyncRead for SpinIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -47,11 +46,14 @@ impl<S: AsyncRead + AsFd + Unpin> AsyncRead for SpinIo<S> {
         if polled.is_ready() || !this.spinning.load(Ordering::Relaxed) {
             return polled;
         }
+        let Some(socket) = this.stream.socket() else {
+            return polled;
+        };
         // Tokio's readiness is stale while the caller spins: ask the kernel. A read that finds
         // nothing leaves Tokio's registration (made just above) as it was.
         let len = buf.remaining().min(DIRECT_READ);
         let unfilled = buf.initialize_unfilled_to(len);
-        match nix::unistd::read(this.stream.as_fd(), unfilled) {
+        match nix::unistd::read(socket, unfilled) {
             Ok(n) => {
                 buf.advance(n);
                 Poll::Ready(Ok(()))

@@ -301,6 +301,12 @@ impl Registry {
                 )));
             }
             Ok(Address::Tcp(_)) => {}
+            // Never parsed from an endpoint; named here so that a new kind is decided on.
+            Ok(Address::Dialer(_)) => {
+                return Err(invalid(
+                    "an in-process transport cannot be registered with a router".into(),
+                ));
+            }
         }
         let lease = random_lease()?;
         let mut state = self.state();

@@ -45,6 +45,9 @@ pub(crate) enum Variant {
     E,
     /// `mesh::connect` as (b), opted in to spinning ([`OPT_IN_SPIN`]).
     F,
+    /// `mesh::connect` to an echo service served in this process (`mesh::inprocess`): no
+    /// socket, no router, an in-memory stream.
+    G,
 }
 
 /// The spin window variant (f) opts in to (`mesh::Connector::spin`).
@@ -52,9 +55,17 @@ pub(crate) const OPT_IN_SPIN: Duration = mesh::tuning::DEFAULT_SPIN;
 
 impl Variant {
     /// Every variant, in table order.
-    pub(crate) const ALL: [Self; 6] = [Self::A, Self::B, Self::C, Self::D, Self::E, Self::F];
+    pub(crate) const ALL: [Self; 7] = [
+        Self::A,
+        Self::B,
+        Self::C,
+        Self::D,
+        Self::E,
+        Self::F,
+        Self::G,
+    ];
 
-    /// `a` to `e`.
+    /// `a` to `g`.
     pub(crate) fn letter(self) -> &'static str {
         match self {
             Self::A => "a",
@@ -63,6 +74,7 @@ impl Variant {
             Self::D => "d",
             Self::E => "e",
             Self::F => "f",
+            Self::G => "g",
         }
     }
 
@@ -75,6 +87,7 @@ impl Variant {
             Self::D => "router, TCP",
             Self::E => "nginx grpc_pass, TCP",
             Self::F => "mesh::connect, direct, spin opt-in (100 µs)",
+            Self::G => "mesh::connect, in-process service",
         }
     }
 }

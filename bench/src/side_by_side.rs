@@ -6,6 +6,10 @@ use std::{path::Path, time::Duration};
 
 use anyhow::{Context, bail};
 use mesh::{Address, Channel, Connector};
+use mesh_proto::echo::v1::{
+    EchoReply, EchoRequest,
+    echo_server::{Echo, EchoServer},
+};
 
 use crate::{
     Bins, Settings,
@@ -71,6 +75,8 @@ pub(crate) async fn run(
     let plugin = socket_of(&instances[0])?;
 
     let mut nginx = None;
+    // Held for the whole run: dropping it takes the name away.
+    let mut _in_process = None;
     let mut clients = Vec::new();
     for &variant in &s.variants {
         let client = match variant {
@@ -102,6 +108,16 @@ pub(crate) async fn run(
                     .await
                     .context("mesh::connect with spinning")?,
             ),
+            Variant::G => {
+                let served = mesh::inprocess::serve(IN_PROCESS, EchoServer::new(InProcessEcho))
+                    .context("serving echo in process")?;
+                _in_process = Some(served);
+                Client::mesh(
+                    mesh::connect(IN_PROCESS)
+                        .await
+                        .context("mesh::connect in process")?,
+                )
+            }
             Variant::E => match start_nginx(&plugin, report).await {
                 Some((started, client)) => {
                     nginx = Some(started);
@@ -272,5 +288,57 @@ async fn start_nginx(plugin: &Path, report: &mut Report) -> Option<(nginx::Nginx
                 .push(format!("(e) skipped: nginx does not pass calls: {error:#}"));
             None
         }
+    }
+}
+
+/// The name variant (g) serves its echo under, in this process only (never `plugin.echo`,
+/// which would take variant (b)'s calls).
+const IN_PROCESS: &str = "plugin.bench-inprocess";
+
+/// Echo for variant (g): the unary call every benchmark makes, as echo-plugin answers it.
+#[derive(Clone, Copy)]
+struct InProcessEcho;
+
+#[tonic::async_trait]
+impl Echo for InProcessEcho {
+    async fn echo(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        Ok(tonic::Response::new(EchoReply {
+            message: request.into_inner().message,
+            instance: "in-process".into(),
+        }))
+    }
+
+    type ExpandStream = tonic::codegen::BoxStream<EchoReply>;
+
+    async fn expand(
+        &self,
+        _: tonic::Request<mesh_proto::echo::v1::ExpandRequest>,
+    ) -> Result<tonic::Response<Self::ExpandStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the benchmark calls Echo only",
+        ))
+    }
+
+    async fn collect(
+        &self,
+        _: tonic::Request<tonic::Streaming<EchoRequest>>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the benchmark calls Echo only",
+        ))
+    }
+
+    type ChatStream = tonic::codegen::BoxStream<EchoReply>;
+
+    async fn chat(
+        &self,
+        _: tonic::Request<tonic::Streaming<EchoRequest>>,
+    ) -> Result<tonic::Response<Self::ChatStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the benchmark calls Echo only",
+        ))
     }
 }

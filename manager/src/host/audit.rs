@@ -1,5 +1,6 @@
-//! The audit log: one JSON line per host-service or `call:` decision, allowed or denied, in a file of
-//! mode 0600 that is never a symlink, bounded in size with one rotation (`audit.log.1`).
+//! The audit log: one JSON line per host-service or `call:` decision, allowed or denied, in a
+//! file of mode 0600 that is never a symlink, bounded in size with one rotation
+//! (`audit.log.1`).
 //! Followers (`mesh audit -f`) get new lines as they are written.
 
 use std::{

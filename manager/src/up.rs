@@ -13,7 +13,7 @@ use tokio::{
 use crate::{
     Config, Supervisor,
     api::ManagerService,
-    host::{Audit, HostService, Policies},
+    host::{Audit, CallGate, HostService, Policies},
     supervisor::{PluginStatus, State},
     systemd,
 };
@@ -90,6 +90,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         policies.clone(),
         audit.clone(),
     );
+    let calls = CallGate::new(policies.clone(), audit.clone());
     let host = HostService::new(policies, audit);
     let identify = supervisor.clone();
     let router = Router::builder(registry)
@@ -98,6 +99,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .add_service(host.into_server())
         // Once per connection: is the peer a managed instance, or a process it started?
         .identify(move |pid| identify.identify(pid))
+        // Per forwarded call of a plugin: its call: capabilities, audited.
+        .call_policy(calls)
         .build()
         .await;
     let mut hangup = signal(SignalKind::hangup()).map_err(UpError::Signal)?;

@@ -41,6 +41,7 @@ use mesh::transport;
 use crate::{
     Limits, SERVICE_HEADER,
     body::{Forwarded, RouterBody},
+    calls::{self, CallPolicy},
     deadline::{self, Deadlines, Expiry},
     grpc::{self, RequestBody},
     identity::{self, Caller, Identify},
@@ -95,6 +96,8 @@ pub(crate) struct Inner {
     owner: u32,
     /// Names the managed plugin instance a Unix peer belongs to, once per connection.
     identify: Option<Arc<dyn Identify>>,
+    /// Decides which calls a plugin caller may forward; none installed, every call may go.
+    call_policy: Option<Arc<dyn CallPolicy>>,
 }
 
 /// One client connection: who is on it (fixed at accept time) and its calls.
@@ -125,6 +128,7 @@ pub struct RouterBuilder {
     names: Vec<&'static str>,
     limits: Limits,
     identify: Option<Arc<dyn Identify>>,
+    call_policy: Option<Arc<dyn CallPolicy>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -142,6 +146,7 @@ impl Router {
             names: Vec::new(),
             limits: Limits::default(),
             identify: None,
+            call_policy: None,
         }
     }
 
@@ -159,6 +164,7 @@ impl Router {
                 admission: self.inner.admission.clone(),
                 owner: self.inner.owner,
                 identify: self.inner.identify.clone(),
+                call_policy: self.inner.call_policy.clone(),
             }),
         }
     }
@@ -364,10 +370,18 @@ impl Inner {
         }
         let upstream = match route::route(&request) {
             Route::Local => return self.local(connection, request).await,
-            Route::Service(service) => match self.upstreams.get(service) {
-                Some(upstream) => upstream,
-                None => return self.unknown(service).into_http(),
-            },
+            Route::Service(service) => {
+                // Before the lookup: a plugin refused a service learns nothing of it.
+                let policy = self.call_policy.as_ref();
+                let method = request.uri().path();
+                if let Err(status) = calls::check(policy, &connection.caller, service, method) {
+                    return status.into_http();
+                }
+                match self.upstreams.get(service) {
+                    Some(upstream) => upstream,
+                    None => return self.unknown(service).into_http(),
+                }
+            }
             Route::Invalid(error) => {
                 return Status::invalid_argument(format!("{SERVICE_HEADER} header: {error}"))
                     .into_http();
@@ -494,6 +508,13 @@ impl RouterBuilder {
         self
     }
 
+    /// Installs the check of calls a [`Caller::Plugin`] forwards through the router (its
+    /// `call:` capabilities), asked per call; other callers are not checked.
+    pub fn call_policy(mut self, policy: impl CallPolicy) -> Self {
+        self.call_policy = Some(Arc::new(policy));
+        self
+    }
+
     /// Builds the router and starts following the registry (needs a Tokio runtime).
     pub async fn build(mut self) -> Router {
         let registry_server = RegistryService::new(self.registry.clone()).into_server();
@@ -518,6 +539,7 @@ impl RouterBuilder {
                 admission: Admission::new(limits),
                 owner: identity::own_uid(),
                 identify: self.identify,
+                call_policy: self.call_policy,
             }),
         }
     }

@@ -2,8 +2,8 @@
 //!
 //! Every caller may read: the registry's Resolve, List and Watch, health, reflection. Everything
 //! else the router serves — the Manager API, registry writes, and any method not listed here —
-//! is control, for the [`Caller::Owner`] only. Forwarded calls to plugins are not checked here
-//! (plugin capabilities come with host services). The check reads the caller fixed at accept
+//! is control, for the [`Caller::Owner`] only. Forwarded calls are not checked here
+//! (a plugin's `call:` capabilities are `calls`'s). The check reads the caller fixed at accept
 //! time and the path; nothing else from the request.
 
 use tonic::Status;

@@ -1,5 +1,6 @@
-//! The audit log: one JSON line per host-service decision, allowed or denied, in a file of
-//! mode 0600 that is never a symlink, bounded in size with one rotation (`audit.log.1`).
+//! The audit log: one JSON line per host-service or `call:` decision, allowed or denied, in a
+//! file of mode 0600 that is never a symlink, bounded in size with one rotation
+//! (`audit.log.1`).
 //! Followers (`mesh audit -f`) get new lines as they are written.
 
 use std::{
@@ -28,9 +29,9 @@ pub struct Decision<'a> {
     pub instance: &'a str,
     /// The calling process.
     pub pid: u32,
-    /// What it asked (`read_file`, `get_env`, …).
+    /// What it asked (`read_file`, `get_env`, `call`, …).
     pub action: &'a str,
-    /// On what: a path relative to its root, or a variable's name.
+    /// On what: a path relative to its root, a variable's name, or `SERVICE/pkg.Svc/Method`.
     pub resource: &'a str,
     /// Whether it was allowed.
     pub allowed: bool,

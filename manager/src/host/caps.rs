@@ -24,7 +24,8 @@ pub enum Capability {
     Write(String),
     /// `env:NAME`: GetEnv of NAME.
     Env(String),
-    /// `call:SERVICE` or `call:SERVICE/pkg.Svc/Method` (enforced by a later part).
+    /// `call:SERVICE` or `call:SERVICE/pkg.Svc/Method`: calls forwarded by the router (the
+    /// direct path, dialing a plugin's socket, is not yet checked).
     Call {
         /// The service (`plugin.echo`).
         service: String,
@@ -186,6 +187,8 @@ pub struct Policy {
     read: Globs,
     write: Globs,
     env: BTreeSet<String>,
+    /// `call:` capabilities in force: (service, one method or every one).
+    calls: BTreeSet<(String, Option<String>)>,
 }
 
 /// Compiled globs and the capabilities they came from, to name the one that allowed a call.
@@ -230,6 +233,7 @@ impl Policy {
     ) -> Self {
         let (mut read, mut write) = (Vec::new(), Vec::new());
         let mut env = BTreeSet::new();
+        let mut calls = BTreeSet::new();
         for cap in config.difference(&revoked).chain(granted.iter()) {
             match cap {
                 Capability::Read(g) => read.push(g.as_str()),
@@ -237,7 +241,9 @@ impl Policy {
                 Capability::Env(name) => {
                     env.insert(name.clone());
                 }
-                Capability::Call { .. } => {}
+                Capability::Call { service, method } => {
+                    calls.insert((service.clone(), method.clone()));
+                }
             }
         }
         let (read, write) = (Globs::new("read", read), Globs::new("write", write));
@@ -250,6 +256,7 @@ impl Policy {
             read,
             write,
             env,
+            calls,
         }
     }
 
@@ -282,6 +289,27 @@ impl Policy {
         Err(format!(
             "plugin {plugin:?} lacks {kind}:{resource} (no {kind}: capability matches \
              {resource:?}); grant it with mesh grant {plugin} '{kind}:{resource}'"
+        ))
+    }
+}
+
+impl Policy {
+    /// Whether a call of `method` (the gRPC path, `/pkg.Svc/Method`) on `service` is allowed:
+    /// the capability that allows it, or a refusal that names both capabilities that would
+    /// and how to grant one.
+    pub fn check_call(&self, service: &str, method: &str) -> Result<String, String> {
+        let method = method.strip_prefix('/').unwrap_or(method);
+        let key = |m: Option<&str>| (service.to_owned(), m.map(str::to_owned));
+        if self.calls.contains(&key(None)) {
+            return Ok(format!("allowed by call:{service}"));
+        }
+        if self.calls.contains(&key(Some(method))) {
+            return Ok(format!("allowed by call:{service}/{method}"));
+        }
+        let plugin = &self.plugin;
+        Err(format!(
+            "plugin {plugin:?} lacks call:{service} (or call:{service}/{method}); \
+             grant it with mesh grant {plugin} 'call:{service}'"
         ))
     }
 }
@@ -498,5 +526,42 @@ mod tests {
         // Granting back a revoked config capability undoes the revoke.
         policies.grant("p", "read:a.txt").unwrap();
         assert!(p().revoked.is_empty() && p().check(Action::ReadFile, "a.txt").is_ok());
+    }
+
+    #[test]
+    fn calls_are_allowed_by_service_or_by_method_only() {
+        let policies = Policies::default();
+        let config = caps(&["call:plugin.a"]);
+        policies.configure([("p", PathBuf::from("/r"), &config[..])]);
+        let p = || policies.get("p").unwrap();
+        assert_eq!(
+            p().check_call("plugin.a", "/a.v1.A/Any").unwrap(),
+            "allowed by call:plugin.a"
+        );
+        let denied = p()
+            .check_call("plugin.echo", "/echo.v1.Echo/Echo")
+            .unwrap_err();
+        assert_eq!(
+            denied,
+            "plugin \"p\" lacks call:plugin.echo (or call:plugin.echo/echo.v1.Echo/Echo); \
+             grant it with mesh grant p 'call:plugin.echo'"
+        );
+        policies
+            .grant("p", "call:plugin.echo/echo.v1.Echo/Echo")
+            .unwrap();
+        assert!(p().check_call("plugin.echo", "/echo.v1.Echo/Echo").is_ok());
+        assert!(
+            p().check_call("plugin.echo", "/echo.v1.Echo/Expand")
+                .is_err()
+        );
+        // A method of the same name on another service, or a path without its slash.
+        assert!(
+            p().check_call("plugin.echo2", "/echo.v1.Echo/Echo")
+                .is_err()
+        );
+        assert!(p().check_call("plugin.echo", "echo.v1.Echo/Echo").is_ok());
+        assert!(p().check_call("plugin.echo", "").is_err());
+        policies.revoke("p", "call:plugin.a").unwrap();
+        assert!(p().check_call("plugin.a", "/a.v1.A/Any").is_err());
     }
 }

@@ -5,13 +5,16 @@
 //!   reload;
 //! - [`fs`]: paths normalized for the check and opened beneath the plugin's root by the kernel;
 //! - [`audit`]: every decision as one JSON line;
-//! - [`service`]: `mesh.v1.Host`, served by the router to plugin callers only.
+//! - [`service`]: `mesh.v1.Host`, served by the router to plugin callers only;
+//! - [`calls`]: calls a plugin forwards through the router, under its `call:` capabilities.
 
 pub mod audit;
+pub mod calls;
 pub mod caps;
 pub mod fs;
 pub mod service;
 
 pub use audit::Audit;
+pub use calls::CallGate;
 pub use caps::{Capability, Policies, Policy};
 pub use service::HostService;

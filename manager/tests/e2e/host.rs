@@ -76,6 +76,11 @@ impl Probe {
 }
 
 async fn setup(capabilities: &str) -> Setup {
+    setup_with(capabilities, "").await
+}
+
+/// [`setup`], with `others` (more `[[plugin]]` tables) in the config beside `files`.
+async fn setup_with(capabilities: &str, others: &str) -> Setup {
     let dir = short_tempdir();
     let root = dir.path().join("root");
     std::fs::create_dir_all(root.join("reports/deep")).unwrap();
@@ -106,7 +111,8 @@ async fn setup(capabilities: &str) -> Setup {
             )
         }
     };
-    let mesh = Mesh::start_with(&format!("audit_log = {audit:?}"), &table(capabilities)).await;
+    let plugins = format!("{}{others}", table(capabilities));
+    let mesh = Mesh::start_with(&format!("audit_log = {audit:?}"), &plugins).await;
     mesh.wait_line("host-probe: listening").await;
     let probe = Probe::connect(&socket).await;
     Setup {
@@ -304,7 +310,9 @@ async fn host_calls_are_allowed_by_capability_denied_by_name_and_audited() {
     follow.kill().await.unwrap();
 
     // Latency of a host call from a plugin, beside a forwarded echo call in the same run
-    // (reported, not asserted: this machine is shared).
+    // (reported, not asserted: this machine is shared). The echo calls go to the plugin's own
+    // service through the router, so they need its call: capability.
+    mesh.cli_ok(&["grant", "files", "call:plugin.files"]).await;
     let echo = p.call("echoes 1000").await.unwrap();
     let stat = p.call("stats 1000").await.unwrap();
     eprintln!("1000 calls from a plugin: host Stat {stat}; echo through the router {echo}");
@@ -482,4 +490,112 @@ async fn a_reload_rereads_config_capabilities_keeps_run_time_changes_and_restart
     // Same process: capabilities changed, nothing restarted.
     let after = mesh.wait_state("files", "files-0", "ready").await;
     assert_eq!((before.pid, after.restarts), (after.pid, 0));
+}
+
+/// The decisions the audit log holds about calls, as (resource, allowed).
+fn call_decisions(path: &Path) -> Vec<(String, bool)> {
+    audit_lines(path)
+        .iter()
+        .filter(|l| l["action"] == "call")
+        .map(|l| {
+            assert_eq!(l["plugin"], "files", "{l}");
+            assert!(l["pid"].as_u64().unwrap() > 0, "{l}");
+            assert!(!l["reason"].as_str().unwrap().is_empty(), "{l}");
+            (
+                l["resource"].as_str().unwrap().to_owned(),
+                l["allowed"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn calls_through_the_router_need_a_call_capability_checked_per_call_and_audited() {
+    let echo = format!(
+        "[[plugin]]\nname = \"echo\"\ncommand = {:?}\n",
+        echo_plugin().display().to_string()
+    );
+    let Setup {
+        mesh,
+        audit,
+        mut probe,
+        _dir,
+        ..
+    } = setup_with("\"read:.\"", &echo).await;
+    mesh.wait_instances("plugin.echo", 1).await;
+    let p = &mut probe;
+    const ECHO: &str = "plugin.echo/echo.v1.Echo/Echo";
+    const EXPAND: &str = "plugin.echo/echo.v1.Echo/Expand";
+
+    // The owner is not a plugin: its calls are not checked (and not audited as calls).
+    let mut owner =
+        mesh_proto::echo::v1::echo_client::EchoClient::new(mesh.connect("plugin.echo").await);
+    let reply = owner
+        .echo(mesh_proto::echo::v1::EchoRequest {
+            message: "owner".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.get_ref().message, "owner");
+    assert!(call_decisions(&audit).is_empty());
+
+    // No call: capability: refused, naming both capabilities that would do and the grant,
+    // though the probe claims another plugin's name in its headers.
+    let message = p.denied("call plugin.echo echo").await;
+    assert_eq!(
+        message,
+        "plugin \"files\" lacks call:plugin.echo (or call:plugin.echo/echo.v1.Echo/Echo); \
+         grant it with mesh grant files 'call:plugin.echo'"
+    );
+    assert!(
+        p.denied("call plugin.echo expand")
+            .await
+            .contains("lacks call:plugin.echo")
+    );
+
+    // A method-scoped grant: that method only, from the next call, no restart.
+    mesh.cli_ok(&["grant", "files", &format!("call:{ECHO}")])
+        .await;
+    assert_eq!(p.call("call plugin.echo echo").await.unwrap(), "probe");
+    let message = p.denied("call plugin.echo expand").await;
+    assert!(
+        message.contains("(or call:plugin.echo/echo.v1.Echo/Expand)"),
+        "{message}"
+    );
+
+    // The whole service: every method.
+    mesh.cli_ok(&["grant", "files", "call:plugin.echo"]).await;
+    assert_eq!(p.call("call plugin.echo expand").await.unwrap(), "2");
+
+    // Revoke both: refused again on the next call.
+    mesh.cli_ok(&["revoke", "files", "call:plugin.echo"]).await;
+    mesh.cli_ok(&["revoke", "files", &format!("call:{ECHO}")])
+        .await;
+    p.denied("call plugin.echo echo").await;
+
+    // One audit line per decision, in order, each valid JSON.
+    let decisions = call_decisions(&audit);
+    let expected: Vec<(String, bool)> = [
+        (ECHO, false),
+        (EXPAND, false),
+        (ECHO, true),
+        (EXPAND, false),
+        (EXPAND, true),
+        (ECHO, false),
+    ]
+    .iter()
+    .map(|(r, a)| ((*r).to_owned(), *a))
+    .collect();
+    assert_eq!(decisions, expected);
+    let lines = audit_lines(&audit);
+    let allowed = lines
+        .iter()
+        .find(|l| l["action"] == "call" && l["allowed"] == true)
+        .unwrap();
+    assert_eq!(
+        allowed["reason"],
+        format!("allowed by call:{ECHO}"),
+        "{allowed}"
+    );
+    assert_eq!(allowed["instance"], "files-0", "{allowed}");
 }

@@ -4,7 +4,8 @@
 //!
 //! Each line it reads is one call, `OP ARG [DATA]` (`read`, `stream`, `write`, `delete`, `stat`,
 //! `list`, `env`; `manager` lists plugins through the Manager API; `stats N` times N Stat calls
-//! of `.`), and each answer is one line:
+//! of `.`; `call SERVICE echo|expand` calls that echo method of SERVICE through the router),
+//! and each answer is one line:
 //! `ok TEXT` or `err CODE MESSAGE`, newlines escaped. Every call also sends headers that claim
 //! another plugin's name: they must change nothing.
 
@@ -60,6 +61,14 @@ fn forged<T>(message: T) -> Request<T> {
             .metadata_mut()
             .insert(key, value.parse().expect("ascii"));
     }
+    request
+}
+
+/// [`forged`], but keeping the call's route: a forged `mesh-service` would send it to the
+/// router itself.
+fn routed<T>(message: T) -> Request<T> {
+    let mut request = forged(message);
+    request.metadata_mut().remove("mesh-service");
     request
 }
 
@@ -162,6 +171,42 @@ async fn call(line: &str) -> String {
                 times.push(start.elapsed().as_micros());
             }
             Ok(quantiles(times))
+        }
+        // One echo call to another service through the router, under `call:` capabilities:
+        // `Echo` answers its message, `Expand` the number of replies it streamed.
+        "call" => {
+            use mesh_proto::echo::v1::{EchoRequest, ExpandRequest, echo_client::EchoClient};
+            let router = mesh::Address::Unix(mesh::runtime::router_socket());
+            let channel = match mesh::Channel::to_address(router, &arg) {
+                Ok(channel) => channel,
+                Err(error) => return format!("err 3 {error}"),
+            };
+            let mut echo = EchoClient::new(channel);
+            let message = "probe".to_owned();
+            match data.as_str() {
+                "echo" => echo
+                    .echo(routed(EchoRequest { message }))
+                    .await
+                    .map(|r| r.into_inner().message),
+                "expand" => match echo
+                    .expand(routed(ExpandRequest { message, count: 2 }))
+                    .await
+                {
+                    Ok(response) => {
+                        let mut stream = response.into_inner();
+                        let mut replies = 0;
+                        loop {
+                            match stream.message().await {
+                                Ok(Some(_)) => replies += 1,
+                                Ok(None) => break Ok(replies.to_string()),
+                                Err(status) => break Err(status),
+                            }
+                        }
+                    }
+                    Err(status) => Err(status),
+                },
+                other => return format!("err 3 unknown method {other:?}"),
+            }
         }
         // The Manager API, which a plugin must not get though it runs as the owner's uid.
         "manager" => mesh_proto::mesh::v1::manager_client::ManagerClient::new(

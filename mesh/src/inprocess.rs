@@ -11,13 +11,13 @@
 //! # Ok(()) }
 //! ```
 
-use std::convert::Infallible;
-
-use http::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tonic::{body::Body, server::NamedService, service::Routes};
+use tonic::service::Routes;
 
-use crate::transport::{self, CONNECTION_WINDOW, Connection, Dial, Dialing, Registered, WINDOW};
+use crate::{
+    plugin::GrpcService,
+    transport::{self, CONNECTION_WINDOW, Connection, Dial, Dialing, Registered, WINDOW},
+};
 
 /// Bytes in flight each way between a caller and the service, before writes wait.
 const BUFFER: usize = 256 * 1024;
@@ -25,16 +25,7 @@ const BUFFER: usize = 256 * 1024;
 /// Serves `service` under `name` (`plugin.echo`) inside this process until the returned handle
 /// is dropped: [`crate::connect`]`(name)` reaches it over an in-memory stream, before any
 /// router is asked. Fails if the name is invalid or already taken in this process.
-pub fn serve<S>(name: &str, service: S) -> Result<Registered, crate::Error>
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
+pub fn serve<S: GrpcService>(name: &str, service: S) -> Result<Registered, crate::Error> {
     transport::register(
         name,
         InProcess {

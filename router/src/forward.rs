@@ -36,7 +36,7 @@ use tonic::{
 };
 use tower::ServiceExt;
 
-use mesh::transport;
+use mesh::{plugin::GrpcService, transport};
 
 use crate::{
     Limits, SERVICE_HEADER,
@@ -486,16 +486,7 @@ impl RouterBuilder {
     }
 
     /// Serves `service` on the router itself (next to the registry, health and reflection).
-    pub fn add_service<S>(mut self, service: S) -> Self
-    where
-        S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    pub fn add_service<S: GrpcService>(mut self, service: S) -> Self {
         self.names.push(S::NAME);
         self.routes.add_service(service);
         self

@@ -39,6 +39,36 @@ use crate::{
     runtime, transport, tuning,
 };
 pub use health::Health;
+
+/// A tonic service the SDK, the router and `mesh::inprocess` can serve: what
+/// `tonic-build` generates (`EchoServer::new(..)`), or any `tower::Service` shaped like it.
+pub trait GrpcService:
+    tower::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcService for S where
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
 use limit::Limited;
 
 /// The socket the plugin must listen on.
@@ -114,16 +144,7 @@ pub use crate::__plugin_main as main;
 ///
 /// Returns the exit status: success after a drain, 64 (EX_USAGE) when the variables are
 /// missing, failure otherwise, with one line on stderr saying why.
-pub fn run<S>(service: S, descriptors: &'static [u8]) -> std::process::ExitCode
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
+pub fn run<S: GrpcService>(service: S, descriptors: &'static [u8]) -> std::process::ExitCode {
     use std::process::ExitCode;
     let plugin = match Plugin::from_env() {
         Ok(plugin) => plugin,
@@ -334,16 +355,7 @@ impl Plugin {
     }
 
     /// Serves a tonic service; health reports it `SERVING` once the plugin serves.
-    pub fn add_service<S>(mut self, service: S) -> Self
-    where
-        S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    pub fn add_service<S: GrpcService>(mut self, service: S) -> Self {
         self.services.push(S::NAME);
         self.introspection = self.introspection.service(S::NAME);
         self.routes.add_service(service);

@@ -68,9 +68,9 @@ mod tests {
                 return Err(Refusal::Exhausted("over rate_limit".into()));
             }
             match caller {
-                Caller::Plugin { plugin, .. } if service != "plugin.echo" => Err(
-                    Refusal::Denied(format!("plugin {plugin:?} lacks call:{service}")),
-                ),
+                Caller::Plugin { plugin, .. } if service != "plugin.echo" => Err(Refusal::Denied(
+                    format!("plugin {plugin:?} lacks call:{service}"),
+                )),
                 _ => Ok(()),
             }
         }

@@ -91,7 +91,10 @@ impl CallerChannels for DirectGate {
         self.runtime
             .spawn(tracing::Instrument::instrument(channel.serve(), span));
         // The plugin's end: the child clears close-on-exec on it, and it is blocking there.
-        nix::fcntl::fcntl(&theirs, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()))?;
+        nix::fcntl::fcntl(
+            &theirs,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )?;
         Ok(theirs)
     }
 }
@@ -149,7 +152,10 @@ impl Channel {
         } = message;
         let malformed = |why: String| (wire::id_of(&bytes), why);
         let outcome = if truncated {
-            Err(malformed(format!("longer than {} bytes", wire::MAX_MESSAGE)))
+            Err(malformed(format!(
+                "longer than {} bytes",
+                wire::MAX_MESSAGE
+            )))
         } else {
             match wire::decode_request(&bytes) {
                 Err(why) => Err(malformed(why.into())),
@@ -371,4 +377,115 @@ fn uid_of(pid: u32) -> Result<u32, String> {
         .and_then(|uids| uids.split_whitespace().nth(1))
         .and_then(|uid| uid.parse().ok())
         .ok_or_else(|| "cannot read the caller's uid".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use nix::sys::socket::{ControlMessage, getsockopt, sendmsg, setsockopt, sockopt};
+
+    use super::*;
+    use crate::host::{Audit, Policies, RateLimits};
+
+    /// The plugin's end, as a hostile plugin would use it.
+    struct PluginEnd(OwnedFd);
+
+    impl PluginEnd {
+        fn send(&self, bytes: &[u8], fds: &[RawFd]) {
+            let rights = [ControlMessage::ScmRights(fds)];
+            let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+            sendmsg::<()>(
+                self.0.as_raw_fd(),
+                &[io::IoSlice::new(bytes)],
+                cmsgs,
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+        }
+
+        fn reply(&self) -> Reply {
+            let mut buf = vec![0u8; wire::MAX_MESSAGE];
+            let n = nix::sys::socket::recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty())
+                .expect("an answer within the timeout");
+            Reply::decode(&buf[..n]).expect("a well-formed answer")
+        }
+
+        fn ask(&self, bytes: &[u8], fds: &[RawFd]) -> Reply {
+            self.send(bytes, fds);
+            self.reply()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_channel_refuses_garbage_and_keeps_answering() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Arc::new(Audit::open(dir.path().join("audit.log"), 1 << 20).unwrap());
+        let gate = Arc::new(CallGate::new(
+            Arc::new(Policies::default()),
+            Arc::new(RateLimits::default()),
+            audit,
+        ));
+        let direct = DirectGate::new(gate, Weak::new());
+        let end = PluginEnd(direct.open("echo", "plugin.echo").unwrap());
+        setsockopt(
+            &end.0,
+            sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(5, 0),
+        )
+        .unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let my_pidfd = getsockopt(&a, sockopt::PeerPidfd).unwrap();
+        let my_pidfd = my_pidfd.as_fd().as_raw_fd();
+        let hello = |id| Request::Hello { id }.encode();
+
+        let blocking = tokio::task::spawn_blocking(move || {
+            let denied = |reply: Reply, id: u64, says: &str| {
+                assert_eq!((reply.id, reply.verdict), (id, wire::DENIED), "{reply:?}");
+                assert!(reply.message.contains(says), "{says}: {reply:?}");
+            };
+            // Oversized: refused by the id its first bytes carry.
+            let mut long = vec![wire::CHECK];
+            long.extend_from_slice(&7u64.to_le_bytes());
+            long.resize(3 * wire::MAX_MESSAGE, b'x');
+            denied(end.ask(&long, &[]), 7, "longer than");
+            // Truncated, unknown or empty-bodied: nothing to answer, and the channel goes on.
+            end.send(&[wire::HELLO, 1, 2], &[]);
+            end.send(&[99; 9], &[]);
+            end.send(&[wire::FORGET, 1], &[]);
+            // A HELLO with no fd, two fds, or an fd that is not a pidfd.
+            denied(end.ask(&hello(1), &[]), 1, "exactly one pidfd");
+            denied(
+                end.ask(&hello(2), &[my_pidfd, my_pidfd]),
+                2,
+                "exactly one pidfd",
+            );
+            let (pipe, _w) = nix::unistd::pipe().unwrap();
+            denied(end.ask(&hello(3), &[pipe.as_raw_fd()]), 3, "not a pidfd");
+            // A CHECK on a connection never announced, or carrying an fd.
+            let check = |id, token| {
+                Request::Check {
+                    id,
+                    token,
+                    method: "/echo.v1.Echo/Echo",
+                }
+                .encode()
+            };
+            denied(end.ask(&check(4, 99), &[]), 4, "unknown connection");
+            denied(
+                end.ask(&check(5, 99), &[my_pidfd]),
+                5,
+                "only a HELLO carries",
+            );
+            // Bad UTF-8 in the method.
+            let mut bad = check(6, 1);
+            bad.push(0xff);
+            denied(end.ask(&bad, &[]), 6, "UTF-8");
+            // Still answering: this process (the manager itself) is the router: no checks.
+            let reply = end.ask(&hello(8), &[my_pidfd]);
+            assert_eq!((reply.id, reply.verdict), (8, wire::ALLOW_ALL), "{reply:?}");
+        });
+        blocking.await.unwrap();
+    }
 }

@@ -103,8 +103,8 @@ impl Rate {
 /// The limits of one target plugin.
 struct Target {
     plugin: String,
-    all: Option<(Rate, DefaultDirectRateLimiter)>,
-    each: Option<(Rate, DefaultKeyedRateLimiter<String>)>,
+    all: Option<(Rate, Arc<DefaultDirectRateLimiter>)>,
+    each: Option<(Rate, Arc<DefaultKeyedRateLimiter<String>>)>,
 }
 
 /// Every plugin's limits, by service name (`plugin.echo`); read lock-free per call.
@@ -128,17 +128,17 @@ impl RateLimits {
             if all.is_none() && each.is_none() {
                 continue;
             }
-            if let Some(kept) = old
-                .get(service)
-                .filter(|t| t.all.as_ref().map(|a| a.0) == all && t.each.as_ref().map(|e| e.0) == each)
-            {
-                next.insert(service.to_owned(), kept.clone());
-                continue;
-            }
+            let old = old.get(service);
             let target = Target {
                 plugin: plugin.to_owned(),
-                all: all.map(|rate| (rate, governor::RateLimiter::direct(rate.quota()))),
-                each: each.map(|rate| (rate, governor::RateLimiter::keyed(rate.quota()))),
+                all: all.map(|rate| match old.and_then(|o| o.all.as_ref()) {
+                    Some((kept, limiter)) if *kept == rate => (rate, limiter.clone()),
+                    _ => (rate, Arc::new(governor::RateLimiter::direct(rate.quota()))),
+                }),
+                each: each.map(|rate| match old.and_then(|o| o.each.as_ref()) {
+                    Some((kept, limiter)) if *kept == rate => (rate, limiter.clone()),
+                    _ => (rate, Arc::new(governor::RateLimiter::keyed(rate.quota()))),
+                }),
             };
             next.insert(service.to_owned(), Arc::new(target));
         }
@@ -190,9 +190,22 @@ mod tests {
         let rate: Rate = "600/m burst 20".parse().unwrap();
         assert_eq!(rate.per, Duration::from_secs(60));
         assert_eq!(rate.to_string(), "600/m burst 20");
-        for bad in ["", "5", "5/d", "0/s", "-1/s", "5/s burst", "5/s burst 0", "5/s x 2", "1000000001/s"] {
+        for bad in [
+            "",
+            "5",
+            "5/d",
+            "0/s",
+            "-1/s",
+            "5/s burst",
+            "5/s burst 0",
+            "5/s x 2",
+            "1000000001/s",
+        ] {
             let error = bad.parse::<Rate>().unwrap_err();
-            assert!(error.contains("COUNT/UNIT") || error.contains("1 to"), "{bad}: {error}");
+            assert!(
+                error.contains("COUNT/UNIT") || error.contains("1 to"),
+                "{bad}: {error}"
+            );
         }
     }
 
@@ -208,16 +221,21 @@ mod tests {
         assert!(error.contains("caller_rate_limit of 5/h"), "{error}");
         // Another caller has its own burst, until all callers together reach 10.
         assert_eq!(
-            (0..20).filter(|_| limits.check("plugin.echo", "uid 7").is_ok()).count(),
+            (0..20)
+                .filter(|_| limits.check("plugin.echo", "uid 7").is_ok())
+                .count(),
             5
         );
         let error = limits.check("plugin.echo", "uid 8").unwrap_err();
         assert!(error.contains("rate_limit of 10/h (all callers"), "{error}");
         // Another service is not limited.
         assert!(limits.check("plugin.other", "plugin a").is_ok());
-        // A reload that keeps the rates keeps their state; one that changes them starts over.
+        // A reload that keeps a rate keeps its state; one that changes it starts over.
         limits.configure([("echo", "plugin.echo", Some(ten), Some(five))]);
         assert!(limits.check("plugin.echo", "plugin a").is_err());
+        limits.configure([("echo", "plugin.echo", Some(ten), Some(ten))]);
+        let error = limits.check("plugin.echo", "plugin a").unwrap_err();
+        assert!(error.contains("rate_limit of 10/h (all callers"), "{error}");
         limits.configure([("echo", "plugin.echo", None, Some(ten))]);
         assert!(limits.check("plugin.echo", "plugin a").is_ok());
         limits.configure([("echo", "plugin.echo", None, None)]);

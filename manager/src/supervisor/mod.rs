@@ -86,7 +86,11 @@ impl ChannelsCell {
 
 impl std::fmt::Debug for ChannelsCell {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.get().is_some() { "set" } else { "unset" })
+        f.write_str(if self.0.get().is_some() {
+            "set"
+        } else {
+            "unset"
+        })
     }
 }
 

@@ -204,8 +204,11 @@ fn inherit(command: &mut Command, channel: &std::os::fd::OwnedFd) {
     unsafe {
         command.pre_exec(move || {
             let fd = BorrowedFd::borrow_raw(fd);
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
-                .map_err(io::Error::from)?;
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map_err(io::Error::from)?;
             Ok(())
         });
     }

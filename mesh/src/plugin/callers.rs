@@ -276,8 +276,11 @@ impl Gate {
         #[allow(unsafe_code)]
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         // The plugin's own children have no use for it.
-        nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-            .map_err(|e| format!("{CALLERS_FD}: {e}"))?;
+        nix::fcntl::fcntl(
+            &owned,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| format!("{CALLERS_FD}: {e}"))?;
         let flags = nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_GETFL)
             .map_err(|e| format!("{CALLERS_FD}: {e}"))?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
@@ -303,8 +306,12 @@ impl Gate {
                 let read = gate
                     .fd
                     .async_io(Interest::READABLE, |fd| {
-                        nix::sys::socket::recv(fd.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty())
-                            .map_err(io::Error::from)
+                        nix::sys::socket::recv(
+                            fd.as_raw_fd(),
+                            &mut buf,
+                            nix::sys::socket::MsgFlags::empty(),
+                        )
+                        .map_err(io::Error::from)
                     })
                     .await;
                 match read {

@@ -32,8 +32,11 @@ pub struct CallGate {
     /// (caller plugin, target service) → when a refusal by rate limit was last logged, and
     /// how many were not logged since. Bounded: callers are configured plugins, targets
     /// configured services with limits.
-    exhausted: Mutex<HashMap<(Arc<str>, String), (Instant, u64)>>,
+    exhausted: Mutex<HashMap<(Arc<str>, String), Logged>>,
 }
+
+/// When a refusal by rate limit was last logged, and how many were not logged since.
+type Logged = (Instant, u64);
 
 /// How a caller is known to rate limits: a plugin by its name, a local process by its uid, a
 /// TCP client by its address (not its port: a client opening many connections is one caller).

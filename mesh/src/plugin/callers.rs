@@ -243,15 +243,18 @@ pub(crate) enum FromEnv {
 }
 
 impl Gate {
-    /// The channel `mesh up` handed down, taken once per process: a second call finds the
-    /// variable's fd already taken and answers `Absent`.
+    /// The channel `mesh up` handed down, taken once per process: a second server in the same
+    /// process is refused rather than served unchecked.
     pub(crate) fn from_env() -> Result<FromEnv, String> {
         static TAKEN: AtomicBool = AtomicBool::new(false);
         let Some(value) = std::env::var_os(CALLERS_FD) else {
             return Ok(FromEnv::Absent);
         };
         if TAKEN.swap(true, Ordering::SeqCst) {
-            return Ok(FromEnv::Absent);
+            return Err(format!(
+                "{CALLERS_FD}: the channel is taken by this process's first server; a plugin \
+                 serves once, on PLUGIN_SOCKET"
+            ));
         }
         let fd: RawFd = value
             .to_str()

@@ -67,6 +67,7 @@ pub(crate) async fn run(
         instances: 1,
         backoff_base: None,
         tcp: true,
+        policy_plugin: s.variants.contains(&Variant::H),
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let (_, instances) = mesh
@@ -89,6 +90,10 @@ pub(crate) async fn run(
             ),
             Variant::C => Client::mesh(
                 Channel::to_address(Address::Unix(mesh.socket.clone()), SERVICE)
+                    .context("a channel through the router")?,
+            ),
+            Variant::H => Client::mesh(
+                Channel::to_address(Address::Unix(mesh.socket.clone()), calls::POLICY_SERVICE)
                     .context("a channel through the router")?,
             ),
             Variant::D => {

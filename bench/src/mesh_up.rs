@@ -80,6 +80,16 @@ impl MeshUp {
         self.up.wait_registry(SERVICE, within, done).await
     }
 
+    /// As [`MeshUp::wait_registry`], for another service (the policy plugin of variant h).
+    pub(crate) async fn wait_service(
+        &self,
+        service: &str,
+        within: Duration,
+        done: impl Fn(&[Instance]) -> bool,
+    ) -> anyhow::Result<(Instant, Vec<Instance>)> {
+        self.up.wait_registry(service, within, done).await
+    }
+
     /// Opens a watch of the echo plugin's instances; its first message is the set now.
     pub(crate) async fn watch(&self) -> anyhow::Result<tonic::Streaming<WatchResponse>> {
         self.up.watch(SERVICE).await

@@ -138,10 +138,18 @@ pub(crate) async fn run(
         clients.push((variant, client));
     }
 
+    // Both echo plugins count as "the plugin": the one a variant does not call is idle.
+    let mut plugin_pids: Vec<u32> = pid_of(&instances[0]).into_iter().collect();
+    if spec.policy_plugin {
+        let (_, policy) = mesh
+            .wait_service(calls::POLICY_SERVICE, READY_DEADLINE, |found| found.len() == 1)
+            .await?;
+        plugin_pids.extend(pid_of(&policy[0]));
+    }
     let processes = Processes {
         client: vec![std::process::id()],
         router: vec![mesh.pid()],
-        plugin: pid_of(&instances[0]).into_iter().collect(),
+        plugin: plugin_pids,
         nginx: nginx.as_ref().map(nginx::Nginx::pids).unwrap_or_default(),
     };
     if latency {

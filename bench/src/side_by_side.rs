@@ -142,7 +142,9 @@ pub(crate) async fn run(
     let mut plugin_pids: Vec<u32> = pid_of(&instances[0]).into_iter().collect();
     if spec.policy_plugin {
         let (_, policy) = mesh
-            .wait_service(calls::POLICY_SERVICE, READY_DEADLINE, |found| found.len() == 1)
+            .wait_service(calls::POLICY_SERVICE, READY_DEADLINE, |found| {
+                found.len() == 1
+            })
             .await?;
         plugin_pids.extend(pid_of(&policy[0]));
     }

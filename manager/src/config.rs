@@ -1722,3 +1722,54 @@ mod transport_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/mesh/mesh.toml"), text)
+    }
+
+    #[test]
+    fn rate_limits_parse_and_bad_ones_name_their_line_and_the_fix() {
+        let plugin =
+            |limits: &str| format!("[[plugin]]\nname = \"a\"\ncommand = \"/bin/sh\"\n{limits}\n");
+        let config = parse(&plugin(
+            "rate_limit = \"1000/s\"\ncaller_rate_limit = \"50/m burst 10\"",
+        ))
+        .unwrap();
+        let p = &config.plugins[0];
+        assert_eq!(p.rate_limit.map(|r| r.to_string()), Some("1000/s".into()));
+        assert_eq!(
+            p.caller_rate_limit.map(|r| r.to_string()),
+            Some("50/m burst 10".into())
+        );
+        assert_eq!(parse(&plugin("")).unwrap().plugins[0].rate_limit, None);
+        for (text, line, needle) in [
+            (
+                "rate_limit = \"fast\"",
+                4,
+                "rate_limit: \"fast\" is not a rate: write COUNT/UNIT",
+            ),
+            (
+                "\ncaller_rate_limit = \"0/s\"",
+                5,
+                "caller_rate_limit: \"0/s\": the count must be 1 to",
+            ),
+            (
+                "rate_limit = \"5/s burst\"",
+                4,
+                "optionally followed by \" burst N\"",
+            ),
+        ] {
+            let error = parse(&plugin(text)).unwrap_err();
+            assert_eq!(error.line, Some(line), "{error}");
+            assert!(error.to_string().contains(needle), "{error}");
+            assert!(
+                error.to_string().starts_with("/etc/mesh/mesh.toml:"),
+                "{error}"
+            );
+        }
+    }
+}

@@ -832,3 +832,73 @@ async fn calls_over_a_rate_limit_are_refused_at_once_and_others_are_not() {
     );
     assert_eq!(mesh.wait_instances("plugin.echo", 1).await[0].pid, pid);
 }
+
+#[tokio::test]
+async fn a_plugin_started_by_hand_says_its_callers_are_unchecked_and_a_bad_channel_is_refused() {
+    use mesh_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
+    use std::process::Stdio;
+    let dir = short_tempdir();
+    let socket = dir.path().join("hand.sock");
+    let plugin = |socket: &Path| {
+        let mut command = tokio::process::Command::new(echo_plugin());
+        command
+            .env("PLUGIN_SOCKET", socket)
+            .env("PLUGIN_NAME", "echo")
+            .env("PLUGIN_INSTANCE", "echo-hand")
+            .env_remove(mesh::plugin::CALLERS_FD)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    };
+
+    // Without the channel it serves every caller, and says so once.
+    let mut child = plugin(&socket).spawn().unwrap();
+    let mut echo = EchoClient::new(mesh::Channel::to_server(mesh::Address::Unix(
+        socket.clone(),
+    )));
+    let deadline = Instant::now() + DEADLINE;
+    let mut answered = 0;
+    while answered < 3 {
+        let call = echo.echo(EchoRequest {
+            message: "hand".into(),
+        });
+        match call.await {
+            Ok(reply) => {
+                assert_eq!(reply.get_ref().message, "hand");
+                answered += 1;
+            }
+            Err(status) => {
+                assert!(Instant::now() < deadline, "never served: {status:?}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    child.start_kill().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        said.matches("MESH_CALLERS_FD not set (not started by mesh up): callers on this socket are served without checking").count(),
+        1,
+        "{said}"
+    );
+
+    // A variable that names no channel (a closed fd here): refused at start, never served
+    // unchecked.
+    let mut bad = plugin(&dir.path().join("bad.sock"));
+    bad.env(mesh::plugin::CALLERS_FD, "9");
+    let out = tokio::time::timeout(DEADLINE, bad.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("MESH_CALLERS_FD=9 is not the manager's channel"),
+        "{said}"
+    );
+}

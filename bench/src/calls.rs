@@ -48,14 +48,22 @@ pub(crate) enum Variant {
     /// `mesh::connect` to an echo service served in this process (`mesh::inprocess`): no
     /// socket, no router, an in-memory stream.
     G,
+    /// Through the router, on its Unix socket, as (c), to a second echo plugin
+    /// ([`POLICY_SERVICE`]) with a policy in force: rate limits for all callers and per caller
+    /// (set high enough never to refuse), checked on every call. The bench is the owner, so
+    /// `call:` checks (plugin callers only) are not part of it.
+    H,
 }
+
+/// The second echo plugin variant (h) calls, the same binary under a policy.
+pub(crate) const POLICY_SERVICE: &str = "plugin.echo-policy";
 
 /// The spin window variant (f) opts in to (`mesh::Connector::spin`).
 pub(crate) const OPT_IN_SPIN: Duration = mesh::tuning::DEFAULT_SPIN;
 
 impl Variant {
     /// Every variant, in table order.
-    pub(crate) const ALL: [Self; 7] = [
+    pub(crate) const ALL: [Self; 8] = [
         Self::A,
         Self::B,
         Self::C,
@@ -63,6 +71,7 @@ impl Variant {
         Self::E,
         Self::F,
         Self::G,
+        Self::H,
     ];
 
     /// `a` to `g`.
@@ -75,6 +84,7 @@ impl Variant {
             Self::E => "e",
             Self::F => "f",
             Self::G => "g",
+            Self::H => "h",
         }
     }
 
@@ -88,6 +98,7 @@ impl Variant {
             Self::E => "nginx grpc_pass, TCP",
             Self::F => "mesh::connect, direct, spin opt-in (100 µs)",
             Self::G => "mesh::connect, in-process service",
+            Self::H => "router, Unix socket, rate limits in force",
         }
     }
 }

@@ -33,6 +33,8 @@ pub(crate) struct MeshSpec {
     pub(crate) backoff_base: Option<String>,
     /// Whether the router also listens on TCP (`listen = "127.0.0.1:0"`).
     pub(crate) tcp: bool,
+    /// Whether to run a second echo plugin under a policy (variant h).
+    pub(crate) policy_plugin: bool,
 }
 
 /// A running `mesh up`; stopped (with its plugins) when dropped.
@@ -76,6 +78,16 @@ impl MeshUp {
         done: impl Fn(&[Instance]) -> bool,
     ) -> anyhow::Result<(Instant, Vec<Instance>)> {
         self.up.wait_registry(SERVICE, within, done).await
+    }
+
+    /// As [`MeshUp::wait_registry`], for another service (the policy plugin of variant h).
+    pub(crate) async fn wait_service(
+        &self,
+        service: &str,
+        within: Duration,
+        done: impl Fn(&[Instance]) -> bool,
+    ) -> anyhow::Result<(Instant, Vec<Instance>)> {
+        self.up.wait_registry(service, within, done).await
     }
 
     /// Opens a watch of the echo plugin's instances; its first message is the set now.
@@ -140,6 +152,14 @@ fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
     );
     if let Some(base) = &spec.backoff_base {
         plugin.push_str(&format!("backoff_base = {base:?}\n"));
+    }
+    if spec.policy_plugin {
+        // Limits that never refuse at these rates, but are checked on every call.
+        plugin.push_str(&format!(
+            "\n[[plugin]]\nname = \"echo-policy\"\ncommand = {:?}\n\
+             rate_limit = \"1000000000/s\"\ncaller_rate_limit = \"1000000000/s\"\n",
+            bins.echo_plugin.display().to_string(),
+        ));
     }
     (settings, plugin)
 }

@@ -278,6 +278,14 @@ impl Report {
                 ratio >= 1.5,
             )
         });
+        let policy = c.zip(self.median_us(H)).map(|(c, h)| {
+            let added = h - c;
+            (
+                format!("(h) {h:.1} µs − (c) {c:.1} µs"),
+                added,
+                added <= 2.0,
+            )
+        });
         let spawn = self.spawn.iter().find(|s| s.instances == 100).map(|s| {
             let ms = s.ready_ms.median;
             (
@@ -309,6 +317,11 @@ impl Report {
                 "router throughput at 64 in flight ≥ 1.5 × nginx's",
                 "≥ 1.5",
                 rates,
+            ),
+            Target::new(
+                "routed call with a policy in force: (h) − (c) median ≤ 2 µs (issue 11)",
+                "≤ 2 µs",
+                policy,
             ),
             Target::new("100 instances ready within 1 s", "≤ 1000 ms", spawn),
         ];

@@ -67,6 +67,7 @@ pub(crate) async fn run(
         instances: 1,
         backoff_base: None,
         tcp: true,
+        policy_plugin: s.variants.contains(&Variant::H),
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let (_, instances) = mesh
@@ -89,6 +90,10 @@ pub(crate) async fn run(
             ),
             Variant::C => Client::mesh(
                 Channel::to_address(Address::Unix(mesh.socket.clone()), SERVICE)
+                    .context("a channel through the router")?,
+            ),
+            Variant::H => Client::mesh(
+                Channel::to_address(Address::Unix(mesh.socket.clone()), calls::POLICY_SERVICE)
                     .context("a channel through the router")?,
             ),
             Variant::D => {
@@ -133,10 +138,20 @@ pub(crate) async fn run(
         clients.push((variant, client));
     }
 
+    // Both echo plugins count as "the plugin": the one a variant does not call is idle.
+    let mut plugin_pids: Vec<u32> = pid_of(&instances[0]).into_iter().collect();
+    if spec.policy_plugin {
+        let (_, policy) = mesh
+            .wait_service(calls::POLICY_SERVICE, READY_DEADLINE, |found| {
+                found.len() == 1
+            })
+            .await?;
+        plugin_pids.extend(pid_of(&policy[0]));
+    }
     let processes = Processes {
         client: vec![std::process::id()],
         router: vec![mesh.pid()],
-        plugin: pid_of(&instances[0]).into_iter().collect(),
+        plugin: plugin_pids,
         nginx: nginx.as_ref().map(nginx::Nginx::pids).unwrap_or_default(),
     };
     if latency {

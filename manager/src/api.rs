@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     Config, ConfigError,
     host::{
-        Audit, Policies, Policy,
+        Audit, Policies, Policy, RateLimits,
         caps::{CapsError, RELOAD},
     },
     supervisor::{PluginStatus, ReloadReport, Supervisor, SupervisorError, logs},
@@ -26,23 +26,28 @@ pub struct ManagerService {
     supervisor: Arc<Supervisor>,
     config: Arc<Mutex<Config>>,
     policies: Arc<Policies>,
+    rates: Arc<RateLimits>,
     audit: Arc<Audit>,
 }
 
 impl ManagerService {
     /// Serves `supervisor`, which runs `config`; grants and revokes change `policies`
-    /// (configured here from `config`), and `audit` is the log `ReadAudit` reads.
+    /// (configured here from `config`, as are the rate limits `rates`), and `audit` is the log
+    /// `ReadAudit` reads.
     pub fn new(
         supervisor: Arc<Supervisor>,
         config: Config,
         policies: Arc<Policies>,
+        rates: Arc<RateLimits>,
         audit: Arc<Audit>,
     ) -> Self {
         configure(&policies, &config);
+        configure_rates(&rates, &config);
         Self {
             supervisor,
             config: Arc::new(Mutex::new(config)),
             policies,
+            rates,
             audit,
         }
     }
@@ -64,6 +69,7 @@ impl ManagerService {
         let report = self.supervisor.reload(&current, next.clone()).await;
         // Capabilities and roots from the new file, run-time grants and revokes kept.
         configure(&self.policies, &next);
+        configure_rates(&self.rates, &next);
         *current = next;
         Ok(report)
     }
@@ -77,6 +83,18 @@ fn configure(policies: &Policies, config: &Config) {
             .iter()
             .map(|p| (p.name.as_str(), p.root.clone(), &p.capabilities[..])),
     );
+}
+
+/// Every configured plugin's rate limits, into `rates`.
+fn configure_rates(rates: &RateLimits, config: &Config) {
+    rates.configure(config.plugins.iter().map(|p| {
+        (
+            p.name.as_str(),
+            p.service.as_str(),
+            p.rate_limit,
+            p.caller_rate_limit,
+        )
+    }));
 }
 
 fn caps_response(policy: &Policy) -> CapsResponse {

@@ -21,7 +21,10 @@ use mesh_router::Limits;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::{host::Capability, supervisor::MAX_INSTANCES};
+use crate::{
+    host::{Capability, Rate},
+    supervisor::MAX_INSTANCES,
+};
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,6 +119,10 @@ pub struct PluginConfig {
     pub root: PathBuf,
     /// How the instances serve: a Unix socket (default) or loopback TCP.
     pub transport: Transport,
+    /// Calls to this plugin by all callers together (`rate_limit = "1000/s"`).
+    pub rate_limit: Option<Rate>,
+    /// Calls to this plugin by each caller (`caller_rate_limit = "50/s burst 10"`).
+    pub caller_rate_limit: Option<Rate>,
 }
 
 /// How a plugin's instances serve (`transport` in `[[plugin]]`): the host picks, the plugin
@@ -312,6 +319,8 @@ struct RawPlugin {
     capabilities: Vec<Spanned<String>>,
     root: Option<Spanned<PathBuf>>,
     transport: Option<Spanned<String>>,
+    rate_limit: Option<Spanned<String>>,
+    caller_rate_limit: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -537,6 +546,8 @@ impl File<'_> {
         let plugin_error = |span: Range<usize>, message: String| {
             self.at(Some(span), format!("plugin {name:?}: {message}"))
         };
+        let (rate_limit, caller_rate_limit) =
+            rate_limits(&p).map_err(|(span, message)| plugin_error(span, message))?;
         let command = resolve_command(self.base, p.command.get_ref())
             .map_err(|message| plugin_error(p.command.span(), message))?;
         let count = |field: &str, value: &Option<Spanned<u32>>, default: u32, max: u32| match value
@@ -692,6 +703,8 @@ impl File<'_> {
             idempotent,
             capabilities,
             root,
+            rate_limit,
+            caller_rate_limit,
         };
         // The longest id this plugin can have must still fit a socket path.
         let longest = plugin.socket(&plugin.instance_id(MAX_INSTANCES));
@@ -812,6 +825,23 @@ fn environment(
 
 /// Resource limits within what a kernel accepts, so that a typo fails here rather than as a
 /// start error of every instance.
+/// `rate_limit` and `caller_rate_limit` of a `[[plugin]]` table.
+#[allow(clippy::type_complexity)]
+fn rate_limits(p: &RawPlugin) -> Result<(Option<Rate>, Option<Rate>), (Range<usize>, String)> {
+    let rate = |field: &str, value: &Option<Spanned<String>>| match value {
+        None => Ok(None),
+        Some(value) => value
+            .get_ref()
+            .parse::<Rate>()
+            .map(Some)
+            .map_err(|e| (value.span(), format!("{field}: {e}"))),
+    };
+    Ok((
+        rate("rate_limit", &p.rate_limit)?,
+        rate("caller_rate_limit", &p.caller_rate_limit)?,
+    ))
+}
+
 fn resource_limits(limits: &RawLimits) -> Result<ResourceLimits, (Range<usize>, String)> {
     let bounded =
         |field: &str, value: &Option<Spanned<u64>>, bounds: std::ops::RangeInclusive<u64>| {
@@ -1690,5 +1720,56 @@ mod transport_tests {
             ),
             "{error}"
         );
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/mesh/mesh.toml"), text)
+    }
+
+    #[test]
+    fn rate_limits_parse_and_bad_ones_name_their_line_and_the_fix() {
+        let plugin =
+            |limits: &str| format!("[[plugin]]\nname = \"a\"\ncommand = \"/bin/sh\"\n{limits}\n");
+        let config = parse(&plugin(
+            "rate_limit = \"1000/s\"\ncaller_rate_limit = \"50/m burst 10\"",
+        ))
+        .unwrap();
+        let p = &config.plugins[0];
+        assert_eq!(p.rate_limit.map(|r| r.to_string()), Some("1000/s".into()));
+        assert_eq!(
+            p.caller_rate_limit.map(|r| r.to_string()),
+            Some("50/m burst 10".into())
+        );
+        assert_eq!(parse(&plugin("")).unwrap().plugins[0].rate_limit, None);
+        for (text, line, needle) in [
+            (
+                "rate_limit = \"fast\"",
+                4,
+                "rate_limit: \"fast\" is not a rate: write COUNT/UNIT",
+            ),
+            (
+                "\ncaller_rate_limit = \"0/s\"",
+                5,
+                "caller_rate_limit: \"0/s\": the count must be 1 to",
+            ),
+            (
+                "rate_limit = \"5/s burst\"",
+                4,
+                "optionally followed by \" burst N\"",
+            ),
+        ] {
+            let error = parse(&plugin(text)).unwrap_err();
+            assert_eq!(error.line, Some(line), "{error}");
+            assert!(error.to_string().contains(needle), "{error}");
+            assert!(
+                error.to_string().starts_with("/etc/mesh/mesh.toml:"),
+                "{error}"
+            );
+        }
     }
 }

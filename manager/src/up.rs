@@ -13,7 +13,7 @@ use tokio::{
 use crate::{
     Config, Supervisor,
     api::ManagerService,
-    host::{Audit, CallGate, HostService, Policies},
+    host::{Audit, CallGate, DirectGate, HostService, Policies, RateLimits},
     supervisor::{PluginStatus, State},
     systemd,
 };
@@ -84,13 +84,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Audit::open(config.audit_log.clone(), config.audit_max_size).map_err(UpError::Audit)?,
     );
     let policies = Arc::new(Policies::default());
+    let rates = Arc::new(RateLimits::default());
     let manager = ManagerService::new(
         supervisor.clone(),
         config.clone(),
         policies.clone(),
+        rates.clone(),
         audit.clone(),
     );
-    let calls = CallGate::new(policies.clone(), audit.clone());
+    let calls = Arc::new(CallGate::new(policies.clone(), rates, audit.clone()));
+    // The direct path: each instance's SDK asks about its callers over a private channel,
+    // answered by the same gate. Set before any plugin starts.
+    if DirectGate::supported() {
+        supervisor.set_caller_channels(Arc::new(DirectGate::new(
+            calls.clone(),
+            Arc::downgrade(&supervisor),
+        )));
+    } else {
+        tracing::warn!(
+            "this kernel has no SO_PEERPIDFD (Linux 6.5): plugins cannot check their callers \
+             on their own sockets, so call: capabilities and rate limits bound the router path \
+             only"
+        );
+    }
     let host = HostService::new(policies, audit);
     let identify = supervisor.clone();
     let router = Router::builder(registry)
@@ -100,7 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         // Once per connection: is the peer a managed instance, or a process it started?
         .identify(move |pid| identify.identify(pid))
         // Per forwarded call of a plugin: its call: capabilities, audited.
-        .call_policy(calls)
+        .call_policy(CallPolicyOf(calls))
         .build()
         .await;
     let mut hangup = signal(SignalKind::hangup()).map_err(UpError::Signal)?;
@@ -187,6 +203,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The router's hook, answered by the gate the direct path shares.
+struct CallPolicyOf(Arc<CallGate>);
+
+impl mesh_router::CallPolicy for CallPolicyOf {
+    fn check(
+        &self,
+        caller: &mesh_router::Caller,
+        service: &str,
+        method: &str,
+    ) -> Result<(), mesh_router::Refusal> {
+        self.0.decide(caller, service, method, "router")
+    }
 }
 
 /// Runs instances in PID namespaces of their own where this machine allows it (see

@@ -9,8 +9,8 @@
 //! - `grpc`: what is a gRPC call the router takes (POST, `application/grpc`, header list);
 //! - `policy`: who may call what on the router itself (the Manager API and registry writes
 //!   are the owner's);
-//! - `calls`: which services and methods a plugin may call through the router
-//!   ([`CallPolicy`], installed by the embedder);
+//! - `calls`: whether a forwarded call may go, by the embedder's policy: a plugin's `call:`
+//!   capabilities, every caller's rate limits ([`CallPolicy`]);
 //! - `route`: where a call goes (the `mesh-service` header, else `:authority`);
 //! - `upstream`: one balancer (`mesh::balance`) per service, following the registry;
 //! - `deadline`: `grpc-timeout` and the default call timeout;
@@ -43,7 +43,7 @@ mod route;
 mod upstream;
 mod workers;
 
-pub use calls::CallPolicy;
+pub use calls::{CallPolicy, Refusal};
 pub use forward::{Router, RouterBuilder};
 pub use identity::{Caller, Identify, PluginIdentity};
 pub use limit::{

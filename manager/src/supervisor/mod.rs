@@ -60,7 +60,38 @@ pub struct Supervisor {
     /// The `mesh` binary that runs each instance in its own PID namespace ([`init`]); `None`:
     /// instances run directly.
     init: Option<PathBuf>,
+    /// Opens each instance's private channel for checking its callers (set once, after the
+    /// gate that answers it is built).
+    channels: ChannelsCell,
     plugins: Mutex<BTreeMap<String, Arc<Slot>>>,
+}
+
+/// Opens an instance's private channel to the manager, over which its SDK asks who its callers
+/// are and whether each call may run (`MESH_CALLERS_FD`; `crate::host::direct`).
+pub trait CallerChannels: Send + Sync + 'static {
+    /// A new channel for an instance of `plugin` serving `service`: the end the instance
+    /// inherits (close-on-exec; the child clears that).
+    fn open(&self, plugin: &str, service: &str) -> std::io::Result<std::os::fd::OwnedFd>;
+}
+
+/// Where instances find the [`CallerChannels`], once it is set.
+#[derive(Clone, Default)]
+pub(crate) struct ChannelsCell(Arc<std::sync::OnceLock<Arc<dyn CallerChannels>>>);
+
+impl ChannelsCell {
+    pub(crate) fn get(&self) -> Option<&Arc<dyn CallerChannels>> {
+        self.0.get()
+    }
+}
+
+impl std::fmt::Debug for ChannelsCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "set"
+        } else {
+            "unset"
+        })
+    }
 }
 
 /// One plugin: its settings and instances, and the lock that serialises operations on it.
@@ -132,6 +163,7 @@ impl Supervisor {
             registry,
             mesh_socket,
             init: None,
+            channels: ChannelsCell::default(),
             plugins: Mutex::default(),
         }
     }
@@ -142,6 +174,12 @@ impl Supervisor {
     pub fn with_init(mut self, program: PathBuf) -> Self {
         self.init = Some(program);
         self
+    }
+
+    /// Gives every instance started from now on a private channel from `channels`, over which
+    /// its SDK checks its callers; set once (a second call is ignored).
+    pub fn set_caller_channels(&self, channels: Arc<dyn CallerChannels>) {
+        let _ = self.channels.0.set(channels);
     }
 
     fn plugins(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Slot>>> {
@@ -210,6 +248,7 @@ impl Supervisor {
                 id,
                 mesh_socket: self.mesh_socket.clone(),
                 init: self.init.clone(),
+                channels: self.channels.clone(),
             },
             registry: self.registry.clone(),
             logs: logs.clone(),
@@ -411,11 +450,14 @@ impl Supervisor {
                 continue;
             };
             let old = slot.run().config.clone();
-            // Capabilities and root apply on the next call (the host's policies), not by restart.
+            // Capabilities, root and rate limits apply on the next call (the host's policies),
+            // not by restart.
             let same_but_count = PluginConfig {
                 instances: old.instances,
                 capabilities: old.capabilities.clone(),
                 root: old.root.clone(),
+                rate_limit: old.rate_limit,
+                caller_rate_limit: old.caller_rate_limit,
                 ..plugin.clone()
             };
             if same_but_count != *old {

@@ -23,6 +23,8 @@ pub(crate) struct Launch {
     pub(crate) mesh_socket: std::path::PathBuf,
     /// The `mesh` binary, to run the instance in its own PID namespace (`super::init`).
     pub(crate) init: Option<std::path::PathBuf>,
+    /// Where the instance's private channel for checking callers comes from.
+    pub(crate) channels: super::ChannelsCell,
 }
 
 impl Launch {
@@ -122,6 +124,16 @@ pub(crate) fn spawn(
     }
     crate::systemd::hide(&mut command);
     before_exec(&mut command, plugin.limits);
+    // Kept open until the child has it; then only the child (and the manager's end) holds it.
+    let _channel = match (endpoint, launch.channels.get()) {
+        (Address::Unix(_), Some(channels)) => {
+            let channel = channels.open(&plugin.name, plugin.service.as_str())?;
+            inherit(&mut command, &channel);
+            Some(channel)
+        }
+        // A TCP peer has no pidfd: nothing to check it by (docs/security.md says so).
+        _ => None,
+    };
     let mut child = command.spawn()?;
     let mut capture = Capture(Vec::with_capacity(2));
     for (stream, output) in [
@@ -175,6 +187,28 @@ fn before_exec(command: &mut Command, limits: ResourceLimits) {
                     setrlimit(resource, limit, limit).map_err(io::Error::from)?;
                 }
             }
+            Ok(())
+        });
+    }
+}
+
+/// Hands `channel` to the child as `MESH_CALLERS_FD`: the same number, close-on-exec cleared
+/// in the child only, so no other process the manager starts inherits it.
+#[allow(unsafe_code)]
+fn inherit(command: &mut Command, channel: &std::os::fd::OwnedFd) {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let fd = channel.as_raw_fd();
+    command.env(plugin::CALLERS_FD, fd.to_string());
+    // SAFETY: runs in the child between fork and exec, and only calls fcntl (async-signal-safe)
+    // on an fd that is open there (the parent keeps it open until spawn returns).
+    unsafe {
+        command.pre_exec(move || {
+            let fd = BorrowedFd::borrow_raw(fd);
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map_err(io::Error::from)?;
             Ok(())
         });
     }

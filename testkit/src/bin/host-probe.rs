@@ -4,7 +4,9 @@
 //!
 //! Each line it reads is one call, `OP ARG [DATA]` (`read`, `stream`, `write`, `delete`, `stat`,
 //! `list`, `env`; `manager` lists plugins through the Manager API; `stats N` times N Stat calls
-//! of `.`; `call SERVICE echo|expand` calls that echo method of SERVICE through the router),
+//! of `.`; `call SERVICE echo|expand [router|connect|socket PATH]` calls that echo method of
+//! SERVICE through the router (the default), through `mesh::connect` (a direct dial) or on the
+//! socket PATH),
 //! and each answer is one line:
 //! `ok TEXT` or `err CODE MESSAGE`, newlines escaped. Every call also sends headers that claim
 //! another plugin's name: they must change nothing.
@@ -176,20 +178,38 @@ async fn call(line: &str) -> String {
         // `Echo` answers its message, `Expand` the number of replies it streamed.
         "call" => {
             use mesh_proto::echo::v1::{EchoRequest, ExpandRequest, echo_client::EchoClient};
-            let router = mesh::Address::Unix(mesh::runtime::router_socket());
-            let channel = match mesh::Channel::to_address(router, &arg) {
-                Ok(channel) => channel,
-                Err(error) => return format!("err 3 {error}"),
+            let mut words = data.split_whitespace();
+            let (method, via, path) = (words.next(), words.next(), words.next());
+            let (channel, direct) = match (via, path) {
+                (None | Some("router"), _) => {
+                    let router = mesh::Address::Unix(mesh::runtime::router_socket());
+                    match mesh::Channel::to_address(router, &arg) {
+                        Ok(channel) => (channel, false),
+                        Err(error) => return format!("err 3 {error}"),
+                    }
+                }
+                // mesh::connect: from inside a plugin, a direct dial of the instances.
+                (Some("connect"), _) => match mesh::connect(&arg).await {
+                    Ok(channel) => (channel, true),
+                    Err(error) => return format!("err 14 {error}"),
+                },
+                // The target's socket, dialed by hand.
+                (Some("socket"), Some(path)) => (
+                    mesh::Channel::to_server(mesh::Address::Unix(path.into())),
+                    true,
+                ),
+                _ => return format!("err 3 unknown path {data:?}"),
             };
+            // Direct calls claim another plugin in every header, the route's included.
             let mut echo = EchoClient::new(channel);
             let message = "probe".to_owned();
-            match data.as_str() {
+            match method.unwrap_or_default() {
                 "echo" => echo
-                    .echo(routed(EchoRequest { message }))
+                    .echo(dress_echo(direct, EchoRequest { message }))
                     .await
                     .map(|r| r.into_inner().message),
                 "expand" => match echo
-                    .expand(routed(ExpandRequest { message, count: 2 }))
+                    .expand(dress_echo(direct, ExpandRequest { message, count: 2 }))
                     .await
                 {
                     Ok(response) => {
@@ -220,6 +240,15 @@ async fn call(line: &str) -> String {
     match result {
         Ok(text) => format!("ok {text}"),
         Err(status) => format!("err {} {}", status.code() as i32, status.message()),
+    }
+}
+
+/// An echo request dressed for its path: [`forged`] for a direct call, [`routed`] otherwise.
+fn dress_echo<T>(direct: bool, message: T) -> Request<T> {
+    if direct {
+        forged(message)
+    } else {
+        routed(message)
     }
 }
 

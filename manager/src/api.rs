@@ -111,6 +111,7 @@ fn status(error: SupervisorError) -> Status {
         SupervisorError::Unknown(_) => Status::not_found(error.to_string()),
         SupervisorError::Range(_) => Status::invalid_argument(error.to_string()),
         SupervisorError::Socket(_) => Status::internal(error.to_string()),
+        SupervisorError::Sandbox(_) => Status::failed_precondition(error.to_string()),
     }
 }
 

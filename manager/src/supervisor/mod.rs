@@ -15,6 +15,7 @@ pub mod init;
 mod instance;
 pub mod logs;
 mod process;
+pub mod sandbox;
 
 use std::{
     collections::BTreeMap,
@@ -48,6 +49,9 @@ pub enum SupervisorError {
     /// The plugin's socket directory could not be prepared.
     #[error(transparent)]
     Socket(#[from] mesh::runtime::SocketError),
+    /// The plugin asks for `sandbox = true` and this kernel cannot sandbox it fully.
+    #[error("{0}")]
+    Sandbox(String),
 }
 
 /// Runs plugins. Share it behind an `Arc`.
@@ -60,6 +64,9 @@ pub struct Supervisor {
     /// The `mesh` binary that runs each instance in its own PID namespace ([`init`]); `None`:
     /// instances run directly.
     init: Option<PathBuf>,
+    /// What the kernel offers sandboxed plugins ([`sandbox::probe`]); `None`: not probed,
+    /// no sandbox.
+    sandbox: Option<sandbox::Support>,
     plugins: Mutex<BTreeMap<String, Arc<Slot>>>,
 }
 
@@ -132,6 +139,7 @@ impl Supervisor {
             registry,
             mesh_socket,
             init: None,
+            sandbox: None,
             plugins: Mutex::default(),
         }
     }
@@ -142,6 +150,54 @@ impl Supervisor {
     pub fn with_init(mut self, program: PathBuf) -> Self {
         self.init = Some(program);
         self
+    }
+
+    /// Sandboxes the plugins that ask for it (`sandbox = true`) as `support` says the kernel
+    /// can; needs [`Supervisor::with_init`] (the sandbox is set up by `mesh __init`).
+    pub fn with_sandbox(mut self, support: sandbox::Support) -> Self {
+        self.sandbox = Some(support);
+        self
+    }
+
+    /// What the kernel offers sandboxed plugins here.
+    pub fn sandbox_support(&self) -> sandbox::Support {
+        match (&self.init, &self.sandbox) {
+            (Some(_), Some(support)) => support.clone(),
+            (None, _) => sandbox::Support::none(
+                "no PID namespace per instance, in which the sandbox is set up".into(),
+            ),
+            (Some(_), None) => sandbox::Support::none("not probed".into()),
+        }
+    }
+
+    /// Refuses a plugin with `sandbox = true` that this kernel cannot sandbox fully; warns of
+    /// a `"best-effort"` one.
+    fn check_sandbox(&self, config: &PluginConfig) -> Result<(), SupervisorError> {
+        use crate::config::SandboxMode;
+        let support = self.sandbox_support();
+        let name = &config.name;
+        let origin = &config.sandbox.origin;
+        match config.sandbox.mode {
+            SandboxMode::Off => Ok(()),
+            _ if support.full() => {
+                tracing::info!("plugin {name}: sandboxed: {}", support.describe());
+                Ok(())
+            }
+            SandboxMode::Strict => Err(SupervisorError::Sandbox(format!(
+                "{origin}: plugin {name:?} asks for sandbox = true, but this kernel cannot \
+                 sandbox it fully: {}; not started. Set sandbox = \"best-effort\" to run it \
+                 with what the kernel offers, or allow user namespaces and Landlock",
+                support.describe()
+            ))),
+            SandboxMode::BestEffort => {
+                tracing::warn!(
+                    "{origin}: plugin {name}: sandbox = \"best-effort\", and this kernel cannot \
+                     sandbox fully: {}",
+                    support.describe()
+                );
+                Ok(())
+            }
+        }
     }
 
     fn plugins(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Slot>>> {
@@ -157,6 +213,7 @@ impl Supervisor {
 
     /// Adds a plugin and starts its instances; returns at once (see [`Supervisor::settled`]).
     pub fn add(&self, config: PluginConfig) -> Result<(), SupervisorError> {
+        self.check_sandbox(&config)?;
         prepare_socket_dir(&config)?;
         let config = Arc::new(config);
         let logs = Arc::new(LogBook::default());
@@ -210,6 +267,7 @@ impl Supervisor {
                 id,
                 mesh_socket: self.mesh_socket.clone(),
                 init: self.init.clone(),
+                sandbox: self.init.is_some() && self.sandbox.is_some(),
             },
             registry: self.registry.clone(),
             logs: logs.clone(),
@@ -420,7 +478,10 @@ impl Supervisor {
             };
             if same_but_count != *old {
                 let _op = slot.ops.lock().await;
-                if let Err(error) = prepare_socket_dir(&plugin) {
+                if let Err(error) = self
+                    .check_sandbox(&plugin)
+                    .and_then(|()| Ok(prepare_socket_dir(&plugin)?))
+                {
                     // Its instances keep running with the settings they have.
                     report
                         .failed

@@ -12,6 +12,7 @@ mod lifecycle;
 mod python_plugin;
 mod router;
 mod routing;
+mod sandbox;
 mod scaffold;
 mod security;
 mod supervision;

@@ -6,6 +6,7 @@ mod bad_input;
 mod cancel;
 mod command_line;
 mod deploy;
+mod files_plugin;
 mod hardening;
 mod host;
 mod lifecycle;

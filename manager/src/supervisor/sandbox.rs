@@ -90,15 +90,20 @@ pub(crate) struct Spec {
 /// socket is `mesh_socket`.
 pub(crate) fn spec(plugin: &PluginConfig, mesh_socket: &Path, tcp_port: Option<u16>) -> Spec {
     let mut read_exec: Vec<PathBuf> = SYSTEM_PATHS.iter().map(PathBuf::from).collect();
-    read_exec.push(plugin.command.clone());
-    // A program installed as PREFIX/bin/NAME (a virtual environment, /opt/tool) reads its
-    // libraries beneath PREFIX.
-    if let Some(bin) = plugin.command.parent()
-        && bin.file_name().is_some_and(|n| n == "bin")
-        && let Some(prefix) = bin.parent()
-        && prefix != Path::new("/")
-    {
-        read_exec.push(prefix.to_owned());
+    // The command as named and, through its symlinks, the program it is (a virtual
+    // environment's bin/python is a link to an interpreter installed elsewhere).
+    let real = std::fs::canonicalize(&plugin.command).ok();
+    for program in std::iter::once(&plugin.command).chain(real.as_ref()) {
+        read_exec.push(program.clone());
+        // A program installed as PREFIX/bin/NAME (a virtual environment, /opt/tool, an
+        // interpreter) reads its libraries beneath PREFIX.
+        if let Some(bin) = program.parent()
+            && bin.file_name().is_some_and(|n| n == "bin")
+            && let Some(prefix) = bin.parent()
+            && prefix != Path::new("/")
+        {
+            read_exec.push(prefix.to_owned());
+        }
     }
     read_exec.extend(plugin.sandbox.paths.iter().cloned());
     let (mut read, mut write) = (Vec::new(), Vec::new());

@@ -3,6 +3,7 @@
 //! - [`process`]: starting a plugin process (environment, process group, parent-death signal,
 //!   limits, credentials) and stopping it (SIGTERM to the group, SIGKILL after the grace);
 //! - [`init`]: a PID namespace per instance, so that no descendant outlives the manager;
+//! - [`sandbox`]: the opt-in kernel sandbox (a mount namespace and Landlock) `init` sets up;
 //! - [`instance`]: one instance's life as a task with an explicit [`State`];
 //! - [`logs`]: captured stdout and stderr;
 //! - `identify`: which instance a local process belongs to, for the router ([`Supervisor::identify`]).

@@ -14,6 +14,7 @@ use crate::support::{DEADLINE, Mesh, echo_plugin, grpcurl_ok, host_probe, script
 
 const EACCES: i32 = 13;
 const ENOENT: i32 = 2;
+const EPERM: i32 = 1;
 
 /// Talks to a probe: one line out, one line back (`ok TEXT` or `err CODE MESSAGE`).
 struct Probe {
@@ -176,6 +177,21 @@ async fn a_sandboxed_plugin_opens_only_what_it_may_and_reaches_plugins_only_by_t
     let address = listener.local_addr().unwrap();
     assert_eq!(plain.ok(&format!("tcp {address}")).await, "connected");
     assert_eq!(files.errno(&format!("tcp {address}")).await, EACCES);
+
+    // Abstract Unix sockets made outside the sandbox, and signals to processes outside it
+    // (another instance's are not even in its PID namespace): scoped by Landlock (EPERM).
+    let name = format!("mesh-sandbox-test-{}", std::process::id());
+    let abstract_listener = {
+        use std::os::linux::net::SocketAddrExt;
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        std::os::unix::net::UnixListener::bind_addr(&address).unwrap()
+    };
+    assert_eq!(plain.ok(&format!("abstract {name}")).await, "connected");
+    assert_eq!(files.errno(&format!("abstract {name}")).await, EPERM);
+    drop(abstract_listener);
+    // Pid 1 of each instance's PID namespace is its init, outside the sandbox.
+    assert_eq!(plain.ok("signal 1").await, "signalled");
+    assert_eq!(files.errno("signal 1").await, EPERM);
 
     // Its own socket serves: health made it ready above, and grpcurl reaches it by name.
     let socket = mesh.socket.display().to_string();

@@ -7,8 +7,8 @@
 //! of `.`; `call SERVICE echo|expand` calls that echo method of SERVICE through the router;
 //! `connect SERVICE` calls its `Echo` through `mesh::connect`, as a plugin would; and, to
 //! test the kernel sandbox, the process's own system calls: `open PATH` reads a file, `dial
-//! PATH` connects to a Unix socket, `tcp HOST:PORT` connects over TCP, each answering `ok` or
-//! `err ERRNO MESSAGE`),
+//! PATH` connects to a Unix socket, `abstract NAME` to an abstract one, `tcp HOST:PORT`
+//! connects over TCP, `signal PID` sends signal 0, each answering `ok` or `err ERRNO MESSAGE`),
 //! and each answer is one line:
 //! `ok TEXT` or `err CODE MESSAGE`, newlines escaped. Every call also sends headers that claim
 //! another plugin's name: they must change nothing.
@@ -101,6 +101,21 @@ async fn call(line: &str) -> String {
             return os(std::os::unix::net::UnixStream::connect(&arg).map(|_| "connected".into()));
         }
         "tcp" => return os(std::net::TcpStream::connect(&arg).map(|_| "connected".into())),
+        "abstract" => {
+            use std::os::linux::net::SocketAddrExt;
+            return os(
+                std::os::unix::net::SocketAddr::from_abstract_name(arg.as_bytes())
+                    .and_then(|a| std::os::unix::net::UnixStream::connect_addr(&a))
+                    .map(|_| "connected".into()),
+            );
+        }
+        // Signal 0 to a pid: whether this process may signal it at all.
+        "signal" => {
+            let pid = nix::unistd::Pid::from_raw(arg.parse().unwrap_or(0));
+            return os(nix::sys::signal::kill(pid, None)
+                .map(|()| "signalled".into())
+                .map_err(std::io::Error::from));
+        }
         _ => {}
     }
     let mut host = mesh::plugin::host();

@@ -488,6 +488,37 @@ mod tests {
     }
 
     #[test]
+    fn the_rules_follow_the_capabilities_and_hide_the_runtime_directory() {
+        let text = "[mesh]\nruntime_dir = \"/run/m\"\n[[plugin]]\nname = \"files\"\n\
+            command = \"/bin/sh\"\nroot = \"/srv/files\"\nsandbox = true\n\
+            sandbox_paths = [\"lib\"]\n\
+            capabilities = [\"read:docs/**\", \"write:reports/*.txt\", \"env:TZ\", \"call:plugin.echo\"]\n";
+        let config = crate::Config::parse(Path::new("/etc/mesh/mesh.toml"), text).unwrap();
+        let plugin = &config.plugins[0];
+        assert_eq!(plugin.sandbox.origin, "/etc/mesh/mesh.toml:7");
+        let spec = spec(plugin, Path::new("/run/m/mesh.sock"), None);
+        assert!(spec.strict);
+        assert_eq!(spec.read, [PathBuf::from("/srv/files/docs")]);
+        assert_eq!(spec.write, [PathBuf::from("/srv/files/reports")]);
+        assert_eq!(spec.socket_dir, PathBuf::from("/run/m/files"));
+        assert_eq!(spec.hide, Some(PathBuf::from("/run/m")));
+        for kept in ["/run/m/files", "/run/m/mesh.sock"] {
+            assert!(spec.keep.contains(&PathBuf::from(kept)), "{kept}");
+        }
+        for allowed in ["/usr", "/bin/sh", "/etc/mesh/lib"] {
+            assert!(
+                spec.read_exec.contains(&PathBuf::from(allowed)),
+                "{allowed}"
+            );
+        }
+        assert!(!spec.read_exec.iter().any(|p| p == Path::new("/")));
+        assert_eq!(spec.tcp_port, None);
+        // Round trip through mesh __init's argument.
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<Spec>(&json).unwrap(), spec);
+    }
+
+    #[test]
     fn support_says_what_is_missing() {
         let full = Support {
             landlock: Enforcement::Full,

@@ -205,6 +205,15 @@ async fn a_sandboxed_plugin_opens_only_what_it_may_and_reaches_plugins_only_by_t
         "echo.v1.Echo/Echo",
     ]);
     assert!(reply.contains("files-0"), "{reply}");
+    // mesh caps says what the sandbox does for each.
+    let caps = mesh.cli_ok(&["caps", "files"]).await;
+    assert!(
+        caps.contains("sandbox: on: file and TCP rules fully enforced"),
+        "{caps}"
+    );
+    let caps = mesh.cli_ok(&["caps", "plain", "--json"]).await;
+    let caps: serde_json::Value = serde_json::from_str(&caps).unwrap();
+    assert_eq!(caps["sandbox"], "off", "{caps}");
     let logs = mesh.cli_ok(&["logs", "files"]).await;
     assert!(logs.contains("mesh: sandboxed:"), "{logs}");
 }

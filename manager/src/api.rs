@@ -97,6 +97,25 @@ fn configure_rates(rates: &RateLimits, config: &Config) {
     }));
 }
 
+impl ManagerService {
+    /// `caps` with what the kernel sandbox does for the plugin's processes.
+    fn with_sandbox(&self, mut caps: CapsResponse) -> CapsResponse {
+        use crate::config::SandboxMode;
+        let mode = self
+            .supervisor
+            .get(&caps.name)
+            .map(|s| s.config.sandbox.mode)
+            .unwrap_or_default();
+        let support = || self.supervisor.sandbox_support().describe();
+        caps.sandbox = match mode {
+            SandboxMode::Off => "off".into(),
+            SandboxMode::Strict => format!("on: {}", support()),
+            SandboxMode::BestEffort => format!("best-effort: {}", support()),
+        };
+        caps
+    }
+}
+
 fn caps_response(policy: &Policy) -> CapsResponse {
     CapsResponse {
         name: policy.plugin.clone(),
@@ -111,6 +130,8 @@ fn caps_response(policy: &Policy) -> CapsResponse {
             .collect(),
         revoked: policy.revoked.iter().map(|c| c.to_string()).collect(),
         reload: RELOAD.into(),
+        // Filled in by `ManagerService::with_sandbox`.
+        sandbox: String::new(),
     }
 }
 
@@ -129,6 +150,7 @@ fn status(error: SupervisorError) -> Status {
         SupervisorError::Unknown(_) => Status::not_found(error.to_string()),
         SupervisorError::Range(_) => Status::invalid_argument(error.to_string()),
         SupervisorError::Socket(_) => Status::internal(error.to_string()),
+        SupervisorError::Sandbox(_) => Status::failed_precondition(error.to_string()),
     }
 }
 
@@ -282,7 +304,7 @@ impl manager_server::Manager for ManagerService {
             .grant(&name, &capability)
             .map_err(caps_status)?;
         tracing::info!(plugin = %name, %capability, "capability granted");
-        Ok(Response::new(caps_response(&policy)))
+        Ok(Response::new(self.with_sandbox(caps_response(&policy))))
     }
 
     async fn revoke(
@@ -295,7 +317,7 @@ impl manager_server::Manager for ManagerService {
             .revoke(&name, &capability)
             .map_err(caps_status)?;
         tracing::info!(plugin = %name, %capability, "capability revoked");
-        Ok(Response::new(caps_response(&policy)))
+        Ok(Response::new(self.with_sandbox(caps_response(&policy))))
     }
 
     async fn caps(
@@ -307,7 +329,7 @@ impl manager_server::Manager for ManagerService {
             .policies
             .get(&name)
             .ok_or_else(|| caps_status(CapsError::Unknown(name)))?;
-        Ok(Response::new(caps_response(&policy)))
+        Ok(Response::new(self.with_sandbox(caps_response(&policy))))
     }
 
     type ReadAuditStream = AuditStream;

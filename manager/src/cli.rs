@@ -152,6 +152,7 @@ struct CapsJson<'a> {
     capabilities: Vec<CapJson<'a>>,
     revoked: &'a [String],
     reload: &'a str,
+    sandbox: &'a str,
 }
 
 #[derive(Serialize)]
@@ -175,6 +176,7 @@ impl<'a> From<&'a CapsResponse> for CapsJson<'a> {
                 .collect(),
             revoked: &caps.revoked,
             reload: &caps.reload,
+            sandbox: &caps.sandbox,
         }
     }
 }
@@ -191,6 +193,9 @@ fn caps_text(caps: &CapsResponse) -> String {
         text.push_str(&format!("  {cap:<40} config, revoked\n"));
     }
     text.push_str(&format!("({})\n", caps.reload));
+    if !caps.sandbox.is_empty() {
+        text.push_str(&format!("sandbox: {}\n", caps.sandbox));
+    }
     text
 }
 

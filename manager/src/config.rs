@@ -123,6 +123,41 @@ pub struct PluginConfig {
     pub rate_limit: Option<Rate>,
     /// Calls to this plugin by each caller (`caller_rate_limit = "50/s burst 10"`).
     pub caller_rate_limit: Option<Rate>,
+    /// The kernel sandbox it asks for (`sandbox`, `sandbox_paths`).
+    pub sandbox: Sandbox,
+}
+
+/// The kernel sandbox a plugin asks for: `sandbox = true | false | "best-effort"` and
+/// `sandbox_paths = [...]` in its `[[plugin]]` table (docs/security.md, "Kernel sandbox").
+#[derive(Debug, Clone, Default)]
+pub struct Sandbox {
+    /// Whether, and how strictly.
+    pub mode: SandboxMode,
+    /// More paths it may read and execute (`sandbox_paths`, relative to the config file):
+    /// an interpreter's libraries, a script, a virtual environment.
+    pub paths: Vec<PathBuf>,
+    /// `FILE:LINE` of the `sandbox` setting, for messages that refuse it.
+    pub origin: String,
+}
+
+/// A change of `origin` alone (lines moved) is no change of the sandbox.
+impl PartialEq for Sandbox {
+    fn eq(&self, other: &Self) -> bool {
+        self.mode == other.mode && self.paths == other.paths
+    }
+}
+
+/// How strictly a plugin is sandboxed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// Not sandboxed (the default).
+    #[default]
+    Off,
+    /// `sandbox = true`: confined, or not started where the kernel cannot confine it fully.
+    Strict,
+    /// `sandbox = "best-effort"`: confined as far as the kernel allows, with a warning for
+    /// what it cannot.
+    BestEffort,
 }
 
 /// How a plugin's instances serve (`transport` in `[[plugin]]`): the host picks, the plugin
@@ -321,6 +356,17 @@ struct RawPlugin {
     transport: Option<Spanned<String>>,
     rate_limit: Option<Spanned<String>>,
     caller_rate_limit: Option<Spanned<String>>,
+    sandbox: Option<Spanned<RawSandbox>>,
+    #[serde(default)]
+    sandbox_paths: Vec<Spanned<PathBuf>>,
+}
+
+/// `sandbox = true | false | "best-effort"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSandbox {
+    Flag(bool),
+    Mode(String),
 }
 
 #[derive(Deserialize, Default)]
@@ -647,6 +693,7 @@ impl File<'_> {
             Some(root) => self.path_value("root", root)?,
             None => config.data_dir.join(&name),
         };
+        let sandbox = self.sandbox(&name, p.sandbox.as_ref(), &p.sandbox_paths)?;
         let mut env = environment(p.env).map_err(|(span, message)| plugin_error(span, message))?;
         env.entry(MAX_MESSAGE_SIZE_VAR.to_owned())
             .or_insert_with(|| config.max_message_size.to_string());
@@ -705,6 +752,7 @@ impl File<'_> {
             root,
             rate_limit,
             caller_rate_limit,
+            sandbox,
         };
         // The longest id this plugin can have must still fit a socket path.
         let longest = plugin.socket(&plugin.instance_id(MAX_INSTANCES));
@@ -715,6 +763,53 @@ impl File<'_> {
             )
         })?;
         Ok(plugin)
+    }
+
+    /// A plugin's `sandbox` and `sandbox_paths`.
+    fn sandbox(
+        &self,
+        plugin: &str,
+        value: Option<&Spanned<RawSandbox>>,
+        paths: &[Spanned<PathBuf>],
+    ) -> Result<Sandbox, ConfigError> {
+        let mode = match value.map(|v| (v.get_ref(), v.span())) {
+            None | Some((RawSandbox::Flag(false), _)) => SandboxMode::Off,
+            Some((RawSandbox::Flag(true), _)) => SandboxMode::Strict,
+            Some((RawSandbox::Mode(mode), _)) if mode == "best-effort" => SandboxMode::BestEffort,
+            Some((RawSandbox::Mode(other), span)) => {
+                return Err(self.at(
+                    Some(span),
+                    format!(
+                        "plugin {plugin:?}: sandbox = {other:?}: write true (confined, or not \
+                         started where the kernel cannot), \"best-effort\" or false"
+                    ),
+                ));
+            }
+        };
+        if mode == SandboxMode::Off
+            && let Some(first) = paths.first()
+        {
+            return Err(self.at(
+                Some(first.span()),
+                format!(
+                    "plugin {plugin:?}: sandbox_paths without sandbox = true: add sandbox = true \
+                     (or \"best-effort\"), or remove sandbox_paths"
+                ),
+            ));
+        }
+        let paths = paths
+            .iter()
+            .map(|path| self.path_value("sandbox_paths", path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let line = value.map(|v| line_of(self.text, v.span().start));
+        Ok(Sandbox {
+            mode,
+            paths,
+            origin: match line {
+                Some(line) => format!("{}:{line}", self.path.display()),
+                None => self.path.display().to_string(),
+            },
+        })
     }
 
     /// A plugin's duration setting, within `bounds`.

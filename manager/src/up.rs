@@ -233,7 +233,12 @@ fn isolating(supervisor: Supervisor) -> Supervisor {
         }
     };
     match crate::supervisor::init::probe(&program) {
-        Ok(()) => supervisor.with_init(program),
+        Ok(()) => {
+            // What a plugin with `sandbox = true` would get; each one says so as it starts.
+            let support = crate::supervisor::sandbox::probe(&program);
+            tracing::debug!("kernel sandbox: {}", support.describe());
+            supervisor.with_init(program).with_sandbox(support)
+        }
         Err(why) => {
             tracing::warn!(
                 "no PID namespace per instance ({why}): plugins run without one, and what they \

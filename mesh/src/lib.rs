@@ -43,7 +43,7 @@ pub mod transport;
 pub mod tuning;
 
 pub use balance::ResponseBody;
-pub use client::{Channel, Connector, MESH_ROUTER, connect};
+pub use client::{Channel, Connector, MESH_DIRECT, MESH_ROUTER, connect};
 pub use error::Error;
 pub use name::{InvalidName, ServiceName};
 pub use transport::{Address, CallError, InvalidAddress};

@@ -13,7 +13,7 @@ use nix::{
 use tokio::process::{Child, Command};
 
 use super::logs::{LogBook, Stream};
-use crate::config::{PluginConfig, ResourceLimits, Transport};
+use crate::config::{PluginConfig, ResourceLimits, SandboxMode, Transport};
 
 /// What a started instance needs to know.
 #[derive(Debug, Clone)]
@@ -25,6 +25,8 @@ pub(crate) struct Launch {
     pub(crate) init: Option<std::path::PathBuf>,
     /// Where the instance's private channel for checking callers comes from.
     pub(crate) channels: super::ChannelsCell,
+    /// Whether `init` may sandbox the plugins that ask for it ([`super::sandbox`]).
+    pub(crate) sandbox: bool,
 }
 
 impl Launch {
@@ -77,17 +79,31 @@ pub(crate) fn spawn(
     logs: &Arc<LogBook>,
 ) -> io::Result<(Child, Capture)> {
     let plugin = &launch.plugin;
+    let sandboxed = plugin.sandbox.mode != SandboxMode::Off;
     let mut command = match &launch.init {
         Some(init) => {
             let mut command = Command::new(init);
-            command
-                .arg(super::init::INIT_ARG)
-                .arg("--")
-                .arg(&plugin.command);
+            command.arg(super::init::INIT_ARG);
+            if sandboxed && launch.sandbox {
+                let port = match endpoint {
+                    Address::Tcp(address) => address
+                        .rsplit_once(':')
+                        .and_then(|(_, port)| port.parse().ok()),
+                    _ => None,
+                };
+                let spec = super::sandbox::spec(plugin, &launch.mesh_socket, port);
+                let spec = serde_json::to_string(&spec).map_err(io::Error::other)?;
+                command.arg(super::init::SANDBOX_ARG).arg(spec);
+            }
+            command.arg("--").arg(&plugin.command);
             command
         }
         None => Command::new(&plugin.command),
     };
+    if sandboxed {
+        // Its direct dial of another plugin's socket cannot succeed: `mesh::connect` routes.
+        command.env(mesh::MESH_DIRECT, "0");
+    }
     match endpoint {
         Address::Unix(socket) => {
             // A socket left by a crashed instance would make the plugin's bind fail.

@@ -23,6 +23,9 @@ use toml::Spanned;
 
 use crate::{host::Capability, supervisor::MAX_INSTANCES};
 
+mod telemetry;
+pub use telemetry::{DEFAULT_SERVICE_NAME, Telemetry};
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -62,6 +65,8 @@ pub struct Config {
     /// Where plugins' default roots live (`[mesh] data_dir`, default `$XDG_DATA_HOME/mesh`,
     /// else `~/.local/share/mesh`).
     pub data_dir: PathBuf,
+    /// `[telemetry]`: trace export, sampling, log format.
+    pub telemetry: Telemetry,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
 }
@@ -243,6 +248,8 @@ struct RawConfig {
     #[serde(default)]
     mesh: Option<Spanned<RawMesh>>,
     #[serde(default)]
+    telemetry: Option<Spanned<telemetry::RawTelemetry>>,
+    #[serde(default)]
     plugin: Vec<Spanned<RawPlugin>>,
 }
 
@@ -369,6 +376,11 @@ impl Config {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| file.at(e.span(), explain(e.message())))?;
         let mut config = file.mesh(raw.mesh.map(Spanned::into_inner).unwrap_or_default())?;
+        config.telemetry = Telemetry::parse(
+            raw.telemetry.map(Spanned::into_inner).unwrap_or_default(),
+            &|name| std::env::var(name).ok().filter(|v| !v.is_empty()),
+            &|span, message| file.at(span, message),
+        )?;
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for table in raw.plugin {
             let table_line = line_of(text, table.span().start);
@@ -516,6 +528,7 @@ impl File<'_> {
             busy_poll: mesh.busy_poll,
             spin,
             max_message_size,
+            telemetry: Telemetry::default(),
             plugins: Vec::new(),
         })
     }
@@ -639,6 +652,7 @@ impl File<'_> {
         let mut env = environment(p.env).map_err(|(span, message)| plugin_error(span, message))?;
         env.entry(MAX_MESSAGE_SIZE_VAR.to_owned())
             .or_insert_with(|| config.max_message_size.to_string());
+        config.telemetry.plugin_env(&name, &mut env);
         let plugin = PluginConfig {
             health_interval: duration(
                 "health_interval",

@@ -17,4 +17,5 @@ mod security;
 mod supervision;
 mod support;
 mod system_service;
+mod telemetry;
 mod transport;

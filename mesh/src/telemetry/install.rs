@@ -207,6 +207,8 @@ fn log_layer(config: &TelemetryConfig) -> BoxedLayer {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            // Span fields are formatted by the layer: no colour codes inside JSON strings.
+            .with_ansi(false)
             .event_format(super::json::JsonLines)
             .with_writer(std::io::stderr)
             .with_filter(filter)

@@ -39,6 +39,19 @@ where
         line.insert("target".into(), meta.target().into());
         let mut fields = Fields(Map::new());
         event.record(&mut fields);
+        // A line the manager captured from a plugin (target `plugin`, `<instance> <stream>:
+        // <line>`) that is itself a JSON object stays one, under `line`, instead of a string
+        // of escaped JSON.
+        if meta.target() == "plugin"
+            && let Some(Value::String(message)) = fields.0.get("message")
+            && let Some((origin, text)) = message.split_once(": ")
+            && text.starts_with('{')
+            && let Ok(Value::Object(object)) = serde_json::from_str::<Value>(text)
+        {
+            let origin = origin.to_owned();
+            fields.0.insert("message".into(), origin.into());
+            fields.0.insert("line".into(), Value::Object(object));
+        }
         for (key, value) in fields.0 {
             // The line's own keys are not overwritten by a field of the same name.
             line.entry(key).or_insert(value);
@@ -123,6 +136,7 @@ mod tests {
         let buffer = Buffer::default();
         let writer = buffer.clone();
         let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
             .event_format(JsonLines)
             .with_writer(move || writer.clone())
             .finish();
@@ -142,5 +156,25 @@ mod tests {
         assert!(line["timestamp"].as_str().unwrap().ends_with('Z'));
         // No tracer: no ids.
         assert!(line.get("trace_id").is_none());
+    }
+
+    #[test]
+    fn a_captured_json_line_stays_json() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .event_format(JsonLines)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "plugin", "echo-0 stderr: {}", r#"{"message":"hi","trace_id":"ab"}"#);
+            tracing::info!(target: "plugin", "echo-0 stdout: {{not json");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines[0]["message"], "echo-0 stderr");
+        assert_eq!(lines[0]["line"]["trace_id"], "ab");
+        assert_eq!(lines[1]["message"], "echo-0 stdout: {not json");
     }
 }

@@ -363,6 +363,29 @@ impl Config {
         Ok(())
     }
 
+    /// Logs as `format` whatever `[telemetry] log_format` says (`mesh up --log-format`), and
+    /// hands plugins the same format (`MESH_LOG_FORMAT`); a reload keeps it.
+    pub fn override_log_format(&mut self, format: mesh::telemetry::LogFormat) {
+        use mesh::telemetry::{LogFormat, MESH_LOG_FORMAT};
+        self.telemetry.log_format = format;
+        self.telemetry.log_format_overridden = true;
+        for plugin in &mut self.plugins {
+            match format {
+                LogFormat::Json => {
+                    plugin
+                        .env
+                        .entry(MESH_LOG_FORMAT.to_owned())
+                        .or_insert_with(|| "json".to_owned());
+                }
+                LogFormat::Text => {
+                    if plugin.env.get(MESH_LOG_FORMAT).is_some_and(|f| f == "json") {
+                        plugin.env.remove(MESH_LOG_FORMAT);
+                    }
+                }
+            }
+        }
+    }
+
     /// Validates `text`, read from `path` (relative commands resolve against its directory).
     ///
     /// Never panics, whatever the text (the tests fuzz it): every value is checked against

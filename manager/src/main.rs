@@ -171,7 +171,7 @@ fn main() -> ExitCode {
                 config.override_socket(socket)?;
             }
             if let Some(format) = log_format {
-                config.telemetry.log_format = *format;
+                config.override_log_format(*format);
             }
             Ok(config)
         });

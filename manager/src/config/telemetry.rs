@@ -28,6 +28,9 @@ pub struct Telemetry {
     pub service_name: String,
     /// `log_format`: `text` (the default) or `json`; `mesh up --log-format` overrides it.
     pub log_format: LogFormat,
+    /// Whether `log_format` came from the command line (`mesh up --log-format`); a reload
+    /// keeps it.
+    pub log_format_overridden: bool,
 }
 
 impl Default for Telemetry {
@@ -37,6 +40,7 @@ impl Default for Telemetry {
             sample_ratio: 1.0,
             service_name: DEFAULT_SERVICE_NAME.to_owned(),
             log_format: LogFormat::Text,
+            log_format_overridden: false,
         }
     }
 }

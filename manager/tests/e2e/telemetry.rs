@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 
 use mesh::{Address, Channel, telemetry::TelemetryConfig};
 use mesh_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::TraceContextExt;
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
         trace_service_server::{TraceService, TraceServiceServer},
     },
-    common::v1::{AnyValue, KeyValue, any_value},
+    common::v1::{KeyValue, any_value},
     trace::v1::Span,
 };
 use serde_json::Value;
@@ -100,8 +100,15 @@ async fn wait_spans(
     what: &str,
     done: impl Fn(&[Received]) -> bool,
 ) -> Vec<Received> {
-    match tokio::time::timeout(DEADLINE, received.wait_for(|spans| done(spans))).await {
-        Ok(Ok(spans)) => spans.clone(),
+    let waited = tokio::time::timeout(DEADLINE, async {
+        received
+            .wait_for(|spans| done(spans))
+            .await
+            .map(|spans| spans.clone())
+    })
+    .await;
+    match waited {
+        Ok(Ok(spans)) => spans,
         _ => panic!(
             "{what}: not received within {DEADLINE:?}; received: {:#?}",
             received.borrow()
@@ -183,8 +190,7 @@ async fn a_call_is_traced_from_the_client_through_the_router_to_the_plugin() {
     let mut client = TelemetryConfig::new("e2e-client");
     client.otlp_endpoint = Some(endpoint.clone());
     let provider = mesh::telemetry::provider(&client, &endpoint).unwrap();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("e2e")));
+    let subscriber = tracing_subscriber::registry().with(mesh::telemetry::layer(&provider));
     let _subscriber = tracing::subscriber::set_default(subscriber);
     mesh::telemetry::set_active(true);
 

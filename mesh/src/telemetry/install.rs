@@ -187,11 +187,7 @@ fn exported(target: &str) -> bool {
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let provider = config.otlp_endpoint.as_deref().map(|e| provider(config, e)).transpose()?;
     let logs = log_layer(config);
-    let traces = provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("mesh"))
-            .with_filter(filter_fn(|meta| exported(meta.target())))
-    });
+    let traces = provider.as_ref().map(layer);
     let subscriber = tracing_subscriber::registry().with(logs).with(traces);
     tracing::subscriber::set_global_default(subscriber)
         .map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
@@ -199,6 +195,20 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         super::set_active(true);
     }
     Ok(Telemetry { provider })
+}
+
+/// The layer that turns `tracing` spans into OpenTelemetry spans of `provider`, for a program
+/// that builds its own subscriber: spans of the HTTP/2 and gRPC stack (`h2`, `hyper`,
+/// `tonic`, `tower`) and of the SDK itself are left out, since the exporter sends with that
+/// very stack and each export would make more spans to export. Call [`super::set_active`]
+/// once it is installed.
+pub fn layer<S>(provider: &SdkTracerProvider) -> impl Layer<S> + Send + Sync + 'static
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("mesh"))
+        .with_filter(filter_fn(|meta| exported(meta.target())))
 }
 
 type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;

@@ -35,7 +35,8 @@ pub(crate) fn start<B>(request: &mut Request<B>, service: &str) -> Option<CallSp
 /// the instance that answered.
 pub(crate) fn answer(call: CallSpan, response: Response<RouterBody>) -> Response<RouterBody> {
     if let Some(AnsweredBy(instance)) = response.extensions().get::<AnsweredBy>() {
-        call.span().set_attribute("mesh.instance", instance.to_string());
+        call.span()
+            .set_attribute("mesh.instance", instance.to_string());
     }
     call.answer(response)
         .map(|body| RouterBody::Local(Body::new(body)))

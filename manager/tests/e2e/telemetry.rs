@@ -154,11 +154,31 @@ fn assert_rpc(span: &Received, instance: &str) {
     .into_iter()
     .map(|key| (key, span.attribute(key)))
     .collect();
-    assert_eq!(attributes["rpc.system"].as_deref(), Some("grpc"), "{span:#?}");
-    assert_eq!(attributes["rpc.service"].as_deref(), Some("echo.v1.Echo"), "{span:#?}");
-    assert_eq!(attributes["rpc.method"].as_deref(), Some("Echo"), "{span:#?}");
-    assert_eq!(attributes["rpc.grpc.status_code"].as_deref(), Some("0"), "{span:#?}");
-    assert_eq!(attributes["mesh.instance"].as_deref(), Some(instance), "{span:#?}");
+    assert_eq!(
+        attributes["rpc.system"].as_deref(),
+        Some("grpc"),
+        "{span:#?}"
+    );
+    assert_eq!(
+        attributes["rpc.service"].as_deref(),
+        Some("echo.v1.Echo"),
+        "{span:#?}"
+    );
+    assert_eq!(
+        attributes["rpc.method"].as_deref(),
+        Some("Echo"),
+        "{span:#?}"
+    );
+    assert_eq!(
+        attributes["rpc.grpc.status_code"].as_deref(),
+        Some("0"),
+        "{span:#?}"
+    );
+    assert_eq!(
+        attributes["mesh.instance"].as_deref(),
+        Some(instance),
+        "{span:#?}"
+    );
 }
 
 const ECHO: &str = "[[plugin]]\nname = \"echo\"\ncommand = \"{echo}\"\n";
@@ -183,8 +203,15 @@ async fn a_call_is_traced_from_the_client_through_the_router_to_the_plugin() {
     .await;
     let instance = &mesh.wait_instances("plugin.echo", 1).await[0];
     let environ = plugin_env(instance.pid);
-    assert_eq!(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"), Some(&endpoint), "{environ:?}");
-    assert_eq!(environ.get("OTEL_SERVICE_NAME").map(String::as_str), Some("plugin.echo"));
+    assert_eq!(
+        environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        Some(&endpoint),
+        "{environ:?}"
+    );
+    assert_eq!(
+        environ.get("OTEL_SERVICE_NAME").map(String::as_str),
+        Some("plugin.echo")
+    );
 
     // The test is the client, exporting its own spans to the same collector.
     let mut client = TelemetryConfig::new("e2e-client");
@@ -250,7 +277,11 @@ async fn a_call_is_traced_from_the_client_through_the_router_to_the_plugin() {
     let client_span = find(&spans, "e2e-client", &routed_trace, "routed call").unwrap();
     assert_eq!(hex(&client_span.span.span_id), routed_span);
     let router_span = find(&spans, "mesh-router", &routed_trace, "echo.v1.Echo/Echo").unwrap();
-    assert_eq!(hex(&router_span.span.parent_span_id), routed_span, "{router_span:#?}");
+    assert_eq!(
+        hex(&router_span.span.parent_span_id),
+        routed_span,
+        "{router_span:#?}"
+    );
     assert_rpc(router_span, "echo-0");
     assert!(!router_span.instance.is_empty(), "{router_span:#?}");
     let plugin = find(&spans, "plugin.echo", &routed_trace, "echo.v1.Echo/Echo").unwrap();
@@ -263,7 +294,8 @@ async fn a_call_is_traced_from_the_client_through_the_router_to_the_plugin() {
     for span in spans.iter() {
         let name = &span.span.name;
         assert!(
-            !name.starts_with("grpc.health") && !["Connection", "poll", "send_data"].contains(&name.as_str()),
+            !name.starts_with("grpc.health")
+                && !["Connection", "poll", "send_data"].contains(&name.as_str()),
             "unexpected span {span:#?}"
         );
     }
@@ -273,7 +305,11 @@ async fn a_call_is_traced_from_the_client_through_the_router_to_the_plugin() {
     let line = mesh.wait_line("Echo waiting 1 ms").await;
     let logged: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(logged["target"], "plugin", "{logged}");
-    assert_eq!(logged["line"]["trace_id"], routed_trace.as_str(), "{logged}");
+    assert_eq!(
+        logged["line"]["trace_id"],
+        routed_trace.as_str(),
+        "{logged}"
+    );
     assert_eq!(
         logged["line"]["span_id"],
         hex(&plugin.span.span_id).as_str(),
@@ -331,9 +367,15 @@ async fn telemetry_off_exports_nothing_and_logs_without_trace_ids() {
     // The plugin was handed no endpoint, so nothing in the mesh exports.
     let instance = &mesh.wait_instances("plugin.echo", 1).await[0];
     let environ = plugin_env(instance.pid);
-    assert!(!environ.contains_key("OTEL_EXPORTER_OTLP_ENDPOINT"), "{environ:?}");
+    assert!(
+        !environ.contains_key("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "{environ:?}"
+    );
     assert!(!environ.contains_key("OTEL_SERVICE_NAME"), "{environ:?}");
-    assert_eq!(environ.get("MESH_LOG_FORMAT").map(String::as_str), Some("json"));
+    assert_eq!(
+        environ.get("MESH_LOG_FORMAT").map(String::as_str),
+        Some("json")
+    );
     drop(endpoint);
     assert!(received.borrow().is_empty());
 }

@@ -327,7 +327,8 @@ impl Plugin {
     /// runtime.
     #[cfg(feature = "otlp")]
     pub fn init_telemetry(&self) -> Option<crate::telemetry::Telemetry> {
-        let mut config = crate::telemetry::TelemetryConfig::from_env(format!("plugin.{}", self.name));
+        let mut config =
+            crate::telemetry::TelemetryConfig::from_env(format!("plugin.{}", self.name));
         config.instance_id = Some(self.instance.clone());
         config.captured = !std::io::IsTerminal::is_terminal(&std::io::stderr());
         match crate::telemetry::init(&config) {

@@ -185,7 +185,11 @@ fn exported(target: &str) -> bool {
 /// `RUST_LOG`, default `info`) and, with an OTLP endpoint, spans exported to it. Needs a
 /// Tokio runtime when exporting (the exporter's connection lives on it).
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
-    let provider = config.otlp_endpoint.as_deref().map(|e| provider(config, e)).transpose()?;
+    let provider = config
+        .otlp_endpoint
+        .as_deref()
+        .map(|e| provider(config, e))
+        .transpose()?;
     let logs = log_layer(config);
     let traces = provider.as_ref().map(layer);
     let subscriber = tracing_subscriber::registry().with(logs).with(traces);
@@ -274,7 +278,13 @@ mod tests {
 
     #[test]
     fn the_exporters_own_stack_is_not_exported() {
-        for own in ["h2", "h2::proto", "tonic::transport", "hyper_util::client", "tower::buffer"] {
+        for own in [
+            "h2",
+            "h2::proto",
+            "tonic::transport",
+            "hyper_util::client",
+            "tower::buffer",
+        ] {
             assert!(!exported(own), "{own}");
         }
         for ours in ["mesh::rpc", "mesh_router", "echo_plugin", "h2o", "towers"] {

@@ -172,7 +172,10 @@ mod tests {
             tracing::info!(target: "plugin", "echo-0 stdout: {{not json");
         });
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines[0]["message"], "echo-0 stderr");
         assert_eq!(lines[0]["line"]["trace_id"], "ab");
         assert_eq!(lines[1]["message"], "echo-0 stdout: {not json");

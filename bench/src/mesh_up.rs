@@ -33,6 +33,9 @@ pub(crate) struct MeshSpec {
     pub(crate) backoff_base: Option<String>,
     /// Whether the router also listens on TCP (`listen = "127.0.0.1:0"`).
     pub(crate) tcp: bool,
+    /// `[telemetry]`: export traces to this OTLP endpoint, sampling this ratio of new traces;
+    /// `None`: telemetry off (the default).
+    pub(crate) telemetry: Option<(String, f64)>,
 }
 
 /// A running `mesh up`; stopped (with its plugins) when dropped.
@@ -140,6 +143,11 @@ fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
     );
     if let Some(base) = &spec.backoff_base {
         plugin.push_str(&format!("backoff_base = {base:?}\n"));
+    }
+    if let Some((endpoint, ratio)) = &spec.telemetry {
+        plugin.push_str(&format!(
+            "\n[telemetry]\notlp_endpoint = {endpoint:?}\nsample_ratio = {ratio:?}\n"
+        ));
     }
     (settings, plugin)
 }

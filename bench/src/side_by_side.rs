@@ -67,6 +67,7 @@ pub(crate) async fn run(
         instances: 1,
         backoff_base: None,
         tcp: true,
+        telemetry: None,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let (_, instances) = mesh

@@ -493,7 +493,14 @@ impl Report {
                 })
                 .collect::<Vec<_>>();
             out.push_str(&table(
-                &["telemetry", "path", "median", "p99", "calls/s @64", "errors"],
+                &[
+                    "telemetry",
+                    "path",
+                    "median",
+                    "p99",
+                    "calls/s @64",
+                    "errors",
+                ],
                 &rows,
             ));
         }

@@ -189,3 +189,105 @@ fn valid_endpoint(text: &str) -> bool {
         && !text.chars().any(|c| c.is_whitespace() || c.is_control())
         && text.parse::<tonic::codegen::http::Uri>().is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::Config;
+
+    fn parse(text: &str) -> Result<Config, crate::ConfigError> {
+        Config::parse(Path::new("/etc/mesh.toml"), text)
+    }
+
+    #[test]
+    fn off_by_default_and_handed_to_plugins_when_on() {
+        let plugin = "[[plugin]]\nname = \"echo\"\ncommand = \"/bin/echo\"\n";
+        let config = parse(plugin).unwrap();
+        assert_eq!(config.telemetry.otlp_endpoint, None);
+        assert!(!config.plugins[0].env.contains_key(OTEL_SERVICE_NAME));
+        assert!(!config.plugins[0].env.contains_key(MESH_LOG_FORMAT));
+
+        let config = parse(&format!(
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 0.25\n\
+             service_name = \"edge\"\nlog_format = \"json\"\n{plugin}\
+             env = {{ OTEL_TRACES_SAMPLER_ARG = \"1\" }}\n"
+        ))
+        .unwrap();
+        let t = &config.telemetry;
+        assert_eq!(t.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!((t.sample_ratio, t.service_name.as_str()), (0.25, "edge"));
+        assert_eq!(t.log_format, LogFormat::Json);
+        let env = &config.plugins[0].env;
+        assert_eq!(env[OTEL_EXPORTER_OTLP_ENDPOINT], "http://127.0.0.1:4317");
+        assert_eq!(env[OTEL_SERVICE_NAME], "plugin.echo");
+        assert_eq!(env[MESH_LOG_FORMAT], "json");
+        // The plugin's own env wins.
+        assert_eq!(env[OTEL_TRACES_SAMPLER_ARG], "1");
+        // An integer ratio is a ratio.
+        let config = parse("[telemetry]\nsample_ratio = 0\n").unwrap();
+        assert_eq!(config.telemetry.sample_ratio, 0.0);
+    }
+
+    #[test]
+    fn bad_values_name_the_line_and_the_fix() {
+        for (text, line, fix) in [
+            (
+                "[telemetry]\notlp_endpoint = \"127.0.0.1:4317\"\n",
+                2,
+                "http://host:port",
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"http://user@h:1\"\n",
+                2,
+                "http://host:port",
+            ),
+            ("[telemetry]\n\nsample_ratio = 1.5\n", 3, "from 0 to 1"),
+            ("[telemetry]\nsample_ratio = \"all\"\n", 2, ""),
+            ("[telemetry]\nservice_name = \"\"\n", 2, "printable"),
+            ("[telemetry]\nlog_format = \"xml\"\n", 2, "\"json\""),
+            ("[telemetry]\nendpoint = \"http://h:1\"\n", 2, "remove it"),
+        ] {
+            let error = parse(text).unwrap_err();
+            assert_eq!(error.line, Some(line), "{text}: {error}");
+            assert!(error.to_string().contains(fix), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_environment_fills_in_what_the_file_leaves_unset() {
+        let at = |_: Option<std::ops::Range<usize>>, message: String| crate::ConfigError {
+            path: "/etc/mesh.toml".into(),
+            line: None,
+            message,
+        };
+        let env = |name: &str| match name {
+            OTEL_EXPORTER_OTLP_ENDPOINT => Some("http://collector:4317".to_owned()),
+            OTEL_SERVICE_NAME => Some("router-a".to_owned()),
+            OTEL_TRACES_SAMPLER_ARG => Some("0.5".to_owned()),
+            _ => None,
+        };
+        let t = Telemetry::parse(RawTelemetry::default(), &env, &at).unwrap();
+        assert_eq!(t.otlp_endpoint.as_deref(), Some("http://collector:4317"));
+        assert_eq!((t.service_name.as_str(), t.sample_ratio), ("router-a", 0.5));
+        let bad = |name: &str| (name == OTEL_EXPORTER_OTLP_ENDPOINT).then(|| "nope".to_owned());
+        let error = Telemetry::parse(RawTelemetry::default(), &bad, &at).unwrap_err();
+        assert!(
+            error
+                .message
+                .contains("OTEL_EXPORTER_OTLP_ENDPOINT=\"nope\""),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_log_format_flag_reaches_plugins() {
+        let mut config = parse("[[plugin]]\nname = \"echo\"\ncommand = \"/bin/echo\"\n").unwrap();
+        config.override_log_format(LogFormat::Json);
+        assert_eq!(config.plugins[0].env[MESH_LOG_FORMAT], "json");
+        assert!(config.telemetry.log_format_overridden);
+        config.override_log_format(LogFormat::Text);
+        assert!(!config.plugins[0].env.contains_key(MESH_LOG_FORMAT));
+    }
+}

@@ -138,7 +138,8 @@ pub enum PluginError {
 pub use crate::__plugin_main as main;
 
 /// The whole `main` of a plugin with one service: reads the manager's variables
-/// ([`Plugin::from_env`]), serves `service` with health and reflection (`descriptors`, such as
+/// ([`Plugin::from_env`]), installs logging and tracing ([`Plugin::init_telemetry`], unless a
+/// `tracing` subscriber is already installed), serves `service` with health and reflection (`descriptors`, such as
 /// `mesh::file_descriptor_set!()`) on a multi-threaded tokio runtime until SIGTERM or SIGINT,
 /// then drains ([`Plugin::serve`]).
 ///
@@ -160,8 +161,11 @@ pub fn run<S: GrpcService>(service: S, descriptors: &'static [u8]) -> std::proce
             return ExitCode::FAILURE;
         }
     };
+    // Logging and the tracer, unless the program installed a subscriber of its own.
     #[cfg(feature = "otlp")]
-    let _telemetry = {
+    let _telemetry = if tracing::dispatcher::has_been_set() {
+        None
+    } else {
         let _entered = runtime.enter();
         plugin.init_telemetry()
     };

@@ -190,7 +190,9 @@ async fn a_call_is_traced_from_the_client_through_the_router_to_the_plugin() {
     write_config(
         &dir,
         "",
-        &format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\n\n{ECHO}"),
+        // Ratio 0: the router and the plugin record a call only when its caller's trace is
+        // sampled (parent-based), so what arrives is the client's traces and nothing else.
+        &format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\nsample_ratio = 0\n\n{ECHO}"),
     );
     let config = dir.path().join("mesh.toml");
     let socket = dir.path().join("run/mesh.sock");
@@ -220,6 +222,13 @@ async fn a_call_is_traced_from_the_client_through_the_router_to_the_plugin() {
     let subscriber = tracing_subscriber::registry().with(mesh::telemetry::layer(&provider));
     let _subscriber = tracing::subscriber::set_default(subscriber);
     mesh::telemetry::set_active(true);
+
+    // A call outside any span: a new trace at the router, sampled at 0, so never exported.
+    let router = Channel::to_address(Address::Unix(socket.clone()), "plugin.echo").unwrap();
+    EchoClient::new(router)
+        .echo(echo("unsampled"))
+        .await
+        .unwrap();
 
     // Direct: mesh::connect dials the instance itself.
     let direct = tracing::info_span!("direct call");
@@ -290,8 +299,14 @@ async fn a_call_is_traced_from_the_client_through_the_router_to_the_plugin() {
         "the router's span is the plugin's parent: {plugin:#?}"
     );
     assert_rpc(plugin, "echo-0");
-    // Health checks (every second) and the exporter's own HTTP/2 stack are not traced.
+    // Health checks (every second) and the exporter's own HTTP/2 stack are not traced, and
+    // the unsampled call left nothing.
     for span in spans.iter() {
+        let trace = hex(&span.span.trace_id);
+        assert!(
+            trace == direct_trace || trace == routed_trace,
+            "a span of no sampled trace: {span:#?}"
+        );
         let name = &span.span.name;
         assert!(
             !name.starts_with("grpc.health")

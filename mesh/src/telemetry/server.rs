@@ -27,7 +27,15 @@ pub const RPC_TARGET: &str = "mesh::rpc";
 pub fn rpc_span(path: &str, kind: &'static str, parent: Option<SpanContext>) -> tracing::Span {
     let name = path.strip_prefix('/').unwrap_or(path);
     let (service, method) = name.split_once('/').unwrap_or((name, ""));
-    let span = tracing::info_span!(target: RPC_TARGET, "rpc", otel.name = name, otel.kind = kind);
+    // A root unless the caller sent a parent: never a child of whatever span the server's task
+    // is in (the router's per-connection span, say).
+    let span = tracing::info_span!(
+        target: RPC_TARGET,
+        parent: None,
+        "rpc",
+        otel.name = name,
+        otel.kind = kind
+    );
     if let Some(parent) = parent {
         let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent));
     }

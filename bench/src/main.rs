@@ -20,6 +20,7 @@ mod registry;
 mod report;
 mod side_by_side;
 mod stats;
+mod telemetry;
 
 use std::{
     fmt,
@@ -60,7 +61,7 @@ struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "latency,throughput,spawn,crash,registry"
+        default_value = "latency,throughput,spawn,crash,registry,telemetry"
     )]
     parts: Vec<Part>,
     /// Ways of calling to measure, comma-separated: a stock tonic, b mesh::connect (default:
@@ -129,6 +130,8 @@ enum Part {
     Crash,
     /// The in-process registry with 100 000 instances.
     Registry,
+    /// Telemetry off, tracing at 100 % and 1 %: routed and direct, side by side.
+    Telemetry,
 }
 
 /// Which Tokio runtime the client side runs on.
@@ -491,6 +494,9 @@ async fn run(cli: &Cli, settings: Settings) -> anyhow::Result<Report> {
                 runs,
             });
         }
+    }
+    if has(Part::Telemetry) {
+        telemetry::run(&bins, &settings, &mut report).await?;
     }
     if has(Part::Registry) {
         for layout in [Layout::Spread, Layout::Single] {

@@ -35,6 +35,9 @@ pub(crate) struct MeshSpec {
     pub(crate) tcp: bool,
     /// Whether to run a second echo plugin under a policy (variant h).
     pub(crate) policy_plugin: bool,
+    /// `[telemetry]`: export traces to this OTLP endpoint, sampling this ratio of new traces;
+    /// `None`: telemetry off (the default).
+    pub(crate) telemetry: Option<(String, f64)>,
 }
 
 /// A running `mesh up`; stopped (with its plugins) when dropped.
@@ -159,6 +162,11 @@ fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
             "\n[[plugin]]\nname = \"echo-policy\"\ncommand = {:?}\n\
              rate_limit = \"1000000000/s\"\ncaller_rate_limit = \"1000000000/s\"\n",
             bins.echo_plugin.display().to_string(),
+        ));
+    }
+    if let Some((endpoint, ratio)) = &spec.telemetry {
+        plugin.push_str(&format!(
+            "\n[telemetry]\notlp_endpoint = {endpoint:?}\nsample_ratio = {ratio:?}\n"
         ));
     }
     (settings, plugin)

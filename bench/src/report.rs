@@ -37,6 +37,8 @@ pub(crate) struct Report {
     pub(crate) spawn: Vec<SpawnRow>,
     pub(crate) crash: Vec<CrashRow>,
     pub(crate) registry: Vec<RegistryResult>,
+    /// Telemetry off and on, routed and direct (`--parts telemetry`).
+    pub(crate) telemetry: Vec<crate::telemetry::TelemetryRow>,
     pub(crate) targets: Vec<Target>,
     /// Skipped parts, failed calls, anything a reader must know.
     pub(crate) notes: Vec<String>,
@@ -210,6 +212,7 @@ impl Report {
             spawn: Vec::new(),
             crash: Vec::new(),
             registry: Vec::new(),
+            telemetry: Vec::new(),
             targets: Vec::new(),
             notes: Vec::new(),
         }
@@ -480,6 +483,39 @@ impl Report {
                     .collect::<Vec<_>>();
                 out.push_str(&table(&COST_HEADER, &rows));
             }
+        }
+        if !self.telemetry.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n### Telemetry (µs per call; calls/s at 64 in flight)\n\n\
+                 One `mesh up` per setting, side by side in this run; traces export by OTLP to \
+                 a sink in the benchmark's process on loopback.\n"
+            );
+            let rows = self
+                .telemetry
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.setting.clone(),
+                        r.path.to_owned(),
+                        format!("{:.1}", r.us.median),
+                        format!("{:.1}", r.us.p99),
+                        format!("{:.0}", r.calls_per_s),
+                        r.errors.to_string(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            out.push_str(&table(
+                &[
+                    "telemetry",
+                    "path",
+                    "median",
+                    "p99",
+                    "calls/s @64",
+                    "errors",
+                ],
+                &rows,
+            ));
         }
         if !self.spawn.is_empty() {
             let _ = writeln!(

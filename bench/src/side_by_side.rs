@@ -68,6 +68,7 @@ pub(crate) async fn run(
         backoff_base: None,
         tcp: true,
         policy_plugin: s.variants.contains(&Variant::H),
+        telemetry: None,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let (_, instances) = mesh

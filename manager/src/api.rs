@@ -66,6 +66,9 @@ impl ManagerService {
         if current.socket_overridden {
             next.override_socket(current.socket.clone())?;
         }
+        if current.telemetry.log_format_overridden {
+            next.override_log_format(current.telemetry.log_format);
+        }
         let report = self.supervisor.reload(&current, next.clone()).await;
         // Capabilities and roots from the new file, run-time grants and revokes kept.
         configure(&self.policies, &next);

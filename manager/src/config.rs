@@ -26,6 +26,9 @@ use crate::{
     supervisor::MAX_INSTANCES,
 };
 
+mod telemetry;
+pub use telemetry::{DEFAULT_SERVICE_NAME, Telemetry};
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -65,6 +68,8 @@ pub struct Config {
     /// Where plugins' default roots live (`[mesh] data_dir`, default `$XDG_DATA_HOME/mesh`,
     /// else `~/.local/share/mesh`).
     pub data_dir: PathBuf,
+    /// `[telemetry]`: trace export, sampling, log format.
+    pub telemetry: Telemetry,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
 }
@@ -285,6 +290,8 @@ struct RawConfig {
     #[serde(default)]
     mesh: Option<Spanned<RawMesh>>,
     #[serde(default)]
+    telemetry: Option<Spanned<telemetry::RawTelemetry>>,
+    #[serde(default)]
     plugin: Vec<Spanned<RawPlugin>>,
 }
 
@@ -411,6 +418,29 @@ impl Config {
         Ok(())
     }
 
+    /// Logs as `format` whatever `[telemetry] log_format` says (`mesh up --log-format`), and
+    /// hands plugins the same format (`MESH_LOG_FORMAT`); a reload keeps it.
+    pub fn override_log_format(&mut self, format: mesh::telemetry::LogFormat) {
+        use mesh::telemetry::{LogFormat, MESH_LOG_FORMAT};
+        self.telemetry.log_format = format;
+        self.telemetry.log_format_overridden = true;
+        for plugin in &mut self.plugins {
+            match format {
+                LogFormat::Json => {
+                    plugin
+                        .env
+                        .entry(MESH_LOG_FORMAT.to_owned())
+                        .or_insert_with(|| "json".to_owned());
+                }
+                LogFormat::Text => {
+                    if plugin.env.get(MESH_LOG_FORMAT).is_some_and(|f| f == "json") {
+                        plugin.env.remove(MESH_LOG_FORMAT);
+                    }
+                }
+            }
+        }
+    }
+
     /// Validates `text`, read from `path` (relative commands resolve against its directory).
     ///
     /// Never panics, whatever the text (the tests fuzz it): every value is checked against
@@ -424,6 +454,11 @@ impl Config {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| file.at(e.span(), explain(e.message())))?;
         let mut config = file.mesh(raw.mesh.map(Spanned::into_inner).unwrap_or_default())?;
+        config.telemetry = Telemetry::parse(
+            raw.telemetry.map(Spanned::into_inner).unwrap_or_default(),
+            &|name| std::env::var(name).ok().filter(|v| !v.is_empty()),
+            &|span, message| file.at(span, message),
+        )?;
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for table in raw.plugin {
             let table_line = line_of(text, table.span().start);
@@ -571,6 +606,7 @@ impl File<'_> {
             busy_poll: mesh.busy_poll,
             spin,
             max_message_size,
+            telemetry: Telemetry::default(),
             plugins: Vec::new(),
         })
     }
@@ -697,6 +733,7 @@ impl File<'_> {
         let mut env = environment(p.env).map_err(|(span, message)| plugin_error(span, message))?;
         env.entry(MAX_MESSAGE_SIZE_VAR.to_owned())
             .or_insert_with(|| config.max_message_size.to_string());
+        config.telemetry.plugin_env(&name, &mut env);
         let plugin = PluginConfig {
             health_interval: duration(
                 "health_interval",

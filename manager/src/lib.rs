@@ -8,6 +8,7 @@ pub mod host;
 pub mod scaffold;
 pub mod supervisor;
 mod systemd;
+pub mod telemetry;
 pub mod up;
 
 pub use config::{Config, ConfigError, PluginConfig, Transport};

@@ -359,7 +359,7 @@ impl Inner {
     async fn route(
         &self,
         connection: &Connection,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
     ) -> Response<RouterBody> {
         connection.active.store(true, Ordering::Relaxed);
         if let Err(refusal) = grpc::check(
@@ -393,7 +393,12 @@ impl Inner {
             Ok(permit) => permit,
             Err(full) => return full.status().into_http(),
         };
-        self.forward(upstream, permit, request).await
+        let traced = crate::trace::start(&mut request, upstream.name.as_str());
+        let response = self.forward(upstream, permit, request).await;
+        match traced {
+            Some(call) => crate::trace::answer(call, response),
+            None => response,
+        }
     }
 
     /// The router's own services, as far as the caller may use them (`policy`), with the

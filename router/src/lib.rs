@@ -16,6 +16,7 @@
 //! - `deadline`: `grpc-timeout` and the default call timeout;
 //! - `limit`: connections, handshakes, idle connections and calls in flight under their
 //!   [`Limits`];
+//! - `trace`: a span per forwarded call, child of the caller's, carried on to the instance;
 //! - `body`: the answer's body, the router's own or an instance's streamed through;
 //! - `forward`: accepting connections and forwarding calls ([`Router`]);
 //! - `workers`: thread-per-core serving ([`Workers`]).
@@ -40,6 +41,7 @@ mod limit;
 mod policy;
 pub mod registry;
 mod route;
+mod trace;
 mod upstream;
 mod workers;
 

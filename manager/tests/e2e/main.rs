@@ -19,4 +19,5 @@ mod security;
 mod supervision;
 mod support;
 mod system_service;
+mod telemetry;
 mod transport;

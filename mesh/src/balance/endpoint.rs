@@ -63,6 +63,7 @@ impl Endpoint {
         Self {
             health: Arc::new(Health {
                 instance: format!("{} ({})", target.id, target.address),
+                id: target.id.as_str().into(),
                 clock,
                 in_flight: AtomicUsize::new(0),
                 failures: AtomicU32::new(0),
@@ -112,6 +113,8 @@ impl Endpoint {
 pub(crate) struct Health {
     /// `id (address)`, for logs.
     instance: String,
+    /// The instance's id alone (`echo-0`), for the answer's [`super::AnsweredBy`].
+    pub(crate) id: Arc<str>,
     clock: Clock,
     in_flight: AtomicUsize,
     /// Failed calls since the last success.

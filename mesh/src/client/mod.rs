@@ -415,6 +415,8 @@ impl tower::Service<Request<Body>> for Channel {
                 return Box::pin(async move { Err(status(error)) });
             }
         }
+        // The caller's trace goes along, once a tracer is installed.
+        crate::telemetry::inject(request.headers_mut());
         Box::pin(async move {
             inner
                 .balancer

@@ -147,7 +147,8 @@ pub enum PluginError {
 pub use crate::__plugin_main as main;
 
 /// The whole `main` of a plugin with one service: reads the manager's variables
-/// ([`Plugin::from_env`]), serves `service` with health and reflection (`descriptors`, such as
+/// ([`Plugin::from_env`]), installs logging and tracing ([`Plugin::init_telemetry`], unless a
+/// `tracing` subscriber is already installed), serves `service` with health and reflection (`descriptors`, such as
 /// `mesh::file_descriptor_set!()`) on a multi-threaded tokio runtime until SIGTERM or SIGINT,
 /// then drains ([`Plugin::serve`]).
 ///
@@ -168,6 +169,14 @@ pub fn run<S: GrpcService>(service: S, descriptors: &'static [u8]) -> std::proce
             eprintln!("{}: cannot start the async runtime: {error}", program());
             return ExitCode::FAILURE;
         }
+    };
+    // Logging and the tracer, unless the program installed a subscriber of its own.
+    #[cfg(feature = "otlp")]
+    let _telemetry = if tracing::dispatcher::has_been_set() {
+        None
+    } else {
+        let _entered = runtime.enter();
+        plugin.init_telemetry()
     };
     let served = runtime.block_on(
         plugin
@@ -316,6 +325,31 @@ impl Plugin {
             introspection: Introspection::new(),
             services: Vec::new(),
             health: Health::new(),
+        }
+    }
+
+    /// Installs logging and, when the manager handed the plugin an OTLP endpoint
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT`), a tracer exporting this instance's spans as service
+    /// `plugin.<name>` (or `OTEL_SERVICE_NAME`), instance `PLUGIN_INSTANCE`: what [`run`]
+    /// does before serving. Log lines are text without timestamps (the manager stamps the
+    /// lines it captures), or JSON when `MESH_LOG_FORMAT=json`. Keep the value until the
+    /// plugin exits: dropping it sends the spans still buffered.
+    ///
+    /// Returns `None`, with a line on stderr, when a subscriber is already installed or the
+    /// endpoint is malformed; the plugin then serves without exporting. Call it inside a Tokio
+    /// runtime.
+    #[cfg(feature = "otlp")]
+    pub fn init_telemetry(&self) -> Option<crate::telemetry::Telemetry> {
+        let mut config =
+            crate::telemetry::TelemetryConfig::from_env(format!("plugin.{}", self.name));
+        config.instance_id = Some(self.instance.clone());
+        config.captured = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        match crate::telemetry::init(&config) {
+            Ok(telemetry) => Some(telemetry),
+            Err(error) => {
+                eprintln!("{}: telemetry off: {error}", program());
+                None
+            }
         }
     }
 
@@ -517,6 +551,8 @@ impl Plugin {
             .map_response(move |response: Response<Body>| {
                 response.map(|body| Limited::response(body, limit))
             });
+        // A server span per call, once a tracer is installed (`mesh::telemetry`).
+        let limits = limits.layer(crate::telemetry::TraceLayer::new(&self.instance));
         let server = Server::builder()
             .initial_stream_window_size(transport::WINDOW)
             .initial_connection_window_size(transport::CONNECTION_WINDOW)

@@ -17,7 +17,13 @@ use mesh::{
     plugin::{self, DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_VAR},
     runtime, tuning,
 };
-use mesh_router::Limits;
+use mesh_router::{
+    Limits,
+    cluster::{
+        NodeName,
+        etcd::{DEFAULT_PREFIX, DEFAULT_TTL, EtcdConfig},
+    },
+};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -62,8 +68,24 @@ pub struct Config {
     /// Where plugins' default roots live (`[mesh] data_dir`, default `$XDG_DATA_HOME/mesh`,
     /// else `~/.local/share/mesh`).
     pub data_dir: PathBuf,
+    /// This node among many, and the registry backend (`[mesh] node`, `advertise`,
+    /// `[registry]`).
+    pub cluster: ClusterConfig,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
+}
+
+/// `[mesh] node`, `[mesh] advertise` and `[registry]`: which node this is and where the
+/// registry lives.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterConfig {
+    /// This node's name, if it is one of many.
+    pub node: Option<NodeName>,
+    /// `host:port` other routers dial this one at: `advertise`, else `listen` when it is a
+    /// concrete address.
+    pub advertise: Option<String>,
+    /// etcd, when `[registry] etcd` names it; else the embedded registry.
+    pub etcd: Option<EtcdConfig>,
 }
 
 /// One plugin's settings.
@@ -244,6 +266,16 @@ struct RawConfig {
     mesh: Option<Spanned<RawMesh>>,
     #[serde(default)]
     plugin: Vec<Spanned<RawPlugin>>,
+    #[serde(default)]
+    registry: Option<Spanned<RawRegistry>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    etcd: Option<Spanned<Vec<Spanned<String>>>>,
+    prefix: Option<Spanned<String>>,
+    lease_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -270,6 +302,8 @@ struct RawMesh {
     data_dir: Option<Spanned<PathBuf>>,
     audit_log: Option<Spanned<PathBuf>>,
     audit_max_size: Option<Spanned<RawSize>>,
+    node: Option<Spanned<String>>,
+    advertise: Option<Spanned<String>>,
 }
 
 /// A size in bytes, or text with a unit (`"16MiB"`).
@@ -368,7 +402,13 @@ impl Config {
         };
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| file.at(e.span(), explain(e.message())))?;
-        let mut config = file.mesh(raw.mesh.map(Spanned::into_inner).unwrap_or_default())?;
+        let mesh_span = raw.mesh.as_ref().map(|m| m.span());
+        let mut mesh = raw.mesh.map(Spanned::into_inner).unwrap_or_default();
+        let node = mesh.node.take();
+        let advertise = mesh.advertise.take();
+        let mut config = file.mesh(mesh)?;
+        config.cluster =
+            file.cluster(&config, node, advertise, raw.registry.as_ref(), mesh_span)?;
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for table in raw.plugin {
             let table_line = line_of(text, table.span().start);
@@ -516,7 +556,157 @@ impl File<'_> {
             busy_poll: mesh.busy_poll,
             spin,
             max_message_size,
+            cluster: ClusterConfig::default(),
             plugins: Vec::new(),
+        })
+    }
+
+    /// `[mesh] node`, `[mesh] advertise` and `[registry]`.
+    fn cluster(
+        &self,
+        config: &Config,
+        node: Option<Spanned<String>>,
+        advertise: Option<Spanned<String>>,
+        registry: Option<&Spanned<RawRegistry>>,
+        mesh_span: Option<Range<usize>>,
+    ) -> Result<ClusterConfig, ConfigError> {
+        let node = match &node {
+            None => None,
+            Some(name) => Some(
+                NodeName::new(name.get_ref().as_str())
+                    .map_err(|e| self.at(Some(name.span()), format!("node = {e}")))?,
+            ),
+        };
+        let advertise = match &advertise {
+            Some(text) => {
+                let value = text.get_ref();
+                let port_ok = value.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty()
+                        && !host.contains('/')
+                        && port.parse::<u16>().is_ok_and(|p| p != 0)
+                });
+                if !port_ok || value.len() > 253 + 6 || value.chars().any(char::is_control) {
+                    return Err(self.at(
+                        Some(text.span()),
+                        format!(
+                            "advertise = {value:?} is not host:port; write the address other nodes \
+                             reach this router's listen address at, such as \"10.0.0.2:7700\""
+                        ),
+                    ));
+                }
+                Some(value.clone())
+            }
+            // `listen` is what other nodes dial when it is a concrete address.
+            None => config
+                .listen
+                .filter(|addr| !addr.ip().is_unspecified() && addr.port() != 0)
+                .map(|addr| addr.to_string()),
+        };
+        let Some(registry) = registry else {
+            return Ok(ClusterConfig {
+                node,
+                advertise,
+                etcd: None,
+            });
+        };
+        let raw = registry.get_ref();
+        let registry_span = Some(registry.span());
+        let Some(endpoints) = &raw.etcd else {
+            return Err(self.at(
+                registry_span,
+                "[registry] names no backend: write etcd = [\"http://127.0.0.1:2379\"], or \
+                 remove [registry] for the embedded registry"
+                    .into(),
+            ));
+        };
+        let mut etcd = Vec::new();
+        for endpoint in endpoints.get_ref() {
+            let text = endpoint.get_ref();
+            if text.starts_with("https://") {
+                return Err(self.at(
+                    Some(endpoint.span()),
+                    format!("etcd endpoint {text:?}: TLS to etcd is not supported yet; use http:// on a trusted network or loopback"),
+                ));
+            }
+            match text.parse::<mesh::Address>() {
+                Ok(mesh::Address::Tcp(hostport)) => etcd.push(hostport),
+                _ => {
+                    return Err(self.at(
+                        Some(endpoint.span()),
+                        format!("etcd endpoint {text:?} is not http://host:port, such as \"http://127.0.0.1:2379\""),
+                    ));
+                }
+            }
+        }
+        if etcd.is_empty() || etcd.len() > 16 {
+            return Err(self.at(
+                Some(endpoints.span()),
+                "etcd = [...] needs 1 to 16 endpoints, such as [\"http://127.0.0.1:2379\"]".into(),
+            ));
+        }
+        let prefix = match &raw.prefix {
+            None => DEFAULT_PREFIX.to_owned(),
+            Some(prefix) => {
+                let text = prefix.get_ref();
+                let ok = text.starts_with('/')
+                    && text.ends_with('/')
+                    && text.len() <= 128
+                    && !text.chars().any(char::is_control);
+                if !ok {
+                    return Err(self.at(
+                        Some(prefix.span()),
+                        format!("prefix = {text:?}: write a key prefix that starts and ends with '/', at most 128 bytes (default {DEFAULT_PREFIX:?})"),
+                    ));
+                }
+                text.clone()
+            }
+        };
+        let ttl = match &raw.lease_ttl {
+            None => DEFAULT_TTL,
+            Some(text) => humantime::parse_duration(text.get_ref())
+                .ok()
+                .filter(|d| d.subsec_nanos() == 0 && (2..=300).contains(&d.as_secs()))
+                .ok_or_else(|| {
+                    self.at(
+                        Some(text.span()),
+                        format!(
+                            "lease_ttl = {:?}: write whole seconds from \"2s\" to \"300s\" (default {}s)",
+                            text.get_ref(),
+                            DEFAULT_TTL.as_secs()
+                        ),
+                    )
+                })?,
+        };
+        if node.is_none() {
+            return Err(self.at(
+                mesh_span.or(registry_span),
+                "[registry] etcd needs this node's name: add node = \"a\" (unique per machine) to [mesh]".into(),
+            ));
+        }
+        if config.listen.is_none() {
+            return Err(self.at(
+                mesh_span.or(registry_span),
+                "[registry] etcd needs a TCP listener other nodes' routers forward calls to: set \
+                 [mesh] listen = \"host:port\""
+                    .into(),
+            ));
+        }
+        if advertise.is_none() {
+            return Err(self.at(
+                mesh_span.or(registry_span),
+                "[registry] etcd needs the address other nodes reach this router at: set [mesh] \
+                 listen to a concrete host:port, or advertise = \"host:port\""
+                    .into(),
+            ));
+        }
+        Ok(ClusterConfig {
+            node,
+            advertise,
+            etcd: Some(EtcdConfig {
+                endpoints: etcd,
+                prefix,
+                ttl,
+            }),
         })
     }
 

@@ -95,8 +95,9 @@ pub(crate) fn pick(
         return Pick::Remote(remote);
     }
     match here {
-        // Known here but no instance ready: the balancer says so.
-        Some(upstream) => Pick::Local(upstream),
-        None => Pick::Nowhere,
+        // One machine, the name known but no instance ready: the balancer says so.
+        Some(upstream) if peers.is_none() => Pick::Local(upstream),
+        // Of many, the answer names this node and says whether others were asked.
+        _ => Pick::Nowhere,
     }
 }

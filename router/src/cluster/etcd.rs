@@ -422,23 +422,36 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// A lease: the last one if etcd still keeps it alive, else a new one.
-    async fn lease(
+    /// Opens a keep-alive stream for `id` and reads its first answer: the stream, and whether
+    /// etcd still has the lease. (etcd answers a stream's headers with its first message, so
+    /// the first request goes out with the call.)
+    async fn keep_alive(
         &self,
-        last: Option<i64>,
-        tx: &mpsc::Sender<pb::LeaseKeepAliveRequest>,
-        answers: &mut Streaming<pb::LeaseKeepAliveResponse>,
-    ) -> Result<(i64, bool), End> {
-        if let Some(id) = last {
-            let _ = tx.send(pb::LeaseKeepAliveRequest { id }).await;
-            match tokio::time::timeout(self.timeout, answers.message()).await {
-                Ok(Ok(Some(answer))) if answer.ttl > 0 => return Ok((id, false)),
-                Ok(Ok(Some(_))) => {}
-                Ok(Ok(None)) => return Err(End::Failed("keep-alive stream ended".into())),
-                Ok(Err(status)) => return Err(failed("keep-alive")(status)),
-                Err(_) => return Err(End::Failed("keep-alive: no answer".into())),
-            }
+        id: i64,
+    ) -> Result<
+        (
+            mpsc::Sender<pb::LeaseKeepAliveRequest>,
+            Streaming<pb::LeaseKeepAliveResponse>,
+            bool,
+        ),
+        End,
+    > {
+        let (tx, rx) = mpsc::channel(4);
+        let _ = tx.send(pb::LeaseKeepAliveRequest { id }).await;
+        let mut client = pb::lease_client::LeaseClient::new(self.channel.clone());
+        let mut answers = self
+            .call("keep-alive", client.lease_keep_alive(requests(rx)))
+            .await?;
+        match tokio::time::timeout(self.timeout, answers.message()).await {
+            Ok(Ok(Some(answer))) => Ok((tx, answers, answer.ttl > 0)),
+            Ok(Ok(None)) => Err(End::Failed("keep-alive stream ended".into())),
+            Ok(Err(status)) => Err(failed("keep-alive")(status)),
+            Err(_) => Err(End::Failed("keep-alive: no answer".into())),
         }
+    }
+
+    /// A new lease.
+    async fn grant(&self) -> Result<i64, End> {
         let mut client = pb::lease_client::LeaseClient::new(self.channel.clone());
         let request = pb::LeaseGrantRequest {
             ttl: self.backend.config.ttl.as_secs() as i64,
@@ -450,7 +463,7 @@ impl Session<'_> {
         if !granted.error.is_empty() {
             return Err(End::Failed(format!("lease grant: {}", granted.error)));
         }
-        Ok((granted.id, true))
+        Ok(granted.id)
     }
 
     /// Lists the prefix: the others' keys into `view`, ours that we no longer want deleted.
@@ -517,12 +530,27 @@ impl Session<'_> {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<std::convert::Infallible, End> {
         let ttl = self.backend.config.ttl;
-        let (ka_tx, ka_rx) = mpsc::channel(4);
-        let mut lease_client = pb::lease_client::LeaseClient::new(self.channel.clone());
-        let mut answers = self
-            .call("keep-alive", lease_client.lease_keep_alive(requests(ka_rx)))
-            .await?;
-        let (id, fresh) = self.lease(*lease, &ka_tx, &mut answers).await?;
+        // The last lease if etcd still keeps it (it was unreachable a while), else a new one.
+        let kept = match *lease {
+            Some(id) => match self.keep_alive(id).await? {
+                (tx, answers, true) => Some((id, tx, answers)),
+                (_, _, false) => None,
+            },
+            None => None,
+        };
+        let fresh = kept.is_none();
+        let (id, ka_tx, mut answers) = match kept {
+            Some(kept) => kept,
+            None => {
+                let id = self.grant().await?;
+                match self.keep_alive(id).await? {
+                    (tx, answers, true) => (id, tx, answers),
+                    (_, _, false) => {
+                        return Err(End::LeaseLost(format!("lease {id:x} gone at once")));
+                    }
+                }
+            }
+        };
         *lease = Some(id);
         if fresh && *registered_once {
             self.cluster.reregistered();

@@ -33,6 +33,8 @@ pub(crate) struct MeshSpec {
     pub(crate) backoff_base: Option<String>,
     /// Whether the router also listens on TCP (`listen = "127.0.0.1:0"`).
     pub(crate) tcp: bool,
+    /// More `[mesh]` lines, then more tables before the plugin's (a node of a cluster).
+    pub(crate) node: Option<(String, String)>,
 }
 
 /// A running `mesh up`; stopped (with its plugins) when dropped.
@@ -124,8 +126,13 @@ pub(crate) fn socket_of(instance: &Instance) -> anyhow::Result<PathBuf> {
 /// The `[mesh]` settings and the echo plugin's table.
 fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
     let mut settings = String::from("# Written by mesh-bench.\n");
-    if spec.tcp {
+    if spec.tcp && spec.node.is_none() {
         settings.push_str("listen = \"127.0.0.1:0\"\n");
+    }
+    let mut tables = String::new();
+    if let Some((lines, more)) = &spec.node {
+        settings.push_str(lines);
+        tables.push_str(more);
     }
     if mesh::tuning::busy_poll_from_env() {
         settings.push_str("busy_poll = true\n");
@@ -141,5 +148,8 @@ fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
     if let Some(base) = &spec.backoff_base {
         plugin.push_str(&format!("backoff_base = {base:?}\n"));
     }
-    (settings, plugin)
+    if spec.instances == 0 {
+        plugin.clear();
+    }
+    (settings, tables + &plugin)
 }

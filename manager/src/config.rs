@@ -1389,6 +1389,114 @@ mod tests {
     }
 
     #[test]
+    fn registry_and_node_parse_with_defaults_and_bad_ones_name_their_line() {
+        let config = parse("[mesh]\n").unwrap();
+        assert_eq!(
+            config.cluster,
+            ClusterConfig::default(),
+            "embedded by default"
+        );
+
+        let config = parse(
+            "[mesh]\nlisten = \"127.0.0.1:7701\"\nnode = \"a\"\n\
+             [registry]\netcd = [\"http://127.0.0.1:2379\", \"10.0.0.9:2379\"]\n",
+        )
+        .unwrap();
+        let cluster = config.cluster;
+        assert_eq!(cluster.node.unwrap().as_str(), "a");
+        assert_eq!(
+            cluster.advertise.as_deref(),
+            Some("127.0.0.1:7701"),
+            "from listen"
+        );
+        let etcd = cluster.etcd.unwrap();
+        assert_eq!(etcd.endpoints, ["127.0.0.1:2379", "10.0.0.9:2379"]);
+        assert_eq!(
+            (etcd.prefix.as_str(), etcd.ttl),
+            (DEFAULT_PREFIX, DEFAULT_TTL)
+        );
+
+        let config = parse(
+            "[mesh]\nlisten = \"0.0.0.0:7701\"\nnode = \"b\"\nadvertise = \"10.0.0.2:7701\"\n\
+             [registry]\netcd = [\"http://e:2379\"]\nprefix = \"/x/\"\nlease_ttl = \"3s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.cluster.advertise.as_deref(), Some("10.0.0.2:7701"));
+        let etcd = config.cluster.etcd.unwrap();
+        assert_eq!(
+            (etcd.prefix.as_str(), etcd.ttl),
+            ("/x/", Duration::from_secs(3))
+        );
+
+        let base = "[mesh]\nlisten = \"127.0.0.1:7701\"\nnode = \"a\"\n[registry]\n";
+        for (text, line, says) in [
+            (
+                "[mesh]\nnode = \"Node A\"\n".to_owned(),
+                2,
+                "invalid node name",
+            ),
+            (
+                "[mesh]\nadvertise = \"nowhere\"\n".into(),
+                2,
+                "is not host:port",
+            ),
+            (
+                "[mesh]\nadvertise = \"h:0\"\n".into(),
+                2,
+                "is not host:port",
+            ),
+            (
+                format!("{base}etcd = [\"https://e:2379\"]\n"),
+                5,
+                "TLS to etcd",
+            ),
+            (format!("{base}etcd = [\"e\"]\n"), 5, "http://host:port"),
+            (format!("{base}etcd = []\n"), 5, "1 to 16 endpoints"),
+            (
+                format!("{base}etcd = [\"e:1\"]\nprefix = \"mesh\"\n"),
+                6,
+                "starts and ends with '/'",
+            ),
+            (
+                format!("{base}etcd = [\"e:1\"]\nlease_ttl = \"1s\"\n"),
+                6,
+                "\"2s\" to \"300s\"",
+            ),
+            (
+                format!("{base}etcd = [\"e:1\"]\nlease_ttl = \"2500ms\"\n"),
+                6,
+                "whole seconds",
+            ),
+            (format!("{base}prefix = \"/m/\"\n"), 4, "names no backend"),
+            (
+                "[mesh]\nlisten = \"127.0.0.1:1\"\n[registry]\netcd = [\"e:1\"]\n".into(),
+                1,
+                "add node = \"a\"",
+            ),
+            (
+                "[mesh]\nnode = \"a\"\n[registry]\netcd = [\"e:1\"]\n".into(),
+                1,
+                "set [mesh] listen",
+            ),
+            (
+                "[mesh]\nnode = \"a\"\nlisten = \"0.0.0.0:1\"\n[registry]\netcd = [\"e:1\"]\n"
+                    .into(),
+                1,
+                "advertise = \"host:port\"",
+            ),
+            (
+                "[registry]\netcd = [\"e:1\"]\nttl = 3\n".into(),
+                3,
+                "unknown field `ttl`",
+            ),
+        ] {
+            let error = parse(&text).unwrap_err();
+            assert_eq!(error.line, Some(line), "{text}: {error}");
+            assert!(error.to_string().contains(says), "{text}: {error}");
+        }
+    }
+
+    #[test]
     fn defaults_fill_what_is_not_said() {
         let config = parse(
             "[mesh]\nruntime_dir = \"/tmp/m\"\n[[plugin]]\nname = \"sh\"\ncommand = \"/bin/sh\"\n",

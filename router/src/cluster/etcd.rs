@@ -50,6 +50,10 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Largest value mesh reads from etcd; a bigger one is skipped as not mesh's.
 const MAX_VALUE: usize = 4096;
+/// Keys per page when listing the prefix.
+const LIST_PAGE: i64 = 5000;
+/// Largest message read from etcd (a page of a list, a watch response).
+const MAX_MESSAGE: usize = 64 << 20;
 /// Most other nodes' instances this node keeps in its view.
 const MAX_REMOTE_KEYS: usize = 1_000_000;
 
@@ -473,34 +477,56 @@ impl Session<'_> {
         published: &BTreeMap<Vec<u8>, Vec<u8>>,
     ) -> Result<i64, End> {
         let prefix = self.prefix().as_bytes().to_vec();
-        let mut kv = pb::kv_client::KvClient::new(self.channel.clone());
-        let request = pb::RangeRequest {
-            range_end: prefix_end(&prefix),
-            key: prefix,
-            ..Default::default()
-        };
-        let listed = self.call("list", kv.range(request)).await?;
-        let revision = listed.header.map_or(0, |h| h.revision);
+        let end = prefix_end(&prefix);
+        let mut kv = pb::kv_client::KvClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE);
+        let mut from = prefix;
+        let mut revision = 0;
         let mut others = Vec::new();
         let mut stale = Vec::new();
-        for kv in listed.kvs {
-            let Some(key) = Key::parse(self.prefix(), &kv.key) else {
-                continue;
+        // In pages, all at the first page's revision: a large cluster's list is many
+        // megabytes, more than one message should be.
+        loop {
+            let request = pb::RangeRequest {
+                key: from.clone(),
+                range_end: end.clone(),
+                limit: LIST_PAGE,
+                revision,
+                ..Default::default()
             };
-            if key.node == self.node() {
-                // Ours from before (a restart under a lease not yet expired): not wanted now.
-                if !published.contains_key(&kv.key) {
-                    stale.push(kv.key);
+            let page = self.call("list", kv.range(request)).await?;
+            if revision == 0 {
+                revision = page.header.map_or(0, |h| h.revision);
+            }
+            let last = page.kvs.last().map(|kv| kv.key.clone());
+            for kv in page.kvs {
+                let Some(key) = Key::parse(self.prefix(), &kv.key) else {
+                    continue;
+                };
+                if key.node == self.node() {
+                    // Ours from before (a restart under a lease not yet expired): not wanted now.
+                    if !published.contains_key(&kv.key) {
+                        stale.push(kv.key);
+                    }
+                    continue;
                 }
-                continue;
+                if others.len() >= MAX_REMOTE_KEYS {
+                    continue;
+                }
+                if let Some(router) = router_of(&key, &kv.value) {
+                    others.push((key, router));
+                }
             }
-            if others.len() >= MAX_REMOTE_KEYS {
-                tracing::warn!("more than {MAX_REMOTE_KEYS} instances of other nodes; skipping");
-                break;
+            match last {
+                Some(mut last) if page.more => {
+                    last.push(0);
+                    from = last;
+                }
+                _ => break,
             }
-            if let Some(router) = router_of(&key, &kv.value) {
-                others.push((key, router));
-            }
+        }
+        if others.len() >= MAX_REMOTE_KEYS {
+            tracing::warn!("more than {MAX_REMOTE_KEYS} instances of other nodes; some skipped");
         }
         for key in stale {
             self.delete(key).await?;
@@ -576,7 +602,8 @@ impl Session<'_> {
             )),
         };
         let _ = watch_tx.send(create).await;
-        let mut watch_client = pb::watch_client::WatchClient::new(self.channel.clone());
+        let mut watch_client = pb::watch_client::WatchClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE);
         let mut events = self
             .call("watch", watch_client.watch(requests(watch_rx)))
             .await?;

@@ -150,11 +150,10 @@ async fn main() -> anyhow::Result<()> {
     let granted = started.elapsed();
     let started = Instant::now();
     let mut puts = JoinSet::new();
-    for node in 0..args.nodes {
+    for (node, &lease) in leases.iter().enumerate() {
         for instance in 0..args.instances {
             let mut kv = pb::kv_client::KvClient::new(channel(node * args.instances + instance));
             let limit = limit.clone();
-            let lease = leases[node];
             // Ten services per node, as plugins spread over a few names.
             let request = pb::PutRequest {
                 key: key(instance % 10, node, instance),

@@ -101,3 +101,80 @@ pub(crate) fn pick(
         _ => Pick::Nowhere,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        cluster::{Node, NodeName},
+        registry::{Instance, Registry},
+    };
+
+    fn instance(service: &str, id: &str, endpoint: &str) -> Instance {
+        Instance {
+            service: service.into(),
+            id: id.into(),
+            endpoint: endpoint.into(),
+            labels: Default::default(),
+        }
+    }
+
+    fn which(pick: Pick) -> &'static str {
+        match pick {
+            Pick::Local(_) => "local",
+            Pick::Remote(_) => "remote",
+            Pick::Nowhere => "nowhere",
+        }
+    }
+
+    #[tokio::test]
+    async fn local_instances_win_and_a_forwarded_call_is_never_forwarded_again() {
+        let cluster = Cluster::node(
+            Node {
+                name: NodeName::new("a").unwrap(),
+                advertise: Some("127.0.0.1:7701".into()),
+            },
+            "etcd",
+        );
+        let peers = Peers::new(&cluster).unwrap();
+        let registry = Registry::new();
+        let local = Upstreams::new(registry.clone());
+        let plain = HeaderMap::new();
+        let mut forwarded = HeaderMap::new();
+        forwarded.insert(FORWARDED_HEADER, HeaderValue::from_static("b"));
+
+        assert_eq!(
+            which(pick(&local, Some(&peers), "plugin.x", &plain)),
+            "nowhere"
+        );
+        cluster
+            .remote()
+            .register(instance("plugin.x", "b", "http://127.0.0.1:7702"), None)
+            .unwrap();
+        assert_eq!(
+            which(pick(&local, Some(&peers), "plugin.x", &plain)),
+            "remote"
+        );
+        assert_eq!(
+            which(pick(&local, Some(&peers), "plugin.x", &forwarded)),
+            "nowhere",
+            "a forwarded call goes to local instances only"
+        );
+
+        registry
+            .register(instance("plugin.x", "x-0", "unix:/tmp/x-0.sock"), None)
+            .unwrap();
+        assert_eq!(
+            which(pick(&local, Some(&peers), "plugin.x", &plain)),
+            "local"
+        );
+        assert_eq!(
+            which(pick(&local, Some(&peers), "plugin.x", &forwarded)),
+            "local"
+        );
+
+        let mut headers = HeaderMap::new();
+        peers.mark(&mut headers);
+        assert_eq!(headers[FORWARDED_HEADER], "a");
+    }
+}

@@ -53,6 +53,9 @@ pub(crate) enum Variant {
     /// (set high enough never to refuse), checked on every call. The bench is the owner, so
     /// `call:` checks (plugin callers only) are not part of it.
     H,
+    /// Through node a's router (Unix socket), which forwards over TCP (plaintext) to node b's
+    /// router, where the instance runs: the router → router hop, beside (c).
+    I,
 }
 
 /// The second echo plugin variant (h) calls, the same binary under a policy.
@@ -63,7 +66,7 @@ pub(crate) const OPT_IN_SPIN: Duration = mesh::tuning::DEFAULT_SPIN;
 
 impl Variant {
     /// Every variant, in table order.
-    pub(crate) const ALL: [Self; 8] = [
+    pub(crate) const ALL: [Self; 9] = [
         Self::A,
         Self::B,
         Self::C,
@@ -72,9 +75,10 @@ impl Variant {
         Self::F,
         Self::G,
         Self::H,
+        Self::I,
     ];
 
-    /// `a` to `g`.
+    /// `a` to `i`.
     pub(crate) fn letter(self) -> &'static str {
         match self {
             Self::A => "a",
@@ -85,6 +89,7 @@ impl Variant {
             Self::F => "f",
             Self::G => "g",
             Self::H => "h",
+            Self::I => "i",
         }
     }
 
@@ -99,6 +104,7 @@ impl Variant {
             Self::F => "mesh::connect, direct, spin opt-in (100 µs)",
             Self::G => "mesh::connect, in-process service",
             Self::H => "router, Unix socket, rate limits in force",
+            Self::I => "router a → router b (TCP, plaintext), Unix socket",
         }
     }
 }

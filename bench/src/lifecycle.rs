@@ -39,6 +39,7 @@ pub(crate) async fn spawn_to_ready(bins: &Bins, instances: u32) -> anyhow::Resul
         backoff_base: None,
         tcp: false,
         telemetry: None,
+        node: None,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let router_ms = ms(mesh.spawned_at.elapsed());
@@ -78,6 +79,7 @@ pub(crate) async fn crash_to_routed(
         backoff_base: backoff_base.map(str::to_owned),
         tcp: false,
         telemetry: None,
+        node: None,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     mesh.wait_registry(READY_DEADLINE, |found| found.len() == 1)

@@ -12,6 +12,7 @@
 //! (`--quick` for a smoke run, `--help` for the parts and knobs). `just bench` does both.
 
 mod calls;
+mod etcd;
 mod lifecycle;
 mod mesh_up;
 mod nginx;

@@ -38,6 +38,8 @@ pub(crate) struct MeshSpec {
     /// `[telemetry]`: export traces to this OTLP endpoint, sampling this ratio of new traces;
     /// `None`: telemetry off (the default).
     pub(crate) telemetry: Option<(String, f64)>,
+    /// More `[mesh]` lines, then more tables before the plugin's (a node of a cluster).
+    pub(crate) node: Option<(String, String)>,
 }
 
 /// A running `mesh up`; stopped (with its plugins) when dropped.
@@ -139,8 +141,13 @@ pub(crate) fn socket_of(instance: &Instance) -> anyhow::Result<PathBuf> {
 /// The `[mesh]` settings and the echo plugin's table.
 fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
     let mut settings = String::from("# Written by mesh-bench.\n");
-    if spec.tcp {
+    if spec.tcp && spec.node.is_none() {
         settings.push_str("listen = \"127.0.0.1:0\"\n");
+    }
+    let mut tables = String::new();
+    if let Some((lines, more)) = &spec.node {
+        settings.push_str(lines);
+        tables.push_str(more);
     }
     if mesh::tuning::busy_poll_from_env() {
         settings.push_str("busy_poll = true\n");
@@ -156,6 +163,9 @@ fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
     if let Some(base) = &spec.backoff_base {
         plugin.push_str(&format!("backoff_base = {base:?}\n"));
     }
+    if spec.instances == 0 {
+        plugin.clear();
+    }
     if spec.policy_plugin {
         // Limits that never refuse at these rates, but are checked on every call.
         plugin.push_str(&format!(
@@ -169,5 +179,5 @@ fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
             "\n[telemetry]\notlp_endpoint = {endpoint:?}\nsample_ratio = {ratio:?}\n"
         ));
     }
-    (settings, plugin)
+    (settings, tables + &plugin)
 }

@@ -69,6 +69,7 @@ pub(crate) async fn run(
         tcp: true,
         policy_plugin: s.variants.contains(&Variant::H),
         telemetry: None,
+        node: None,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let (_, instances) = mesh
@@ -79,6 +80,8 @@ pub(crate) async fn run(
     let mut nginx = None;
     // Held for the whole run: dropping it takes the name away.
     let mut _in_process = None;
+    // Two more nodes and their etcd, for (i): held for the whole run.
+    let mut _hop = None;
     let mut clients = Vec::new();
     for &variant in &s.variants {
         let client = match variant {
@@ -124,6 +127,13 @@ pub(crate) async fn run(
                         .context("mesh::connect in process")?,
                 )
             }
+            Variant::I => match start_hop(bins, report).await {
+                Some((nodes, client)) => {
+                    _hop = Some(nodes);
+                    client
+                }
+                None => continue,
+            },
             Variant::E => match start_nginx(&plugin, report).await {
                 Some((started, client)) => {
                     nginx = Some(started);
@@ -269,6 +279,63 @@ pub(crate) async fn run(
 
 /// Starts nginx in front of the plugin socket and checks one call through it; on any trouble
 /// notes why (e) is skipped and returns `None`, so a machine without nginx still gets a report.
+/// etcd, node b (one echo instance, its router on TCP) and node a (no plugin): a client on
+/// node a's socket reaches node b's instance through both routers. Skipped (with a note)
+/// where etcd is not installed.
+async fn start_hop(
+    bins: &Bins,
+    report: &mut Report,
+) -> Option<((MeshUp, MeshUp, crate::etcd::LocalEtcd), Client)> {
+    if !crate::etcd::installed() {
+        report.notes.push(
+            "(i) skipped: etcd is not installed (on Debian: apt-get install -y etcd-server)".into(),
+        );
+        return None;
+    }
+    let started = async {
+        let etcd = crate::etcd::start().await?;
+        let node = |name: &str| -> anyhow::Result<(String, String)> {
+            let port = crate::etcd::free_port()?;
+            Ok((
+                format!("listen = \"127.0.0.1:{port}\"\nnode = \"{name}\"\n"),
+                format!("[registry]\netcd = [\"http://{}\"]\n", etcd.endpoint),
+            ))
+        };
+        let spec = |instances, node| MeshSpec {
+            instances,
+            backoff_base: None,
+            tcp: true,
+            policy_plugin: false,
+            telemetry: None,
+            node: Some(node),
+        };
+        let b = MeshUp::start(bins, &spec(1, node("b")?)).await?;
+        b.wait_registry(READY_DEADLINE, |found| found.len() == 1)
+            .await?;
+        let a = MeshUp::start(bins, &spec(0, node("a")?)).await?;
+        // Node a shows b's service once it learned it from etcd.
+        a.wait_registry(READY_DEADLINE, |found| found.len() == 1)
+            .await?;
+        let client = Client::mesh(
+            Channel::to_address(Address::Unix(a.socket.clone()), SERVICE)
+                .context("a channel through node a's router")?,
+        );
+        calls::first_success(&client, FIRST_CALL_LIMIT)
+            .await
+            .context("first call through two routers")?;
+        anyhow::Ok(((a, b, etcd), client))
+    };
+    match started.await {
+        Ok(started) => Some(started),
+        Err(error) => {
+            report
+                .notes
+                .push(format!("(i) skipped: two nodes did not start: {error:#}"));
+            None
+        }
+    }
+}
+
 async fn start_nginx(plugin: &Path, report: &mut Report) -> Option<(nginx::Nginx, Client)> {
     let Some(binary) = nginx::find() else {
         report.notes.push(

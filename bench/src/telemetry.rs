@@ -109,6 +109,7 @@ pub(crate) async fn run(bins: &Bins, s: &Settings, report: &mut Report) -> anyho
             tcp: false,
             policy_plugin: false,
             telemetry: ratio.map(|ratio| (endpoint.clone(), ratio)),
+            node: None,
         };
         let mesh = MeshUp::start(bins, &spec).await?;
         mesh.wait_registry(FIRST_CALL_LIMIT, |found| found.len() == 1)

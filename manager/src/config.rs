@@ -17,7 +17,13 @@ use mesh::{
     plugin::{self, DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_VAR},
     runtime, tuning,
 };
-use mesh_router::Limits;
+use mesh_router::{
+    Limits,
+    cluster::{
+        NodeName,
+        etcd::{DEFAULT_PREFIX, DEFAULT_TTL, EtcdConfig},
+    },
+};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -70,8 +76,24 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `[telemetry]`: trace export, sampling, log format.
     pub telemetry: Telemetry,
+    /// This node among many, and the registry backend (`[mesh] node`, `advertise`,
+    /// `[registry]`).
+    pub cluster: ClusterConfig,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
+}
+
+/// `[mesh] node`, `[mesh] advertise` and `[registry]`: which node this is and where the
+/// registry lives.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterConfig {
+    /// This node's name, if it is one of many.
+    pub node: Option<NodeName>,
+    /// `host:port` other routers dial this one at: `advertise`, else `listen` when it is a
+    /// concrete address.
+    pub advertise: Option<String>,
+    /// etcd, when `[registry] etcd` names it; else the embedded registry.
+    pub etcd: Option<EtcdConfig>,
 }
 
 /// One plugin's settings.
@@ -293,6 +315,16 @@ struct RawConfig {
     telemetry: Option<Spanned<telemetry::RawTelemetry>>,
     #[serde(default)]
     plugin: Vec<Spanned<RawPlugin>>,
+    #[serde(default)]
+    registry: Option<Spanned<RawRegistry>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    etcd: Option<Spanned<Vec<Spanned<String>>>>,
+    prefix: Option<Spanned<String>>,
+    lease_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -319,6 +351,8 @@ struct RawMesh {
     data_dir: Option<Spanned<PathBuf>>,
     audit_log: Option<Spanned<PathBuf>>,
     audit_max_size: Option<Spanned<RawSize>>,
+    node: Option<Spanned<String>>,
+    advertise: Option<Spanned<String>>,
 }
 
 /// A size in bytes, or text with a unit (`"16MiB"`).
@@ -453,12 +487,18 @@ impl Config {
         };
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| file.at(e.span(), explain(e.message())))?;
-        let mut config = file.mesh(raw.mesh.map(Spanned::into_inner).unwrap_or_default())?;
+        let mesh_span = raw.mesh.as_ref().map(|m| m.span());
+        let mut mesh = raw.mesh.map(Spanned::into_inner).unwrap_or_default();
+        let node = mesh.node.take();
+        let advertise = mesh.advertise.take();
+        let mut config = file.mesh(mesh)?;
         config.telemetry = Telemetry::parse(
             raw.telemetry.map(Spanned::into_inner).unwrap_or_default(),
             &|name| std::env::var(name).ok().filter(|v| !v.is_empty()),
             &|span, message| file.at(span, message),
         )?;
+        config.cluster =
+            file.cluster(&config, node, advertise, raw.registry.as_ref(), mesh_span)?;
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for table in raw.plugin {
             let table_line = line_of(text, table.span().start);
@@ -607,7 +647,157 @@ impl File<'_> {
             spin,
             max_message_size,
             telemetry: Telemetry::default(),
+            cluster: ClusterConfig::default(),
             plugins: Vec::new(),
+        })
+    }
+
+    /// `[mesh] node`, `[mesh] advertise` and `[registry]`.
+    fn cluster(
+        &self,
+        config: &Config,
+        node: Option<Spanned<String>>,
+        advertise: Option<Spanned<String>>,
+        registry: Option<&Spanned<RawRegistry>>,
+        mesh_span: Option<Range<usize>>,
+    ) -> Result<ClusterConfig, ConfigError> {
+        let node = match &node {
+            None => None,
+            Some(name) => Some(
+                NodeName::new(name.get_ref().as_str())
+                    .map_err(|e| self.at(Some(name.span()), format!("node = {e}")))?,
+            ),
+        };
+        let advertise = match &advertise {
+            Some(text) => {
+                let value = text.get_ref();
+                let port_ok = value.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty()
+                        && !host.contains('/')
+                        && port.parse::<u16>().is_ok_and(|p| p != 0)
+                });
+                if !port_ok || value.len() > 253 + 6 || value.chars().any(char::is_control) {
+                    return Err(self.at(
+                        Some(text.span()),
+                        format!(
+                            "advertise = {value:?} is not host:port; write the address other nodes \
+                             reach this router's listen address at, such as \"10.0.0.2:7700\""
+                        ),
+                    ));
+                }
+                Some(value.clone())
+            }
+            // `listen` is what other nodes dial when it is a concrete address.
+            None => config
+                .listen
+                .filter(|addr| !addr.ip().is_unspecified() && addr.port() != 0)
+                .map(|addr| addr.to_string()),
+        };
+        let Some(registry) = registry else {
+            return Ok(ClusterConfig {
+                node,
+                advertise,
+                etcd: None,
+            });
+        };
+        let raw = registry.get_ref();
+        let registry_span = Some(registry.span());
+        let Some(endpoints) = &raw.etcd else {
+            return Err(self.at(
+                registry_span,
+                "[registry] names no backend: write etcd = [\"http://127.0.0.1:2379\"], or \
+                 remove [registry] for the embedded registry"
+                    .into(),
+            ));
+        };
+        let mut etcd = Vec::new();
+        for endpoint in endpoints.get_ref() {
+            let text = endpoint.get_ref();
+            if text.starts_with("https://") {
+                return Err(self.at(
+                    Some(endpoint.span()),
+                    format!("etcd endpoint {text:?}: TLS to etcd is not supported yet; use http:// on a trusted network or loopback"),
+                ));
+            }
+            match text.parse::<mesh::Address>() {
+                Ok(mesh::Address::Tcp(hostport)) => etcd.push(hostport),
+                _ => {
+                    return Err(self.at(
+                        Some(endpoint.span()),
+                        format!("etcd endpoint {text:?} is not http://host:port, such as \"http://127.0.0.1:2379\""),
+                    ));
+                }
+            }
+        }
+        if etcd.is_empty() || etcd.len() > 16 {
+            return Err(self.at(
+                Some(endpoints.span()),
+                "etcd = [...] needs 1 to 16 endpoints, such as [\"http://127.0.0.1:2379\"]".into(),
+            ));
+        }
+        let prefix = match &raw.prefix {
+            None => DEFAULT_PREFIX.to_owned(),
+            Some(prefix) => {
+                let text = prefix.get_ref();
+                let ok = text.starts_with('/')
+                    && text.ends_with('/')
+                    && text.len() <= 128
+                    && !text.chars().any(char::is_control);
+                if !ok {
+                    return Err(self.at(
+                        Some(prefix.span()),
+                        format!("prefix = {text:?}: write a key prefix that starts and ends with '/', at most 128 bytes (default {DEFAULT_PREFIX:?})"),
+                    ));
+                }
+                text.clone()
+            }
+        };
+        let ttl = match &raw.lease_ttl {
+            None => DEFAULT_TTL,
+            Some(text) => humantime::parse_duration(text.get_ref())
+                .ok()
+                .filter(|d| d.subsec_nanos() == 0 && (2..=300).contains(&d.as_secs()))
+                .ok_or_else(|| {
+                    self.at(
+                        Some(text.span()),
+                        format!(
+                            "lease_ttl = {:?}: write whole seconds from \"2s\" to \"300s\" (default {}s)",
+                            text.get_ref(),
+                            DEFAULT_TTL.as_secs()
+                        ),
+                    )
+                })?,
+        };
+        if node.is_none() {
+            return Err(self.at(
+                mesh_span.or(registry_span),
+                "[registry] etcd needs this node's name: add node = \"a\" (unique per machine) to [mesh]".into(),
+            ));
+        }
+        if config.listen.is_none() {
+            return Err(self.at(
+                mesh_span.or(registry_span),
+                "[registry] etcd needs a TCP listener other nodes' routers forward calls to: set \
+                 [mesh] listen = \"host:port\""
+                    .into(),
+            ));
+        }
+        if advertise.is_none() {
+            return Err(self.at(
+                mesh_span.or(registry_span),
+                "[registry] etcd needs the address other nodes reach this router at: set [mesh] \
+                 listen to a concrete host:port, or advertise = \"host:port\""
+                    .into(),
+            ));
+        }
+        Ok(ClusterConfig {
+            node,
+            advertise,
+            etcd: Some(EtcdConfig {
+                endpoints: etcd,
+                prefix,
+                ttl,
+            }),
         })
     }
 
@@ -1358,6 +1548,114 @@ mod tests {
     fn parse(text: &str) -> Result<Config, ConfigError> {
         // Commands resolve against the config's directory; /bin/sh exists on every machine.
         Config::parse(Path::new("/etc/mesh/mesh.toml"), text)
+    }
+
+    #[test]
+    fn registry_and_node_parse_with_defaults_and_bad_ones_name_their_line() {
+        let config = parse("[mesh]\n").unwrap();
+        assert_eq!(
+            config.cluster,
+            ClusterConfig::default(),
+            "embedded by default"
+        );
+
+        let config = parse(
+            "[mesh]\nlisten = \"127.0.0.1:7701\"\nnode = \"a\"\n\
+             [registry]\netcd = [\"http://127.0.0.1:2379\", \"10.0.0.9:2379\"]\n",
+        )
+        .unwrap();
+        let cluster = config.cluster;
+        assert_eq!(cluster.node.unwrap().as_str(), "a");
+        assert_eq!(
+            cluster.advertise.as_deref(),
+            Some("127.0.0.1:7701"),
+            "from listen"
+        );
+        let etcd = cluster.etcd.unwrap();
+        assert_eq!(etcd.endpoints, ["127.0.0.1:2379", "10.0.0.9:2379"]);
+        assert_eq!(
+            (etcd.prefix.as_str(), etcd.ttl),
+            (DEFAULT_PREFIX, DEFAULT_TTL)
+        );
+
+        let config = parse(
+            "[mesh]\nlisten = \"0.0.0.0:7701\"\nnode = \"b\"\nadvertise = \"10.0.0.2:7701\"\n\
+             [registry]\netcd = [\"http://e:2379\"]\nprefix = \"/x/\"\nlease_ttl = \"3s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.cluster.advertise.as_deref(), Some("10.0.0.2:7701"));
+        let etcd = config.cluster.etcd.unwrap();
+        assert_eq!(
+            (etcd.prefix.as_str(), etcd.ttl),
+            ("/x/", Duration::from_secs(3))
+        );
+
+        let base = "[mesh]\nlisten = \"127.0.0.1:7701\"\nnode = \"a\"\n[registry]\n";
+        for (text, line, says) in [
+            (
+                "[mesh]\nnode = \"Node A\"\n".to_owned(),
+                2,
+                "invalid node name",
+            ),
+            (
+                "[mesh]\nadvertise = \"nowhere\"\n".into(),
+                2,
+                "is not host:port",
+            ),
+            (
+                "[mesh]\nadvertise = \"h:0\"\n".into(),
+                2,
+                "is not host:port",
+            ),
+            (
+                format!("{base}etcd = [\"https://e:2379\"]\n"),
+                5,
+                "TLS to etcd",
+            ),
+            (format!("{base}etcd = [\"e\"]\n"), 5, "http://host:port"),
+            (format!("{base}etcd = []\n"), 5, "1 to 16 endpoints"),
+            (
+                format!("{base}etcd = [\"e:1\"]\nprefix = \"mesh\"\n"),
+                6,
+                "starts and ends with '/'",
+            ),
+            (
+                format!("{base}etcd = [\"e:1\"]\nlease_ttl = \"1s\"\n"),
+                6,
+                "\"2s\" to \"300s\"",
+            ),
+            (
+                format!("{base}etcd = [\"e:1\"]\nlease_ttl = \"2500ms\"\n"),
+                6,
+                "whole seconds",
+            ),
+            (format!("{base}prefix = \"/m/\"\n"), 4, "names no backend"),
+            (
+                "[mesh]\nlisten = \"127.0.0.1:1\"\n[registry]\netcd = [\"e:1\"]\n".into(),
+                1,
+                "add node = \"a\"",
+            ),
+            (
+                "[mesh]\nnode = \"a\"\n[registry]\netcd = [\"e:1\"]\n".into(),
+                1,
+                "set [mesh] listen",
+            ),
+            (
+                "[mesh]\nnode = \"a\"\nlisten = \"0.0.0.0:1\"\n[registry]\netcd = [\"e:1\"]\n"
+                    .into(),
+                1,
+                "advertise = \"host:port\"",
+            ),
+            (
+                "[registry]\netcd = [\"e:1\"]\nttl = 3\n".into(),
+                3,
+                "unknown field `ttl`",
+            ),
+        ] {
+            let error = parse(&text).unwrap_err();
+            assert_eq!(error.line, Some(line), "{text}: {error}");
+            assert!(error.to_string().contains(says), "{text}: {error}");
+        }
     }
 
     #[test]

@@ -4,7 +4,11 @@
 use std::{future::Future, sync::Arc};
 
 use mesh::runtime;
-use mesh_router::{Router, registry::Registry};
+use mesh_router::{
+    Router,
+    cluster::{self, Backend, Cluster, Embedded, Node, etcd::Etcd},
+    registry::Registry,
+};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -109,7 +113,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let host = HostService::new(policies, audit);
     let identify = supervisor.clone();
-    let router = Router::builder(registry)
+    let (cluster, backend) = backend(&config);
+    let router = Router::builder(registry.clone())
+        .cluster(cluster.clone())
         .limits(config.limits.clone())
         .add_service(manager.clone().into_server())
         .add_service(host.into_server())
@@ -119,6 +125,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .call_policy(CallPolicyOf(calls))
         .build()
         .await;
+    let backend = backend.start(registry.clone(), cluster.clone());
+    let gateways = cluster.this_node().is_some().then(|| {
+        cluster::follow_gateways(
+            registry.clone(),
+            &cluster,
+            mesh::Address::Unix(config.socket.clone()),
+        )
+    });
     let mut hangup = signal(SignalKind::hangup()).map_err(UpError::Signal)?;
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
@@ -191,6 +205,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     systemd::stopping();
     tracing::info!("stopping: deregistering and stopping plugins");
     supervisor.shutdown().await;
+    // Withdraws this node's instances from the other nodes' view at once.
+    backend.stop(std::time::Duration::from_secs(3)).await;
+    if let Some(gateways) = gateways {
+        gateways.abort();
+    }
     // Watch streams (every mesh::connect channel has one) would keep the router draining.
     closing.close();
     let _ = stopping.send(true);
@@ -216,6 +235,32 @@ impl mesh_router::CallPolicy for CallPolicyOf {
         method: &str,
     ) -> Result<(), mesh_router::Refusal> {
         self.0.decide(caller, service, method, "router")
+    }
+}
+
+/// This node and its registry backend: etcd when `[registry]` names it, else the embedded
+/// registry alone.
+fn backend(config: &Config) -> (Cluster, Box<dyn Backend>) {
+    let cluster = &config.cluster;
+    match (&cluster.node, &cluster.etcd) {
+        (Some(name), Some(etcd)) => {
+            let node = Node {
+                name: name.clone(),
+                advertise: cluster.advertise.clone(),
+            };
+            println!(
+                "mesh: node {name}, registry etcd at {} (prefix {}, lease {}s), advertising {}",
+                etcd.endpoints.join(", "),
+                etcd.prefix,
+                etcd.ttl.as_secs(),
+                node.advertise.as_deref().unwrap_or("nothing")
+            );
+            (
+                Cluster::node(node.clone(), "etcd"),
+                Box::new(Etcd::new(etcd.clone(), node)),
+            )
+        }
+        _ => (Cluster::single(), Box::new(Embedded)),
     }
 }
 

@@ -42,10 +42,12 @@ use crate::{
     Limits, SERVICE_HEADER,
     body::{Forwarded, RouterBody},
     calls::{self, CallPolicy},
+    cluster::{Cluster, FORWARDED_HEADER},
     deadline::{self, Deadlines, Expiry},
     grpc::{self, RequestBody},
     identity::{self, Caller, Identify},
     limit::{Admission, Gauge, Handshake, Held, Permit},
+    peers::{self, Peers, Pick},
     policy,
     registry::{Registry, RegistryService},
     route::{self, Route},
@@ -98,6 +100,8 @@ pub(crate) struct Inner {
     identify: Option<Arc<dyn Identify>>,
     /// Decides which calls a plugin caller may forward; none installed, every call may go.
     call_policy: Option<Arc<dyn CallPolicy>>,
+    /// Other nodes' routers, for names with no instance here; none on a single machine.
+    peers: Option<Peers>,
 }
 
 /// One client connection: who is on it (fixed at accept time) and its calls.
@@ -129,6 +133,7 @@ pub struct RouterBuilder {
     limits: Limits,
     identify: Option<Arc<dyn Identify>>,
     call_policy: Option<Arc<dyn CallPolicy>>,
+    cluster: Cluster,
 }
 
 impl std::fmt::Debug for Router {
@@ -147,6 +152,7 @@ impl Router {
             limits: Limits::default(),
             identify: None,
             call_policy: None,
+            cluster: Cluster::single(),
         }
     }
 
@@ -165,6 +171,7 @@ impl Router {
                 owner: self.inner.owner,
                 identify: self.inner.identify.clone(),
                 call_policy: self.inner.call_policy.clone(),
+                peers: self.inner.peers.as_ref().map(Peers::for_this_thread),
             }),
         }
     }
@@ -368,7 +375,7 @@ impl Inner {
         ) {
             return *refusal;
         }
-        let upstream = match route::route(&request) {
+        let (upstream, remote) = match route::route(&request) {
             Route::Local => return self.local(connection, request).await,
             Route::Service(service) => {
                 // Before the lookup: a plugin refused a service learns nothing of it.
@@ -377,9 +384,15 @@ impl Inner {
                 if let Err(status) = calls::check(policy, &connection.caller, service, method) {
                     return status.into_http();
                 }
-                match self.upstreams.get(service) {
-                    Some(upstream) => upstream,
-                    None => return self.unknown(service).into_http(),
+                match peers::pick(
+                    &self.upstreams,
+                    self.peers.as_ref(),
+                    service,
+                    request.headers(),
+                ) {
+                    Pick::Local(upstream) => (upstream, false),
+                    Pick::Remote(upstream) => (upstream, true),
+                    Pick::Nowhere => return self.unknown(service, request.headers()).into_http(),
                 }
             }
             Route::Invalid(error) => {
@@ -393,6 +406,9 @@ impl Inner {
             Ok(permit) => permit,
             Err(full) => return full.status().into_http(),
         };
+        if remote && let Some(peers) = &self.peers {
+            peers.mark(request.headers_mut());
+        }
         let traced = crate::trace::start(&mut request, upstream.name.as_str());
         let response = self.forward(upstream, permit, request).await;
         match traced {
@@ -469,7 +485,21 @@ impl Inner {
         }
     }
 
-    fn unknown(&self, service: &str) -> Status {
+    fn unknown(&self, service: &str, headers: &http::HeaderMap) -> Status {
+        if let Some(peers) = &self.peers {
+            let node = peers.node();
+            if let Some(from) = headers.get(FORWARDED_HEADER) {
+                let from = String::from_utf8_lossy(from.as_bytes());
+                return Status::unavailable(format!(
+                    "service {service:?} has no instance on node {node} (forwarded by {from}; \
+                     a forwarded call is never forwarded again)"
+                ));
+            }
+            return Status::unavailable(format!(
+                "service {service:?} has no instance on node {node} nor on any other node \
+                 this router knows of; list services with `mesh status`"
+            ));
+        }
         let names = self.upstreams.names();
         let known = if names.is_empty() {
             "none is registered".to_owned()
@@ -511,9 +541,18 @@ impl RouterBuilder {
         self
     }
 
+    /// Makes this router one node of many: calls for names with no instance here go to the
+    /// other nodes in `cluster`'s view (see [`crate::cluster`]).
+    pub fn cluster(mut self, cluster: Cluster) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
     /// Builds the router and starts following the registry (needs a Tokio runtime).
     pub async fn build(mut self) -> Router {
-        let registry_server = RegistryService::new(self.registry.clone()).into_server();
+        let registry_server = RegistryService::new(self.registry.clone())
+            .with_cluster(self.cluster.clone())
+            .into_server();
         let introspection = mesh::introspection::Introspection::new()
             .file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
             .services(self.names.iter().copied())
@@ -536,6 +575,7 @@ impl RouterBuilder {
                 owner: identity::own_uid(),
                 identify: self.identify,
                 call_policy: self.call_policy,
+                peers: Peers::new(&self.cluster),
             }),
         }
     }

@@ -13,6 +13,7 @@
 //!   capabilities, every caller's rate limits ([`CallPolicy`]);
 //! - `route`: where a call goes (the `mesh-service` header, else `:authority`);
 //! - `upstream`: one balancer (`mesh::balance`) per service, following the registry;
+//! - `peers`: other nodes' routers, for names with no instance here ([`cluster`]);
 //! - `deadline`: `grpc-timeout` and the default call timeout;
 //! - `limit`: connections, handshakes, idle connections and calls in flight under their
 //!   [`Limits`];
@@ -33,11 +34,13 @@
 
 mod body;
 mod calls;
+pub mod cluster;
 mod deadline;
 mod forward;
 mod grpc;
 mod identity;
 mod limit;
+mod peers;
 mod policy;
 pub mod registry;
 mod route;

@@ -484,6 +484,11 @@ impl Supervisor {
                     .into(),
             );
         }
+        if config.cluster != current.cluster {
+            report.ignored.push(
+                "[mesh] node and advertise, and [registry], apply at the next mesh up".into(),
+            );
+        }
         // The spin window is read on every call: it applies at once.
         mesh::tuning::set_linger(config.spin);
         let names: Vec<String> = self.plugins().keys().cloned().collect();

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod cancel;
+mod cluster;
 mod command_line;
 mod deploy;
 mod files_plugin;

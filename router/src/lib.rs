@@ -7,8 +7,10 @@
 //!
 //! - `identity`: who is calling ([`Caller`]), from the kernel, once per connection;
 //! - `grpc`: what is a gRPC call the router takes (POST, `application/grpc`, header list);
+//! - `tls`: mTLS on the TCP listener: a client's certificate names who it is
+//!   ([`ServerTls`]);
 //! - `policy`: who may call what on the router itself (the Manager API and registry writes
-//!   are the owner's);
+//!   are the owner's, and granted certificate identities');
 //! - `calls`: which services and methods a plugin may call through the router
 //!   ([`CallPolicy`], installed by the embedder);
 //! - `route`: where a call goes (the `mesh-service` header, else `:authority`);
@@ -40,6 +42,7 @@ mod limit;
 mod policy;
 pub mod registry;
 mod route;
+mod tls;
 mod upstream;
 mod workers;
 
@@ -50,4 +53,5 @@ pub use limit::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADER_LIST_SIZE, Limits,
 };
 pub use route::SERVICE_HEADER;
+pub use tls::{Grant, ServerTls, TlsError, install_default_provider};
 pub use workers::Workers;

@@ -23,6 +23,10 @@ use toml::Spanned;
 
 use crate::{host::Capability, supervisor::MAX_INSTANCES};
 
+mod tls;
+use tls::RawTls;
+pub use tls::TlsConfig;
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -42,6 +46,9 @@ pub struct Config {
     pub socket_group: Option<u32>,
     /// TCP address for remote clients, if any.
     pub listen: Option<SocketAddr>,
+    /// mTLS on `listen` (`[tls]`); `None`: plaintext, which only a loopback `listen` or
+    /// `allow_plaintext = true` permits.
+    pub tls: Option<TlsConfig>,
     /// The router's limits and default call timeout.
     pub limits: Limits,
     /// Router worker threads, each serving calls start to end on its own.
@@ -244,6 +251,8 @@ struct RawConfig {
     mesh: Option<Spanned<RawMesh>>,
     #[serde(default)]
     plugin: Vec<Spanned<RawPlugin>>,
+    #[serde(default)]
+    tls: Option<Spanned<RawTls>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -252,6 +261,7 @@ struct RawMesh {
     runtime_dir: Option<Spanned<PathBuf>>,
     socket: Option<Spanned<PathBuf>>,
     listen: Option<Spanned<String>>,
+    allow_plaintext: Option<Spanned<bool>>,
     call_timeout: Option<Spanned<String>>,
     max_message_size: Option<Spanned<RawSize>>,
     max_connections: Option<Spanned<u64>>,
@@ -368,7 +378,15 @@ impl Config {
         };
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| file.at(e.span(), explain(e.message())))?;
-        let mut config = file.mesh(raw.mesh.map(Spanned::into_inner).unwrap_or_default())?;
+        let mesh = raw.mesh.map(Spanned::into_inner).unwrap_or_default();
+        let allow_plaintext = mesh.allow_plaintext.clone();
+        let listen_span = mesh.listen.as_ref().map(|l| l.span());
+        let mut config = file.mesh(mesh)?;
+        config.tls = match raw.tls {
+            Some(tls) => Some(file.tls(tls)?),
+            None => None,
+        };
+        file.check_plaintext(&config, allow_plaintext.as_ref(), listen_span)?;
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for table in raw.plugin {
             let table_line = line_of(text, table.span().start);
@@ -511,6 +529,7 @@ impl File<'_> {
             socket_mode,
             socket_group,
             listen,
+            tls: None,
             limits,
             router_threads,
             busy_poll: mesh.busy_poll,

@@ -43,6 +43,9 @@ pub enum UpError {
     /// The audit log could not be opened (a symlink, another owner's, unwritable).
     #[error("{0}; set [mesh] audit_log to a file mesh up may write")]
     Audit(std::io::Error),
+    /// The `[tls]` files could not be read or used; the message names the file.
+    #[error("{0}")]
+    Tls(String),
     /// The TCP listener could not be bound.
     #[error("listen = {addr}: {error}; pick a free port, or port 0 for any")]
     Listen {
@@ -93,7 +96,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let calls = CallGate::new(policies.clone(), audit.clone());
     let host = HostService::new(policies, audit);
     let identify = supervisor.clone();
-    let router = Router::builder(registry)
+    let mut router = Router::builder(registry);
+    if let Some(tls) = &config.tls {
+        router = router.tls(tls.server().map_err(UpError::Tls)?);
+    }
+    let router = router
         .limits(config.limits.clone())
         .add_service(manager.clone().into_server())
         .add_service(host.into_server())
@@ -125,7 +132,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 addr: config.listen.expect("set"),
                 error,
             })?;
-            println!("mesh: router listening on http://{addr}");
+            match config.tls {
+                Some(_) => println!("mesh: router listening on https://{addr} (mTLS)"),
+                None => println!("mesh: router listening on http://{addr}"),
+            }
             Some(tcp.into_std().map_err(UpError::Workers)?)
         }
         None => None,

@@ -27,7 +27,9 @@ use crate::{
     tuning,
 };
 
-/// Environment variable naming a remote router (`http://host:7700`); when set, calls go through it.
+/// Environment variable naming a remote router (`http://host:7700`, or `https://host:7700`
+/// for mTLS with the certificates `MESH_TLS_CA`, `MESH_TLS_CERT` and `MESH_TLS_KEY` name);
+/// when set, calls go through it.
 pub const MESH_ROUTER: &str = "MESH_ROUTER";
 
 /// How long `connect` waits for the router's first answer.
@@ -81,6 +83,8 @@ pub struct Connector {
     /// `None`: [`tuning::MESH_SPIN_US`], else no spinning.
     spin: Option<Duration>,
     keepalive: Option<Keepalive>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::transport::ClientTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +104,9 @@ impl Connector {
 
     /// [`Connector::from_env`], given `MESH_ROUTER`'s value.
     fn from_router_var(router: Option<&str>) -> Result<Self, Error> {
+        if let Some(hostport) = router.and_then(|r| r.strip_prefix("https://")) {
+            return Self::tls_from_env(hostport);
+        }
         match router {
             Some(router) if !router.is_empty() => {
                 router
@@ -112,6 +119,33 @@ impl Connector {
             }
             _ => Ok(Self::local(runtime::router_socket())),
         }
+    }
+
+    /// A remote router over mTLS at `https://hostport`, with the certificates the
+    /// `MESH_TLS_*` variables name.
+    #[cfg(feature = "tls")]
+    fn tls_from_env(hostport: &str) -> Result<Self, Error> {
+        let address = hostport.parse().map_err(|source| Error::InvalidRouter {
+            variable: MESH_ROUTER,
+            source,
+        })?;
+        let tls = crate::transport::ClientTls::from_env()
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .ok_or_else(|| {
+                Error::Tls(format!(
+                    "MESH_ROUTER=https://{hostport} needs MESH_TLS_CA, MESH_TLS_CERT and \
+                     MESH_TLS_KEY (the files `mesh certs client NAME` writes)"
+                ))
+            })?;
+        Ok(Self::remote(address).tls(tls))
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn tls_from_env(hostport: &str) -> Result<Self, Error> {
+        Err(Error::Tls(format!(
+            "MESH_ROUTER=https://{hostport}: this program was built without the mesh crate's \
+             `tls` feature; enable it, or use http:// to a loopback router"
+        )))
     }
 
     /// The router listening on the Unix socket `path` (this machine): calls go to instances directly.
@@ -129,7 +163,18 @@ impl Connector {
             router,
             spin: None,
             keepalive: Some(Keepalive::default()),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
+    }
+
+    /// Connects to the remote router with TLS (mTLS when `tls` has a client certificate):
+    /// see [`ClientTls`](crate::transport::ClientTls). Without it, connections to a remote
+    /// router are plaintext.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::transport::ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Opts in to spinning: a call that is the only one waiting in this process polls its
@@ -160,6 +205,11 @@ impl Connector {
         Options {
             spin: self.spin.unwrap_or_else(tuning::client_spin),
             keepalive: self.keepalive,
+            #[cfg(feature = "tls")]
+            tls: match self.router {
+                RouterAt::Remote(_) => self.tls.clone(),
+                RouterAt::Local(_) => None,
+            },
         }
     }
 

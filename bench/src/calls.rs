@@ -48,6 +48,9 @@ pub(crate) enum Variant {
     /// `mesh::connect` to an echo service served in this process (`mesh::inprocess`): no
     /// socket, no router, an in-memory stream.
     G,
+    /// A remote client through the router on TCP with mTLS (`mesh::Connector::tls`), to a
+    /// second `mesh up` configured with `[tls]` (and its own echo instance): (d) with TLS.
+    H,
 }
 
 /// The spin window variant (f) opts in to (`mesh::Connector::spin`).
@@ -55,7 +58,7 @@ pub(crate) const OPT_IN_SPIN: Duration = mesh::tuning::DEFAULT_SPIN;
 
 impl Variant {
     /// Every variant, in table order.
-    pub(crate) const ALL: [Self; 7] = [
+    pub(crate) const ALL: [Self; 8] = [
         Self::A,
         Self::B,
         Self::C,
@@ -63,6 +66,7 @@ impl Variant {
         Self::E,
         Self::F,
         Self::G,
+        Self::H,
     ];
 
     /// `a` to `g`.
@@ -75,6 +79,7 @@ impl Variant {
             Self::E => "e",
             Self::F => "f",
             Self::G => "g",
+            Self::H => "h",
         }
     }
 
@@ -88,6 +93,7 @@ impl Variant {
             Self::E => "nginx grpc_pass, TCP",
             Self::F => "mesh::connect, direct, spin opt-in (100 µs)",
             Self::G => "mesh::connect, in-process service",
+            Self::H => "router, TCP, mTLS (remote client)",
         }
     }
 }

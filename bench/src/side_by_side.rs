@@ -67,6 +67,7 @@ pub(crate) async fn run(
         instances: 1,
         backoff_base: None,
         tcp: true,
+        tls: None,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let (_, instances) = mesh
@@ -74,6 +75,9 @@ pub(crate) async fn run(
         .await?;
     let plugin = socket_of(&instances[0])?;
 
+    // (h): a second mesh up whose TCP listener speaks mTLS, with certificates made here.
+    let mut tls_mesh = None;
+    let certs = tempfile::tempdir()?;
     let mut nginx = None;
     // Held for the whole run: dropping it takes the name away.
     let mut _in_process = None;
@@ -118,6 +122,38 @@ pub(crate) async fn run(
                         .context("mesh::connect in process")?,
                 )
             }
+            Variant::H => {
+                let dir = certs.path().join("certs");
+                crate::mesh_up::make_certs(&dir)?;
+                progress("starting a second mesh up with [tls] for (h)");
+                let spec = MeshSpec {
+                    instances: 1,
+                    backoff_base: None,
+                    tcp: true,
+                    tls: Some(dir.clone()),
+                };
+                let started = MeshUp::start(bins, &spec).await?;
+                started
+                    .wait_registry(READY_DEADLINE, |found| found.len() == 1)
+                    .await?;
+                let addr = started
+                    .tcp
+                    .clone()
+                    .context("mesh up did not print its mTLS address")?;
+                let tls = mesh::transport::ClientTls::from_files(
+                    &dir.join("ca.pem"),
+                    &dir.join("client-bench.pem"),
+                    &dir.join("client-bench.key"),
+                )?;
+                tls_mesh = Some(started);
+                Client::mesh(
+                    Connector::remote(Address::Tcp(addr))
+                        .tls(tls)
+                        .connect(SERVICE)
+                        .await
+                        .context("a channel through the mTLS router")?,
+                )
+            }
             Variant::E => match start_nginx(&plugin, report).await {
                 Some((started, client)) => {
                     nginx = Some(started);
@@ -133,9 +169,12 @@ pub(crate) async fn run(
         clients.push((variant, client));
     }
 
+    // The (h) mesh's router and plugin count with the others': idle while they are measured.
     let processes = Processes {
         client: vec![std::process::id()],
-        router: vec![mesh.pid()],
+        router: std::iter::once(mesh.pid())
+            .chain(tls_mesh.as_ref().map(MeshUp::pid))
+            .collect(),
         plugin: pid_of(&instances[0]).into_iter().collect(),
         nginx: nginx.as_ref().map(nginx::Nginx::pids).unwrap_or_default(),
     };
@@ -247,6 +286,9 @@ pub(crate) async fn run(
     drop(clients);
     if let Some(nginx) = nginx {
         nginx.stop().await?;
+    }
+    if let Some(tls_mesh) = tls_mesh {
+        tls_mesh.stop().await?;
     }
     mesh.stop().await
 }

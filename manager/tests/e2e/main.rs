@@ -9,6 +9,7 @@ mod deploy;
 mod hardening;
 mod host;
 mod lifecycle;
+mod mtls;
 mod python_plugin;
 mod router;
 mod routing;

@@ -358,7 +358,7 @@ async fn plaintext_beyond_loopback_and_missing_certificates_are_config_errors() 
             "listen = \"127.0.0.1:0\"\n",
             "[tls]\nca = \"nowhere/ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n".to_owned(),
             "nowhere/ca.pem",
-            6,
+            7,
         ),
     ] {
         let dir = short_tempdir();
@@ -379,10 +379,8 @@ async fn plaintext_beyond_loopback_and_missing_certificates_are_config_errors() 
         assert!(message.contains(needle), "{message}");
     }
     // The same plaintext listener is accepted once the config says so.
-    let config = format!(
-        "[mesh]\nruntime_dir = \"/nonexistent\"\nlisten = \"0.0.0.0:7700\"\nallow_plaintext = true\n"
-    );
-    assert!(mesh_manager::Config::parse(Path::new("/x/mesh.toml"), &config).is_ok());
+    let config = "[mesh]\nruntime_dir = \"/nonexistent\"\nlisten = \"0.0.0.0:7700\"\nallow_plaintext = true\n";
+    assert!(mesh_manager::Config::parse(Path::new("/x/mesh.toml"), config).is_ok());
     drop(certs);
 }
 

@@ -500,6 +500,14 @@ mod tests {
             let local = Connector::from_router_var(unset).unwrap();
             assert!(matches!(local.router, RouterAt::Local(_)), "{unset:?}");
         }
+        // https:// needs the client's certificates: an error naming the variables, not a
+        // plaintext connection (unless this environment happens to set them).
+        #[cfg(feature = "tls")]
+        if std::env::var_os(crate::transport::MESH_TLS_CA).is_none() {
+            let error = Connector::from_router_var(Some("https://127.0.0.1:7700")).unwrap_err();
+            assert!(matches!(error, Error::Tls(_)), "{error:?}");
+            assert!(error.to_string().contains("MESH_TLS_CA"), "{error}");
+        }
     }
 
     #[tokio::test]

@@ -71,6 +71,8 @@ impl FromStr for Address {
         let hostport = s.strip_prefix("http://").unwrap_or(s);
         let hostport = hostport.strip_suffix('/').unwrap_or(hostport);
         match hostport.rsplit_once(':') {
+            // Another scheme (`https://`) is not an address: TLS is the connector's setting.
+            _ if hostport.contains("://") => Err(bad()),
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
                 Ok(Self::Tcp(hostport.to_owned()))
             }
@@ -352,7 +354,13 @@ mod tests {
             let address: Address = text.parse().unwrap();
             assert_eq!(address.to_string(), printed);
         }
-        for bad in ["unix:relative.sock", "http://host", "host:port", ""] {
+        for bad in [
+            "unix:relative.sock",
+            "http://host",
+            "host:port",
+            "",
+            "https://127.0.0.1:7700",
+        ] {
             let err = bad.parse::<Address>().unwrap_err().to_string();
             assert!(err.contains("unix:/absolute/path.sock"), "{err}");
         }

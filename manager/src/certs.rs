@@ -342,6 +342,14 @@ mod tests {
             [],
         );
         assert!(server.is_ok(), "{:?}", server.err());
+        // A node's [tls] files serve and dial.
+        let node_tls = crate::config::TlsConfig {
+            ca: ca.cert.clone(),
+            cert: node.cert.clone(),
+            key: node.key.clone(),
+            admins: Vec::new(),
+        };
+        assert!(node_tls.server().is_ok() && node_tls.client().is_ok());
         let client = issue(&certs, Kind::Client, "ops", &[], Validity::days(1), false).unwrap();
         assert!(
             mesh::transport::ClientTls::from_pem(

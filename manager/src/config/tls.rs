@@ -75,6 +75,15 @@ impl TlsConfig {
     }
 }
 
+impl TlsConfig {
+    /// The same files as a client's TLS settings: this node's certificate presented to the
+    /// routers it dials (node certificates serve and dial), checked against the same CA.
+    pub fn client(&self) -> Result<mesh::transport::ClientTls, String> {
+        mesh::transport::ClientTls::from_files(&self.ca, &self.cert, &self.key)
+            .map_err(|e| format!("[tls]: {e}"))
+    }
+}
+
 /// Whether `addr` reaches only this machine.
 fn loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()

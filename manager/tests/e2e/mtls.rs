@@ -141,7 +141,8 @@ fn grpcurl_tls(address: &Address, flags: &[String], data: Option<&str>, target: 
     let mut command = std::process::Command::new("grpcurl");
     command
         .args(flags)
-        .args(["-max-time", "10", "-H", "mesh-service: plugin.echo"]);
+        .args(["-connect-timeout", "3", "-max-time", "10"])
+        .args(["-H", "mesh-service: plugin.echo"]);
     if let Some(data) = data {
         command.args(["-d", data]);
     }

@@ -449,3 +449,72 @@ async fn stalled_handshakes_are_cut_and_garbage_does_not_hurt_the_router() {
     all_four_kinds(&mut client).await;
     assert!(mesh.output().contains("https://"));
 }
+
+/// The example client (`cargo build -p mesh --example client`), built once per test process.
+fn example_client() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "-p", "mesh", "--example", "client"])
+                .status()
+                .expect("run cargo build");
+            assert!(
+                status.success(),
+                "cargo build -p mesh --example client failed"
+            );
+            let path = mesh_bin().parent().unwrap().join("examples/client");
+            assert!(path.exists(), "{} missing after the build", path.display());
+            path
+        })
+        .clone()
+}
+
+#[tokio::test]
+async fn a_remote_client_reaches_the_router_with_mesh_router_https_and_mesh_tls_variables() {
+    let certs = Certs::make();
+    let (_mesh, address) = start(&certs, "", &[]).await;
+    let router = address.to_string().replace("http://", "https://");
+    let client = example_client();
+    let run = |vars: &[(&str, String)]| {
+        let mut command = tokio::process::Command::new(&client);
+        command
+            .arg("over mTLS")
+            .env_remove("MESH_SOCKET")
+            .env("MESH_ROUTER", &router)
+            .env_remove("MESH_TLS_CA")
+            .env_remove("MESH_TLS_CERT")
+            .env_remove("MESH_TLS_KEY")
+            .env_remove("MESH_TLS_SERVER_NAME")
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .kill_on_drop(true);
+        async move {
+            tokio::time::timeout(DEADLINE, command.output())
+                .await
+                .expect("the client finishes")
+                .unwrap()
+        }
+    };
+    let all = [
+        ("MESH_TLS_CA", certs.path("ca.pem")),
+        ("MESH_TLS_CERT", certs.path("client-ops.pem")),
+        ("MESH_TLS_KEY", certs.path("client-ops.key")),
+    ];
+    let out = run(&all).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Chat    -> \"over mTLS #2\""), "{text}");
+
+    // https:// without the client's key: a clear error, not a plaintext attempt.
+    let out = run(&all[..2]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("MESH_TLS_KEY"), "{}", stderr(&out));
+    // A server name the router's certificate does not carry: refused.
+    let mut wrong = all.to_vec();
+    wrong.push(("MESH_TLS_SERVER_NAME", "elsewhere.example".to_owned()));
+    let out = run(&wrong).await;
+    assert!(
+        !out.status.success(),
+        "accepted a certificate for another name"
+    );
+}

@@ -77,6 +77,7 @@ pub(crate) async fn run(
 
     // (h): a second mesh up whose TCP listener speaks mTLS, with certificates made here.
     let mut tls_mesh = None;
+    let mut tls_plugin = None;
     let certs = tempfile::tempdir()?;
     let mut nginx = None;
     // Held for the whole run: dropping it takes the name away.
@@ -133,9 +134,10 @@ pub(crate) async fn run(
                     tls: Some(dir.clone()),
                 };
                 let started = MeshUp::start(bins, &spec).await?;
-                started
+                let (_, found) = started
                     .wait_registry(READY_DEADLINE, |found| found.len() == 1)
                     .await?;
+                tls_plugin = pid_of(&found[0]);
                 let addr = started
                     .tcp
                     .clone()
@@ -169,13 +171,17 @@ pub(crate) async fn run(
         clients.push((variant, client));
     }
 
-    // The (h) mesh's router and plugin count with the others': idle while they are measured.
+    // The (h) mesh's router and plugin count with the others' (idle while those are measured,
+    // as the others' are while (h) is).
     let processes = Processes {
         client: vec![std::process::id()],
         router: std::iter::once(mesh.pid())
             .chain(tls_mesh.as_ref().map(MeshUp::pid))
             .collect(),
-        plugin: pid_of(&instances[0]).into_iter().collect(),
+        plugin: pid_of(&instances[0])
+            .into_iter()
+            .chain(tls_plugin)
+            .collect(),
         nginx: nginx.as_ref().map(nginx::Nginx::pids).unwrap_or_default(),
     };
     if latency {

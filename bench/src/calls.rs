@@ -56,6 +56,9 @@ pub(crate) enum Variant {
     /// Through node a's router (Unix socket), which forwards over TCP (plaintext) to node b's
     /// router, where the instance runs: the router → router hop, beside (c).
     I,
+    /// A remote client through the router on TCP with mTLS (`mesh::Connector::tls`), to a
+    /// second `mesh up` configured with `[tls]` (and its own echo instance): (d) with TLS.
+    L,
 }
 
 /// The second echo plugin variant (h) calls, the same binary under a policy.
@@ -66,7 +69,7 @@ pub(crate) const OPT_IN_SPIN: Duration = mesh::tuning::DEFAULT_SPIN;
 
 impl Variant {
     /// Every variant, in table order.
-    pub(crate) const ALL: [Self; 9] = [
+    pub(crate) const ALL: [Self; 10] = [
         Self::A,
         Self::B,
         Self::C,
@@ -76,6 +79,7 @@ impl Variant {
         Self::G,
         Self::H,
         Self::I,
+        Self::L,
     ];
 
     /// `a` to `i`.
@@ -90,6 +94,7 @@ impl Variant {
             Self::G => "g",
             Self::H => "h",
             Self::I => "i",
+            Self::L => "l",
         }
     }
 
@@ -105,6 +110,7 @@ impl Variant {
             Self::G => "mesh::connect, in-process service",
             Self::H => "router, Unix socket, rate limits in force",
             Self::I => "router a → router b (TCP, plaintext), Unix socket",
+            Self::L => "router, TCP, mTLS (remote client)",
         }
     }
 }

@@ -40,6 +40,7 @@ pub(crate) async fn spawn_to_ready(bins: &Bins, instances: u32) -> anyhow::Resul
         tcp: false,
         telemetry: None,
         node: None,
+        tls: None,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let router_ms = ms(mesh.spawned_at.elapsed());
@@ -80,6 +81,7 @@ pub(crate) async fn crash_to_routed(
         tcp: false,
         telemetry: None,
         node: None,
+        tls: None,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     mesh.wait_registry(READY_DEADLINE, |found| found.len() == 1)

@@ -68,7 +68,8 @@ struct Cli {
     /// Ways of calling to measure, comma-separated: a stock tonic, b mesh::connect (default:
     /// no spinning), c router Unix, d router TCP, e nginx, f mesh::connect opted in to
     /// spinning (100 µs), g mesh::connect to an echo service in this process, h router Unix to a
-    /// plugin with rate limits in force.
+    /// plugin with rate limits in force, i router a → router b (two nodes and etcd), l router
+    /// TCP with mTLS (a second mesh up with [tls]).
     #[arg(
         long,
         value_enum,

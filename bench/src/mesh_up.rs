@@ -40,6 +40,19 @@ pub(crate) struct MeshSpec {
     pub(crate) telemetry: Option<(String, f64)>,
     /// More `[mesh]` lines, then more tables before the plugin's (a node of a cluster).
     pub(crate) node: Option<(String, String)>,
+    /// mTLS on that listener: the directory `mesh certs` wrote `ca.pem` and `node-bench.*`
+    /// to (see [`make_certs`]).
+    pub(crate) tls: Option<PathBuf>,
+}
+
+/// A development CA, the router's certificate (`node-bench`) and a client's (`client-bench`)
+/// in `dir`, as `mesh certs` makes them.
+pub(crate) fn make_certs(dir: &std::path::Path) -> anyhow::Result<()> {
+    use mesh_manager::certs::{self, Kind, Validity};
+    certs::init(dir, Validity::days(1), false)?;
+    certs::issue(dir, Kind::Node, "bench", &[], Validity::days(1), false)?;
+    certs::issue(dir, Kind::Client, "bench", &[], Validity::days(1), false)?;
+    Ok(())
 }
 
 /// A running `mesh up`; stopped (with its plugins) when dropped.
@@ -63,9 +76,10 @@ impl MeshUp {
             .drop_grace(DROP_GRACE)
             .start()
             .await?;
-        let tcp = match spec.tcp {
-            true => Some(up.tcp_address(LISTEN_DEADLINE).await?),
-            false => None,
+        let tcp = match (spec.tcp, &spec.tls) {
+            (true, None) => Some(up.tcp_address(LISTEN_DEADLINE).await?),
+            (true, Some(_)) => Some(up.tls_address(LISTEN_DEADLINE).await?),
+            (false, _) => None,
         };
         Ok(Self {
             spawned_at: up.spawned_at,
@@ -177,6 +191,15 @@ fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
     if let Some((endpoint, ratio)) = &spec.telemetry {
         plugin.push_str(&format!(
             "\n[telemetry]\notlp_endpoint = {endpoint:?}\nsample_ratio = {ratio:?}\n"
+        ));
+    }
+    if let Some(dir) = &spec.tls {
+        let file = |name: &str| dir.join(name).display().to_string();
+        plugin.push_str(&format!(
+            "\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            file("ca.pem"),
+            file("node-bench.pem"),
+            file("node-bench.key")
         ));
     }
     (settings, tables + &plugin)

@@ -70,6 +70,7 @@ pub(crate) async fn run(
         policy_plugin: s.variants.contains(&Variant::H),
         telemetry: None,
         node: None,
+        tls: None,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let (_, instances) = mesh
@@ -77,6 +78,10 @@ pub(crate) async fn run(
         .await?;
     let plugin = socket_of(&instances[0])?;
 
+    // (h): a second mesh up whose TCP listener speaks mTLS, with certificates made here.
+    let mut tls_mesh = None;
+    let mut tls_plugin = None;
+    let certs = tempfile::tempdir()?;
     let mut nginx = None;
     // Held for the whole run: dropping it takes the name away.
     let mut _in_process = None;
@@ -134,6 +139,42 @@ pub(crate) async fn run(
                 }
                 None => continue,
             },
+            Variant::L => {
+                let dir = certs.path().join("certs");
+                crate::mesh_up::make_certs(&dir)?;
+                progress("starting a second mesh up with [tls] for (l)");
+                let spec = MeshSpec {
+                    instances: 1,
+                    backoff_base: None,
+                    tcp: true,
+                    policy_plugin: false,
+                    telemetry: None,
+                    node: None,
+                    tls: Some(dir.clone()),
+                };
+                let started = MeshUp::start(bins, &spec).await?;
+                let (_, found) = started
+                    .wait_registry(READY_DEADLINE, |found| found.len() == 1)
+                    .await?;
+                tls_plugin = pid_of(&found[0]);
+                let addr = started
+                    .tcp
+                    .clone()
+                    .context("mesh up did not print its mTLS address")?;
+                let tls = mesh::transport::ClientTls::from_files(
+                    &dir.join("ca.pem"),
+                    &dir.join("client-bench.pem"),
+                    &dir.join("client-bench.key"),
+                )?;
+                tls_mesh = Some(started);
+                Client::mesh(
+                    Connector::remote(Address::Tcp(addr))
+                        .tls(tls)
+                        .connect(SERVICE)
+                        .await
+                        .context("a channel through the mTLS router")?,
+                )
+            }
             Variant::E => match start_nginx(&plugin, report).await {
                 Some((started, client)) => {
                     nginx = Some(started);
@@ -149,7 +190,9 @@ pub(crate) async fn run(
         clients.push((variant, client));
     }
 
-    // Both echo plugins count as "the plugin": the one a variant does not call is idle.
+    // Both echo plugins count as "the plugin": the one a variant does not call is idle; so do
+    // the (l) mesh's router and plugin (idle while the others are measured, as theirs are
+    // while (l) is).
     let mut plugin_pids: Vec<u32> = pid_of(&instances[0]).into_iter().collect();
     if spec.policy_plugin {
         let (_, policy) = mesh
@@ -159,9 +202,12 @@ pub(crate) async fn run(
             .await?;
         plugin_pids.extend(pid_of(&policy[0]));
     }
+    plugin_pids.extend(tls_plugin);
     let processes = Processes {
         client: vec![std::process::id()],
-        router: vec![mesh.pid()],
+        router: std::iter::once(mesh.pid())
+            .chain(tls_mesh.as_ref().map(MeshUp::pid))
+            .collect(),
         plugin: plugin_pids,
         nginx: nginx.as_ref().map(nginx::Nginx::pids).unwrap_or_default(),
     };
@@ -274,6 +320,9 @@ pub(crate) async fn run(
     if let Some(nginx) = nginx {
         nginx.stop().await?;
     }
+    if let Some(tls_mesh) = tls_mesh {
+        tls_mesh.stop().await?;
+    }
     mesh.stop().await
 }
 
@@ -308,6 +357,7 @@ async fn start_hop(
             policy_plugin: false,
             telemetry: None,
             node: Some(node),
+            tls: None,
         };
         let b = MeshUp::start(bins, &spec(1, node("b")?)).await?;
         b.wait_registry(READY_DEADLINE, |found| found.len() == 1)

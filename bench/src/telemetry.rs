@@ -110,6 +110,7 @@ pub(crate) async fn run(bins: &Bins, s: &Settings, report: &mut Report) -> anyho
             policy_plugin: false,
             telemetry: ratio.map(|ratio| (endpoint.clone(), ratio)),
             node: None,
+            tls: None,
         };
         let mesh = MeshUp::start(bins, &spec).await?;
         mesh.wait_registry(FIRST_CALL_LIMIT, |found| found.len() == 1)

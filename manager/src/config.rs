@@ -35,6 +35,10 @@ use crate::{
 mod telemetry;
 pub use telemetry::{DEFAULT_SERVICE_NAME, Telemetry};
 
+mod tls;
+use tls::RawTls;
+pub use tls::TlsConfig;
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -54,6 +58,9 @@ pub struct Config {
     pub socket_group: Option<u32>,
     /// TCP address for remote clients, if any.
     pub listen: Option<SocketAddr>,
+    /// mTLS on `listen` (`[tls]`); `None`: plaintext, which only a loopback `listen` or
+    /// `allow_plaintext = true` permits.
+    pub tls: Option<TlsConfig>,
     /// The router's limits and default call timeout.
     pub limits: Limits,
     /// Router worker threads, each serving calls start to end on its own.
@@ -317,6 +324,8 @@ struct RawConfig {
     plugin: Vec<Spanned<RawPlugin>>,
     #[serde(default)]
     registry: Option<Spanned<RawRegistry>>,
+    #[serde(default)]
+    tls: Option<Spanned<RawTls>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -333,6 +342,7 @@ struct RawMesh {
     runtime_dir: Option<Spanned<PathBuf>>,
     socket: Option<Spanned<PathBuf>>,
     listen: Option<Spanned<String>>,
+    allow_plaintext: Option<Spanned<bool>>,
     call_timeout: Option<Spanned<String>>,
     max_message_size: Option<Spanned<RawSize>>,
     max_connections: Option<Spanned<u64>>,
@@ -491,12 +501,19 @@ impl Config {
         let mut mesh = raw.mesh.map(Spanned::into_inner).unwrap_or_default();
         let node = mesh.node.take();
         let advertise = mesh.advertise.take();
+        let allow_plaintext = mesh.allow_plaintext.clone();
+        let listen_span = mesh.listen.as_ref().map(|l| l.span());
         let mut config = file.mesh(mesh)?;
         config.telemetry = Telemetry::parse(
             raw.telemetry.map(Spanned::into_inner).unwrap_or_default(),
             &|name| std::env::var(name).ok().filter(|v| !v.is_empty()),
             &|span, message| file.at(span, message),
         )?;
+        config.tls = match raw.tls {
+            Some(tls) => Some(file.tls(tls)?),
+            None => None,
+        };
+        file.check_plaintext(&config, allow_plaintext.as_ref(), listen_span)?;
         config.cluster =
             file.cluster(&config, node, advertise, raw.registry.as_ref(), mesh_span)?;
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
@@ -641,6 +658,7 @@ impl File<'_> {
             socket_mode,
             socket_group,
             listen,
+            tls: None,
             limits,
             router_threads,
             busy_poll: mesh.busy_poll,

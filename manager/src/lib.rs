@@ -3,6 +3,7 @@
 //! The `mesh` command is a thin layer over this library (see `main.rs`).
 
 pub mod api;
+pub mod certs;
 pub mod config;
 pub mod host;
 pub mod scaffold;

@@ -127,6 +127,11 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// A development CA and node/client certificates for mTLS (see docs/operations.md).
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// Make a plugin crate in ./NAME that builds and runs under `mesh up` as it is.
     New {
         /// Plugin name (also the crate's and the proto package's: `hello`, `my-plugin`).
@@ -136,6 +141,111 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         mesh_path: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Make a new CA: DIR/ca.pem and DIR/ca.key.
+    Init {
+        #[command(flatten)]
+        common: CertsCommon,
+    },
+    /// A router's certificate (spiffe://mesh/node/NAME; localhost, 127.0.0.1, ::1 and each
+    /// --host): DIR/node-NAME.pem and .key.
+    Node {
+        /// The node's name ([mesh] node).
+        name: String,
+        /// Another DNS name or IP address the node is reached by (repeatable).
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+        #[command(flatten)]
+        common: CertsCommon,
+    },
+    /// A remote client's certificate (spiffe://mesh/client/NAME): DIR/client-NAME.pem and .key.
+    Client {
+        /// The client's name.
+        name: String,
+        #[command(flatten)]
+        common: CertsCommon,
+    },
+}
+
+#[derive(clap::Args)]
+struct CertsCommon {
+    /// Where the CA and certificates live (made 0700).
+    #[arg(long, default_value = "certs")]
+    dir: PathBuf,
+    /// Days the certificate is valid (default: 3650 for the CA, 365 otherwise).
+    #[arg(long)]
+    days: Option<u32>,
+    /// Replace existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+/// `mesh certs ...`.
+fn certs(action: CertsAction) -> anyhow::Result<ExitCode> {
+    use mesh_manager::certs::{self, Kind, Validity};
+    let validity = |common: &CertsCommon, default| Validity::days(common.days.unwrap_or(default));
+    let (issued, common) = match &action {
+        CertsAction::Init { common } => (
+            certs::init(&common.dir, validity(common, 3650), common.force)?,
+            common,
+        ),
+        CertsAction::Node {
+            name,
+            hosts,
+            common,
+        } => (
+            certs::issue(
+                &common.dir,
+                Kind::Node,
+                name,
+                hosts,
+                validity(common, 365),
+                common.force,
+            )?,
+            common,
+        ),
+        CertsAction::Client { name, common } => (
+            certs::issue(
+                &common.dir,
+                Kind::Client,
+                name,
+                &[],
+                validity(common, 365),
+                common.force,
+            )?,
+            common,
+        ),
+    };
+    println!(
+        "wrote {} and {} (0600)",
+        issued.cert.display(),
+        issued.key.display()
+    );
+    let ca = common.dir.join(certs::CA_CERT);
+    match (&action, issued.identity) {
+        (CertsAction::Node { .. }, Some(id)) => println!(
+            "identity {id}; in its mesh.toml:\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"",
+            ca.display(),
+            issued.cert.display(),
+            issued.key.display()
+        ),
+        (CertsAction::Client { .. }, Some(id)) => println!(
+            "identity {id} (grant it with [tls] admins = [\"{id}\"]); use it with\n\
+             MESH_ROUTER=https://HOST:PORT MESH_TLS_CA={} MESH_TLS_CERT={} MESH_TLS_KEY={}\n\
+             or grpcurl -cacert {} -cert {} -key {} HOST:PORT ...",
+            ca.display(),
+            issued.cert.display(),
+            issued.key.display(),
+            ca.display(),
+            issued.cert.display(),
+            issued.key.display()
+        ),
+        _ => println!("next: mesh certs node NAME --dir {}", common.dir.display()),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -152,8 +262,17 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Completions { shell } => return print_completions(shell),
         Command::Man => return print_man(),
+        Command::Certs { action } => {
+            return certs(action).unwrap_or_else(|error| {
+                eprintln!("mesh: {error:#}");
+                ExitCode::FAILURE
+            });
+        }
         _ => {}
     }
+    // Before anything asks rustls for its default provider (tonic's TLS, an exporter): ring,
+    // so that it never has to guess.
+    mesh_router::install_default_provider();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -237,7 +356,9 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Reload => cli::reload(&socket).await.map(|()| ExitCode::SUCCESS),
-            Command::Completions { .. } | Command::Man => unreachable!("handled before"),
+            Command::Completions { .. } | Command::Man | Command::Certs { .. } => {
+                unreachable!("handled before")
+            }
             Command::Grant { name, capability } => {
                 cli::caps(&socket, CapsAction::Grant(capability), &name, false)
                     .await

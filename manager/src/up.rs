@@ -47,6 +47,9 @@ pub enum UpError {
     /// The audit log could not be opened (a symlink, another owner's, unwritable).
     #[error("{0}; set [mesh] audit_log to a file mesh up may write")]
     Audit(std::io::Error),
+    /// The `[tls]` files could not be read or used; the message names the file.
+    #[error("{0}")]
+    Tls(String),
     /// The TCP listener could not be bound.
     #[error("listen = {addr}: {error}; pick a free port, or port 0 for any")]
     Listen {
@@ -114,8 +117,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let host = HostService::new(policies, audit);
     let identify = supervisor.clone();
     let (cluster, backend) = backend(&config);
-    let router = Router::builder(registry.clone())
-        .cluster(cluster.clone())
+    let mut router = Router::builder(registry.clone()).cluster(cluster.clone());
+    if let Some(tls) = &config.tls {
+        router = router.tls(tls.server().map_err(UpError::Tls)?);
+    }
+    let router = router
         .limits(config.limits.clone())
         .add_service(manager.clone().into_server())
         .add_service(host.into_server())
@@ -155,7 +161,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 addr: config.listen.expect("set"),
                 error,
             })?;
-            println!("mesh: router listening on http://{addr}");
+            match config.tls {
+                Some(_) => println!("mesh: router listening on https://{addr} (mTLS)"),
+                None => println!("mesh: router listening on http://{addr}"),
+            }
             Some(tcp.into_std().map_err(UpError::Workers)?)
         }
         None => None,

@@ -68,6 +68,10 @@ pub enum Error {
         #[source]
         source: InvalidAddress,
     },
+    /// TLS settings (`MESH_TLS_*`, `https://` in `MESH_ROUTER`) are missing or wrong; the
+    /// message names the file or variable and the fix.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl Error {
@@ -82,7 +86,8 @@ impl Error {
             Self::InvalidName(_)
             | Self::InvalidRequest(_)
             | Self::InvalidAuthority(_)
-            | Self::InvalidRouter { .. } => tonic::Status::invalid_argument(message),
+            | Self::InvalidRouter { .. }
+            | Self::Tls(_) => tonic::Status::invalid_argument(message),
             Self::NameTaken(_) => tonic::Status::already_exists(message),
         }
     }

@@ -51,6 +51,7 @@ use crate::{
     policy,
     registry::{Registry, RegistryService},
     route::{self, Route},
+    tls::ServerTls,
     upstream::{Upstream, Upstreams},
 };
 
@@ -93,7 +94,7 @@ pub(crate) struct Inner {
     upstreams: Arc<Upstreams>,
     deadlines: Deadlines,
     /// Connections and calls in flight, under the router's limits (shared by all threads).
-    admission: Arc<Admission>,
+    pub(crate) admission: Arc<Admission>,
     /// The uid trusted besides root: the router's own.
     owner: u32,
     /// Names the managed plugin instance a Unix peer belongs to, once per connection.
@@ -102,6 +103,8 @@ pub(crate) struct Inner {
     call_policy: Option<Arc<dyn CallPolicy>>,
     /// Other nodes' routers, for names with no instance here; none on a single machine.
     peers: Option<Peers>,
+    /// mTLS on the TCP listener; `None`: plaintext.
+    tls: Option<ServerTls>,
 }
 
 /// One client connection: who is on it (fixed at accept time) and its calls.
@@ -134,6 +137,7 @@ pub struct RouterBuilder {
     identify: Option<Arc<dyn Identify>>,
     call_policy: Option<Arc<dyn CallPolicy>>,
     cluster: Cluster,
+    tls: Option<ServerTls>,
 }
 
 impl std::fmt::Debug for Router {
@@ -153,6 +157,7 @@ impl Router {
             identify: None,
             call_policy: None,
             cluster: Cluster::single(),
+            tls: None,
         }
     }
 
@@ -172,6 +177,7 @@ impl Router {
                 identify: self.inner.identify.clone(),
                 call_policy: self.inner.call_policy.clone(),
                 peers: self.inner.peers.as_ref().map(Peers::for_this_thread),
+                tls: self.inner.tls.clone(),
             }),
         }
     }
@@ -203,24 +209,36 @@ impl Router {
     }
 
     /// Serves TCP connections from `listener` until `shutdown` completes. TCP callers are
-    /// [`Caller::Remote`]: they may forward calls and read the registry, nothing more.
+    /// [`Caller::Remote`]: they may forward calls and read the registry; with mTLS
+    /// ([`RouterBuilder::tls`]) each is who its certificate says, and may do what that
+    /// identity is granted.
     pub async fn serve_tcp(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
+        if let Some(tls) = self.inner.tls.clone() {
+            return self.serve_tls(listener, tls, shutdown).await;
+        }
         self.serve(
             || async {
                 let (stream, addr) = listener.accept().await?;
                 stream.set_nodelay(true)?;
-                Ok((stream, Caller::Remote { addr }))
+                Ok((
+                    stream,
+                    Caller::Remote {
+                        addr,
+                        identity: None,
+                        grant: crate::tls::Grant::None,
+                    },
+                ))
             },
             shutdown,
         )
         .await
     }
 
-    async fn serve<F, Fut, S>(
+    pub(crate) async fn serve<F, Fut, S>(
         &self,
         mut accept: F,
         shutdown: impl Future<Output = ()>,
@@ -548,6 +566,13 @@ impl RouterBuilder {
         self
     }
 
+    /// Serves the TCP listener with mTLS: every client must present a certificate of `tls`'s
+    /// CA, and is the identity it names (see [`ServerTls`]).
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Builds the router and starts following the registry (needs a Tokio runtime).
     pub async fn build(mut self) -> Router {
         let registry_server = RegistryService::new(self.registry.clone())
@@ -576,6 +601,7 @@ impl RouterBuilder {
                 identify: self.identify,
                 call_policy: self.call_policy,
                 peers: Peers::new(&self.cluster),
+                tls: self.tls,
             }),
         }
     }

@@ -5,13 +5,16 @@
 //! as the owner's uid by default, and are still not the owner), as the [`Identify`] lookup the
 //! manager installs says from the peer's pid; otherwise the router's own uid and root are the
 //! [`Caller::Owner`], any other uid a [`Caller::Local`] user. Over TCP the
-//! caller is a [`Caller::Remote`] address and nothing more until mTLS. Nothing a caller sends
+//! caller is a [`Caller::Remote`]: an address, and with mTLS the identity its certificate
+//! names and what that identity is granted (`tls`). Nothing a caller sends
 //! (headers, metadata, fields) changes who it is: the value is fixed before the first byte of
 //! HTTP/2 is read, and every call on the connection carries the same one.
 
 use std::{fmt, io, net::SocketAddr, sync::Arc};
 
 use tokio::net::UnixStream;
+
+use crate::tls::Grant;
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,10 +45,15 @@ pub enum Caller {
         /// Its pid, when the kernel tells it.
         pid: Option<u32>,
     },
-    /// A TCP client: unauthenticated (mTLS is not configured).
+    /// A TCP client.
     Remote {
         /// Its address.
         addr: SocketAddr,
+        /// The identity its client certificate names (its first URI SAN, such as
+        /// `spiffe://mesh/client/ops`); `None` on a plaintext listener.
+        identity: Option<Arc<str>>,
+        /// What that identity is granted beyond forwarding calls and reading the registry.
+        grant: Grant,
     },
 }
 
@@ -112,9 +120,22 @@ impl Caller {
         })
     }
 
-    /// Whether this caller is trusted with the Manager API and registry writes.
+    /// Whether this caller is the owner: a local process of the owner's uid, or root.
     pub fn is_owner(&self) -> bool {
         matches!(self, Self::Owner { .. })
+    }
+
+    /// Whether this caller is trusted with the Manager API and registry writes: the owner, or
+    /// a TCP client whose certificate identity is granted them.
+    pub fn may_control(&self) -> bool {
+        matches!(
+            self,
+            Self::Owner { .. }
+                | Self::Remote {
+                    grant: Grant::Admin,
+                    ..
+                }
+        )
     }
 
     /// The class whose connection and in-flight limits this caller counts against.
@@ -140,7 +161,12 @@ impl fmt::Display for Caller {
             } => write!(f, "plugin {plugin:?} ({instance}, pid {pid})"),
             Self::Owner { uid, pid: p } => write!(f, "the owner (uid {uid}{})", pid(p)),
             Self::Local { uid, pid: p } => write!(f, "local uid {uid}{}", pid(p)),
-            Self::Remote { addr } => write!(f, "TCP client {addr}"),
+            Self::Remote {
+                addr,
+                identity: Some(identity),
+                ..
+            } => write!(f, "{identity} (TCP client {addr})"),
+            Self::Remote { addr, .. } => write!(f, "TCP client {addr}"),
         }
     }
 }

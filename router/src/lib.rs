@@ -7,8 +7,10 @@
 //!
 //! - `identity`: who is calling ([`Caller`]), from the kernel, once per connection;
 //! - `grpc`: what is a gRPC call the router takes (POST, `application/grpc`, header list);
+//! - `tls`: mTLS on the TCP listener: a client's certificate names who it is
+//!   ([`ServerTls`]);
 //! - `policy`: who may call what on the router itself (the Manager API and registry writes
-//!   are the owner's);
+//!   are the owner's, and granted certificate identities');
 //! - `calls`: whether a forwarded call may go, by the embedder's policy: a plugin's `call:`
 //!   capabilities, every caller's rate limits ([`CallPolicy`]);
 //! - `route`: where a call goes (the `mesh-service` header, else `:authority`);
@@ -44,6 +46,7 @@ mod peers;
 mod policy;
 pub mod registry;
 mod route;
+mod tls;
 mod trace;
 mod upstream;
 mod workers;
@@ -55,4 +58,5 @@ pub use limit::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADER_LIST_SIZE, Limits,
 };
 pub use route::SERVICE_HEADER;
+pub use tls::{Grant, ServerTls, TlsError, install_default_provider};
 pub use workers::Workers;

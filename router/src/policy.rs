@@ -2,7 +2,8 @@
 //!
 //! Every caller may read: the registry's Resolve, List and Watch, health, reflection. Everything
 //! else the router serves — the Manager API, registry writes, and any method not listed here —
-//! is control, for the [`Caller::Owner`] only. Forwarded calls are not checked here
+//! is control, for the [`Caller::Owner`] and TCP clients whose certificate identity is granted
+//! it ([`Grant::Admin`](crate::Grant), `[tls] admins`). Forwarded calls are not checked here
 //! (a plugin's `call:` capabilities are `calls`'s). The check reads the caller fixed at accept
 //! time and the path; nothing else from the request.
 
@@ -52,7 +53,7 @@ pub(crate) fn access(path: &str) -> Access {
 pub(crate) fn check(caller: &Caller, path: &str) -> Result<(), Status> {
     match (access(path), caller) {
         (Access::Read, _) | (Access::Host, Caller::Plugin { .. }) => return Ok(()),
-        (Access::Control, caller) if caller.is_owner() => return Ok(()),
+        (Access::Control, caller) if caller.may_control() => return Ok(()),
         (Access::Host, _) => {
             return Err(Status::permission_denied(format!(
                 "{path} is refused to {caller}: host services are served to managed plugin \
@@ -62,9 +63,17 @@ pub(crate) fn check(caller: &Caller, path: &str) -> Result<(), Status> {
         (Access::Control, _) => {}
     }
     Err(Status::permission_denied(match caller {
-        Caller::Remote { .. } => format!(
-            "{path} is refused over TCP: the Manager API and registry writes are served on the \
-             Unix socket only, to the owner's uid; over TCP they need mTLS (not yet configured)"
+        Caller::Remote { identity: None, .. } => format!(
+            "{path} is refused over TCP without mTLS: the Manager API and registry writes are \
+             served on the Unix socket to the owner's uid, and over TCP only to a client \
+             certificate identity listed in [tls] admins"
+        ),
+        Caller::Remote {
+            identity: Some(identity),
+            ..
+        } => format!(
+            "{path} is refused to {identity}: the Manager API and registry writes over TCP are \
+             for the certificate identities in the router's [tls] admins, and it is not one"
         ),
         Caller::Plugin { .. } => format!(
             "{path} is refused to {caller}: plugins may call other plugins, host services and \
@@ -95,6 +104,18 @@ mod tests {
         };
         let remote = Caller::Remote {
             addr: "127.0.0.1:5000".parse().unwrap(),
+            identity: None,
+            grant: crate::Grant::None,
+        };
+        let node = Caller::Remote {
+            addr: "127.0.0.1:5001".parse().unwrap(),
+            identity: Some("spiffe://mesh/node/b".into()),
+            grant: crate::Grant::None,
+        };
+        let admin = Caller::Remote {
+            addr: "127.0.0.1:5002".parse().unwrap(),
+            identity: Some("spiffe://mesh/client/ops".into()),
+            grant: crate::Grant::Admin,
         };
         for path in [
             "/mesh.v1.Manager/Stop",
@@ -112,6 +133,14 @@ mod tests {
             assert!(denied.message().contains("owner"), "{denied}");
             let denied = check(&remote, path).unwrap_err();
             assert!(denied.message().contains("mTLS"), "{denied}");
+            let denied = check(&node, path).unwrap_err();
+            assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+            assert!(
+                denied.message().contains("spiffe://mesh/node/b")
+                    && denied.message().contains("admins"),
+                "{denied}"
+            );
+            assert!(check(&admin, path).is_ok(), "{path}");
         }
         let plugin = Caller::Plugin {
             plugin: "files".into(),
@@ -129,7 +158,7 @@ mod tests {
             assert!(denied.message().contains("plugins may"), "{denied}");
         }
         assert!(check(&plugin, "/mesh.v1.Host/ReadFile").is_ok());
-        for caller in [&owner, &local, &remote] {
+        for caller in [&owner, &local, &remote, &admin] {
             let denied = check(caller, "/mesh.v1.Host/ReadFile").unwrap_err();
             assert_eq!(denied.code(), tonic::Code::PermissionDenied);
             assert!(denied.message().contains("plugin"), "{denied}");

@@ -253,6 +253,20 @@ impl MeshUp {
             .to_owned())
     }
 
+    /// The router's mTLS address (`127.0.0.1:PORT`), once `mesh up` printed it (with `listen`
+    /// and `[tls]`).
+    pub async fn tls_address(&self, within: Duration) -> anyhow::Result<String> {
+        let line = self
+            .wait_line("router listening on https://", within)
+            .await?;
+        Ok(line
+            .rsplit("https://")
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or("")
+            .to_owned())
+    }
+
     /// A channel to the router's own API (registry, manager).
     pub fn router(&self) -> Channel {
         Channel::to_server(Address::Unix(self.socket.clone()))

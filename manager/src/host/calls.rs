@@ -39,12 +39,17 @@ pub struct CallGate {
 type Logged = (Instant, u64);
 
 /// How a caller is known to rate limits: a plugin by its name, a local process by its uid, a
-/// TCP client by its address (not its port: a client opening many connections is one caller).
+/// TCP client by its certificate's identity under mTLS, else by its address (not its port: a
+/// client opening many connections is one caller).
 pub fn caller_key(caller: &Caller) -> String {
     match caller {
         Caller::Plugin { plugin, .. } => format!("plugin {plugin:?}"),
         Caller::Owner { uid, .. } | Caller::Local { uid, .. } => format!("uid {uid}"),
-        Caller::Remote { addr } => format!("TCP client {}", addr.ip()),
+        Caller::Remote {
+            identity: Some(identity),
+            ..
+        } => format!("TCP client {identity}"),
+        Caller::Remote { addr, .. } => format!("TCP client {}", addr.ip()),
     }
 }
 

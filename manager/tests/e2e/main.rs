@@ -11,6 +11,7 @@ mod files_plugin;
 mod hardening;
 mod host;
 mod lifecycle;
+mod mtls;
 mod python_plugin;
 mod router;
 mod routing;

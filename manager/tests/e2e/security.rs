@@ -210,7 +210,9 @@ async fn other_users_and_tcp_clients_call_plugins_and_read_the_registry_but_neve
         assert!(!out.status.success(), "{method} over TCP succeeded");
         let err = stderr(&out);
         assert!(
-            err.contains("PermissionDenied") && err.contains("mTLS (not yet configured)"),
+            err.contains("PermissionDenied")
+                && err.contains("without mTLS")
+                && err.contains("[tls] admins"),
             "{method}: {err}"
         );
     }

@@ -104,7 +104,7 @@ impl Balancer {
             .into_iter()
             .map(|target| match known.get(&target) {
                 Some(endpoint) => Arc::clone(endpoint),
-                None => Arc::new(Endpoint::new(target, self.clock, self.options)),
+                None => Arc::new(Endpoint::new(target, self.clock, self.options.clone())),
             })
             .collect();
         self.current.store(Arc::new(Current {

@@ -27,7 +27,9 @@ use crate::{
     tuning,
 };
 
-/// Environment variable naming a remote router (`http://host:7700`); when set, calls go through it.
+/// Environment variable naming a remote router (`http://host:7700`, or `https://host:7700`
+/// for mTLS with the certificates `MESH_TLS_CA`, `MESH_TLS_CERT` and `MESH_TLS_KEY` name);
+/// when set, calls go through it.
 pub const MESH_ROUTER: &str = "MESH_ROUTER";
 
 /// Environment variable: `0` sends every call through the local router instead of dialing
@@ -87,6 +89,8 @@ pub struct Connector {
     /// `None`: [`tuning::MESH_SPIN_US`], else no spinning.
     spin: Option<Duration>,
     keepalive: Option<Keepalive>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::transport::ClientTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +122,9 @@ impl Connector {
 
     /// [`Connector::from_env`], given `MESH_ROUTER`'s value.
     fn from_router_var(router: Option<&str>) -> Result<Self, Error> {
+        if let Some(hostport) = router.and_then(|r| r.strip_prefix("https://")) {
+            return Self::tls_from_env(hostport);
+        }
         match router {
             Some(router) if !router.is_empty() => {
                 router
@@ -130,6 +137,33 @@ impl Connector {
             }
             _ => Ok(Self::local(runtime::router_socket())),
         }
+    }
+
+    /// A remote router over mTLS at `https://hostport`, with the certificates the
+    /// `MESH_TLS_*` variables name.
+    #[cfg(feature = "tls")]
+    fn tls_from_env(hostport: &str) -> Result<Self, Error> {
+        let address = hostport.parse().map_err(|source| Error::InvalidRouter {
+            variable: MESH_ROUTER,
+            source,
+        })?;
+        let tls = crate::transport::ClientTls::from_env()
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .ok_or_else(|| {
+                Error::Tls(format!(
+                    "MESH_ROUTER=https://{hostport} needs MESH_TLS_CA, MESH_TLS_CERT and \
+                     MESH_TLS_KEY (the files `mesh certs client NAME` writes)"
+                ))
+            })?;
+        Ok(Self::remote(address).tls(tls))
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn tls_from_env(hostport: &str) -> Result<Self, Error> {
+        Err(Error::Tls(format!(
+            "MESH_ROUTER=https://{hostport}: this program was built without the mesh crate's \
+             `tls` feature; enable it, or use http:// to a loopback router"
+        )))
     }
 
     /// The router listening on the Unix socket `path` (this machine): calls go to instances directly.
@@ -154,7 +188,18 @@ impl Connector {
             router,
             spin: None,
             keepalive: Some(Keepalive::default()),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
+    }
+
+    /// Connects to the remote router with TLS (mTLS when `tls` has a client certificate):
+    /// see [`ClientTls`](crate::transport::ClientTls). Without it, connections to a remote
+    /// router are plaintext.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::transport::ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Opts in to spinning: a call that is the only one waiting in this process polls its
@@ -185,6 +230,11 @@ impl Connector {
         Options {
             spin: self.spin.unwrap_or_else(tuning::client_spin),
             keepalive: self.keepalive,
+            #[cfg(feature = "tls")]
+            tls: match self.router {
+                RouterAt::Remote(_) => self.tls.clone(),
+                RouterAt::Local(_) => None,
+            },
         }
     }
 
@@ -488,6 +538,14 @@ mod tests {
         }
         let remote = Connector::from_vars(Some("http://127.0.0.1:7700"), Some("0")).unwrap();
         assert!(matches!(remote.router, RouterAt::Remote(Address::Tcp(_))));
+        // https:// needs the client's certificates: an error naming the variables, not a
+        // plaintext connection (unless this environment happens to set them).
+        #[cfg(feature = "tls")]
+        if std::env::var_os(crate::transport::MESH_TLS_CA).is_none() {
+            let error = Connector::from_router_var(Some("https://127.0.0.1:7700")).unwrap_err();
+            assert!(matches!(error, Error::Tls(_)), "{error:?}");
+            assert!(error.to_string().contains("MESH_TLS_CA"), "{error}");
+        }
     }
 
     #[tokio::test]

@@ -12,6 +12,13 @@
 
 pub(crate) mod client;
 mod spin_io;
+#[cfg(feature = "tls")]
+mod tls;
+
+#[cfg(feature = "tls")]
+pub use tls::{
+    ClientTls, MESH_TLS_CA, MESH_TLS_CERT, MESH_TLS_KEY, MESH_TLS_SERVER_NAME, TlsError,
+};
 
 use std::{fmt, io, path::PathBuf, str::FromStr, time::Duration};
 
@@ -64,6 +71,8 @@ impl FromStr for Address {
         let hostport = s.strip_prefix("http://").unwrap_or(s);
         let hostport = hostport.strip_suffix('/').unwrap_or(hostport);
         match hostport.rsplit_once(':') {
+            // Another scheme (`https://`) is not an address: TLS is the connector's setting.
+            _ if hostport.contains("://") => Err(bad()),
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
                 Ok(Self::Tcp(hostport.to_owned()))
             }
@@ -102,8 +111,8 @@ where
     }
 }
 
-/// How a client's connections behave: its calls' spin window and keepalive pings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a client's connections behave: its calls' spin window, keepalive pings, and TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Options {
     /// How long a call alone in its process polls its connection before it sleeps (see
     /// [`crate::tuning`]); zero: never. The router's balancers use none.
@@ -111,14 +120,19 @@ pub(crate) struct Options {
     /// Pings on TCP connections; `None` or a zero interval: none. A Unix socket's peer that
     /// dies closes the socket, so those connections need none.
     pub(crate) keepalive: Option<Keepalive>,
+    /// TLS on TCP connections; `None`: plaintext.
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<ClientTls>,
 }
 
 impl Default for Options {
-    /// No spinning, the default keepalive.
+    /// No spinning, the default keepalive, plaintext.
     fn default() -> Self {
         Self {
             spin: Duration::ZERO,
             keepalive: Some(Keepalive::default()),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -157,6 +171,11 @@ pub(crate) async fn connect(address: &Address, options: &Options) -> io::Result<
             let stream = TcpStream::connect(hostport.as_str()).await?;
             // gRPC messages are small and latency-bound: never wait for Nagle.
             stream.set_nodelay(true)?;
+            #[cfg(feature = "tls")]
+            if let Some(tls) = &options.tls {
+                let stream = tls.connect(hostport, stream).await?;
+                return client::handshake(stream, options, options.keepalive).await;
+            }
             client::handshake(stream, options, options.keepalive).await
         }
         Address::Dialer(name) => {
@@ -335,7 +354,13 @@ mod tests {
             let address: Address = text.parse().unwrap();
             assert_eq!(address.to_string(), printed);
         }
-        for bad in ["unix:relative.sock", "http://host", "host:port", ""] {
+        for bad in [
+            "unix:relative.sock",
+            "http://host",
+            "host:port",
+            "",
+            "https://127.0.0.1:7700",
+        ] {
             let err = bad.parse::<Address>().unwrap_err().to_string();
             assert!(err.contains("unix:/absolute/path.sock"), "{err}");
         }

@@ -63,6 +63,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Se
 fn holder<T>(request: &Request<T>) -> Result<Holder, Status> {
     match request.extensions().get::<Caller>() {
         Some(Caller::Owner { uid, .. }) => Ok(Holder::Uid(*uid)),
+        // A certificate identity granted control is trusted as the owner is.
+        Some(caller @ Caller::Remote { .. }) if caller.may_control() => {
+            Ok(Holder::Uid(crate::identity::own_uid()))
+        }
         Some(caller) => Err(Status::permission_denied(format!(
             "registry writes are for the mesh's owner and root only, not {caller}"
         ))),

@@ -1597,7 +1597,8 @@ mod tests {
         );
 
         let config = parse(
-            "[mesh]\nlisten = \"0.0.0.0:7701\"\nnode = \"b\"\nadvertise = \"10.0.0.2:7701\"\n\
+            "[mesh]\nlisten = \"0.0.0.0:7701\"\nallow_plaintext = true\nnode = \"b\"\n\
+             advertise = \"10.0.0.2:7701\"\n\
              [registry]\netcd = [\"http://e:2379\"]\nprefix = \"/x/\"\nlease_ttl = \"3s\"\n",
         )
         .unwrap();
@@ -1659,7 +1660,8 @@ mod tests {
                 "set [mesh] listen",
             ),
             (
-                "[mesh]\nnode = \"a\"\nlisten = \"0.0.0.0:1\"\n[registry]\netcd = [\"e:1\"]\n"
+                "[mesh]\nnode = \"a\"\nlisten = \"0.0.0.0:1\"\nallow_plaintext = true\n\
+                 [registry]\netcd = [\"e:1\"]\n"
                     .into(),
                 1,
                 "advertise = \"host:port\"",

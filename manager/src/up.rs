@@ -120,6 +120,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut router = Router::builder(registry.clone()).cluster(cluster.clone());
     if let Some(tls) = &config.tls {
         router = router.tls(tls.server().map_err(UpError::Tls)?);
+        // The same node certificate dials the other nodes' routers (node certificates serve
+        // and dial).
+        router = router.peer_tls(tls.client().map_err(UpError::Tls)?);
     }
     let router = router
         .limits(config.limits.clone())

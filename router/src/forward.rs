@@ -138,6 +138,7 @@ pub struct RouterBuilder {
     call_policy: Option<Arc<dyn CallPolicy>>,
     cluster: Cluster,
     tls: Option<ServerTls>,
+    peer_tls: Option<mesh::transport::ClientTls>,
 }
 
 impl std::fmt::Debug for Router {
@@ -158,6 +159,7 @@ impl Router {
             call_policy: None,
             cluster: Cluster::single(),
             tls: None,
+            peer_tls: None,
         }
     }
 
@@ -573,6 +575,14 @@ impl RouterBuilder {
         self
     }
 
+    /// Dials other nodes' routers with mTLS: `tls` presents this node's certificate and
+    /// checks theirs against the CA (see [`crate::cluster`]). Without it, node-to-node calls
+    /// are plaintext, which the manager allows on loopback only unless told otherwise.
+    pub fn peer_tls(mut self, tls: mesh::transport::ClientTls) -> Self {
+        self.peer_tls = Some(tls);
+        self
+    }
+
     /// Builds the router and starts following the registry (needs a Tokio runtime).
     pub async fn build(mut self) -> Router {
         let registry_server = RegistryService::new(self.registry.clone())
@@ -600,7 +610,7 @@ impl RouterBuilder {
                 owner: identity::own_uid(),
                 identify: self.identify,
                 call_policy: self.call_policy,
-                peers: Peers::new(&self.cluster),
+                peers: Peers::new(&self.cluster, self.peer_tls),
                 tls: self.tls,
             }),
         }

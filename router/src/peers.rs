@@ -2,14 +2,18 @@
 //!
 //! One balancer per service over the routers of the nodes that have it ([`Cluster::remote`]),
 //! the same balancer as for local instances, with its pooled HTTP/2 connections: one per node
-//! and thread, dialed by `mesh::transport` over TCP. This is the one place a router dials
-//! another (TLS between nodes plugs in where those connections are made).
+//! and thread, dialed by `mesh::transport` over TCP — with mTLS when the router has `[tls]`
+//! ([`crate::RouterBuilder::peer_tls`]: this node's certificate, checked against the same CA
+//! by the router dialed). This is the one place a router dials another.
 //!
 //! Local instances always win. A call this router forwards carries [`FORWARDED_HEADER`] naming
 //! this node; a router that receives such a call routes it to its own instances only, so a
 //! call crosses at most one hop and never loops. The header only ever narrows where a call may
 //! go, so a caller who sets it itself gains nothing by it; with mTLS between nodes it will also
 //! say which node forwarded, from the certificate.
+//! Under mTLS the router dialed knows the dialing node by its certificate
+//! (`spiffe://mesh/node/NAME`), which may forward calls but not use the Manager API unless
+//! granted (`[tls] admins`).
 
 use std::sync::Arc;
 
@@ -26,6 +30,8 @@ pub(crate) struct Peers {
     node: HeaderValue,
     upstreams: Arc<Upstreams>,
     cluster: Cluster,
+    /// mTLS to the other routers; `None`: plaintext (loopback, or `allow_plaintext`).
+    tls: Option<mesh::transport::ClientTls>,
 }
 
 /// Where a call goes.
@@ -40,25 +46,34 @@ pub(crate) enum Pick {
 
 impl Peers {
     /// The peers of `cluster`'s node; none for a single machine.
-    pub(crate) fn new(cluster: &Cluster) -> Option<Self> {
+    /// Their routers are dialed with `tls` when it is given.
+    pub(crate) fn new(
+        cluster: &Cluster,
+        tls: Option<mesh::transport::ClientTls>,
+    ) -> Option<Self> {
         let node = cluster.this_node()?;
-        let upstreams = Arc::new(Upstreams::new(cluster.remote().clone()));
+        let upstreams = Arc::new(Upstreams::with_tls(cluster.remote().clone(), tls.clone()));
         upstreams.follow();
         Some(Self {
             node: HeaderValue::from_str(node.name.as_str()).expect("node names are header-safe"),
             upstreams,
             cluster: cluster.clone(),
+            tls,
         })
     }
 
     /// The same peers for another thread, with its own connections.
     pub(crate) fn for_this_thread(&self) -> Self {
-        let upstreams = Arc::new(Upstreams::new(self.cluster.remote().clone()));
+        let upstreams = Arc::new(Upstreams::with_tls(
+            self.cluster.remote().clone(),
+            self.tls.clone(),
+        ));
         upstreams.follow();
         Self {
             node: self.node.clone(),
             upstreams,
             cluster: self.cluster.clone(),
+            tls: self.tls.clone(),
         }
     }
 
@@ -136,7 +151,7 @@ mod tests {
             },
             "etcd",
         );
-        let peers = Peers::new(&cluster).unwrap();
+        let peers = Peers::new(&cluster, None).unwrap();
         let registry = Registry::new();
         let local = Upstreams::new(registry.clone());
         let plain = HeaderMap::new();

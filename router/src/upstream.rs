@@ -27,13 +27,22 @@ pub(crate) struct Upstream {
 pub(crate) struct Upstreams {
     balancers: ArcSwap<Balancers>,
     registry: Registry,
+    /// TLS for the balancers' TCP connections (other nodes' routers under mTLS); `None`:
+    /// plaintext.
+    tls: Option<mesh::transport::ClientTls>,
 }
 
 impl Upstreams {
     pub(crate) fn new(registry: Registry) -> Self {
+        Self::with_tls(registry, None)
+    }
+
+    /// Upstreams whose TCP connections speak TLS with `tls` when it is given.
+    pub(crate) fn with_tls(registry: Registry, tls: Option<mesh::transport::ClientTls>) -> Self {
         Self {
             balancers: ArcSwap::default(),
             registry,
+            tls,
         }
     }
 
@@ -75,7 +84,10 @@ impl Upstreams {
     fn insert(&self, service: ServiceName, instances: &Snapshot) -> Arc<Upstream> {
         let fresh = Arc::new(Upstream {
             name: service.clone(),
-            balancer: Balancer::new(instances),
+            balancer: match &self.tls {
+                Some(tls) => Balancer::with_tls(instances, tls.clone()),
+                None => Balancer::new(instances),
+            },
         });
         self.balancers.rcu(|current| {
             if current.contains_key(&service) {

@@ -2,6 +2,7 @@
 //! loopback with free ports and a temporary data directory). A client on node A reaches a
 //! plugin that runs only on node B through A's router; B's death, return, a revoked lease and
 //! an etcd that restarts empty are each followed within the bounds docs/multi-node.md states.
+//! Nodes with `[tls]` forward to each other over mTLS with their `mesh certs` certificates.
 
 use std::{
     net::TcpListener,
@@ -270,6 +271,40 @@ async fn a_client_on_node_a_reaches_a_plugin_that_runs_only_on_node_b() {
     b.wait_instances("plugin.echo", 1).await;
     wait_routed(&a, true, DEADLINE).await;
     all_four_kinds(&mut client).await;
+}
+
+#[tokio::test]
+async fn nodes_forward_to_each_other_over_mtls_and_a_plaintext_node_gets_nothing() {
+    let etcd = Etcd::start().await;
+    let certs = crate::mtls::Certs::make();
+    let start = |name: &'static str, plugins: &'static str| {
+        let (settings, registry) = node(name, free_port(), &etcd);
+        let tables = format!("{registry}{}{plugins}", certs.node_table(name));
+        async move { Mesh::start_with(&settings, &tables).await }
+    };
+    let b = start("b", ECHO).await;
+    b.wait_instances("plugin.echo", 1).await;
+    let a = start("a", "").await;
+    a.wait_instances("plugin.echo", 1).await;
+
+    // A's router dials B's TLS listener with node a's certificate: all four kinds of call.
+    let mut client = EchoClient::new(a.connect("plugin.echo").await);
+    all_four_kinds(&mut client).await;
+
+    // A node without [tls] learns B from the same etcd, but B's listener takes no plaintext:
+    // its calls to plugin.echo never reach B's plugin.
+    let c = start_node("c", &etcd, "").await;
+    c.wait_instances("plugin.echo", 1).await;
+    let refused = through_router(&c, "plugin.echo")
+        .echo(echo("plaintext"))
+        .await
+        .expect_err("a plaintext node's call reached a node that speaks only mTLS");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    // ... while A's calls still go.
+    through_router(&a, "plugin.echo")
+        .echo(echo("still"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -39,13 +39,13 @@ command = "{echo}"
 const OPS: &str = "spiffe://mesh/client/ops";
 
 /// A CA, node `a`'s certificate and client `ops`'s, made by the real `mesh certs`.
-struct Certs {
+pub(crate) struct Certs {
     _dir: tempfile::TempDir,
     dir: PathBuf,
 }
 
 impl Certs {
-    fn make() -> Certs {
+    pub(crate) fn make() -> Certs {
         let dir = short_tempdir();
         let certs = dir.path().join("certs");
         for args in [
@@ -88,6 +88,16 @@ impl Certs {
             self.path("ca.pem"),
             self.path("node-a.pem"),
             self.path("node-a.key"),
+        )
+    }
+
+    /// The `[tls]` table for node `node` (`a` or `b`), granting no one.
+    pub(crate) fn node_table(&self, node: &str) -> String {
+        format!(
+            "\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            self.path("ca.pem"),
+            self.path(&format!("node-{node}.pem")),
+            self.path(&format!("node-{node}.key")),
         )
     }
 

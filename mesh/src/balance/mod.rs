@@ -64,6 +64,19 @@ impl Balancer {
         Self::with_options(instances, Options::default())
     }
 
+    /// A balancer over `instances`, as [`Balancer::new`], whose TCP connections speak TLS
+    /// with `tls` (a router dialing other nodes' routers under mTLS); Unix sockets stay plain.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(instances: &[Instance], tls: crate::transport::ClientTls) -> Self {
+        Self::with_options(
+            instances,
+            Options {
+                tls: Some(tls),
+                ..Options::default()
+            },
+        )
+    }
+
     /// A balancer over `instances` whose connections behave as `options` say.
     pub(crate) fn with_options(instances: &[Instance], options: Options) -> Self {
         let balancer = Self::empty(options);

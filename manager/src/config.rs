@@ -62,8 +62,19 @@ pub struct Config {
     /// Where plugins' default roots live (`[mesh] data_dir`, default `$XDG_DATA_HOME/mesh`,
     /// else `~/.local/share/mesh`).
     pub data_dir: PathBuf,
+    /// The admin HTTP listener (`[admin]`): metrics, health, status page; `None`: off.
+    pub admin: Option<AdminConfig>,
+    /// Whether the router records call metrics (`[telemetry] metrics`, default off).
+    pub metrics: bool,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
+}
+
+/// The admin HTTP listener (`[admin]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where it listens (`listen`): loopback unless `allow_non_loopback = true`.
+    pub listen: SocketAddr,
 }
 
 /// One plugin's settings.
@@ -244,6 +255,24 @@ struct RawConfig {
     mesh: Option<Spanned<RawMesh>>,
     #[serde(default)]
     plugin: Vec<Spanned<RawPlugin>>,
+    #[serde(default)]
+    admin: Option<Spanned<RawAdmin>>,
+    #[serde(default)]
+    telemetry: Option<Spanned<RawTelemetry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
+    #[serde(default)]
+    allow_non_loopback: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    metrics: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -369,6 +398,8 @@ impl Config {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| file.at(e.span(), explain(e.message())))?;
         let mut config = file.mesh(raw.mesh.map(Spanned::into_inner).unwrap_or_default())?;
+        config.admin = raw.admin.map(|admin| file.admin(admin)).transpose()?;
+        config.metrics = metrics_enabled(raw.telemetry.as_ref().map(Spanned::get_ref));
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for table in raw.plugin {
             let table_line = line_of(text, table.span().start);
@@ -516,8 +547,36 @@ impl File<'_> {
             busy_poll: mesh.busy_poll,
             spin,
             max_message_size,
+            admin: None,
+            metrics: false,
             plugins: Vec::new(),
         })
+    }
+
+    /// `[admin]`: an address, loopback unless the table says `allow_non_loopback = true`.
+    fn admin(&self, admin: Spanned<RawAdmin>) -> Result<AdminConfig, ConfigError> {
+        let admin = admin.into_inner();
+        let listen: SocketAddr = admin.listen.get_ref().parse().map_err(|_| {
+            self.at(
+                Some(admin.listen.span()),
+                format!(
+                    "[admin] listen = {:?} is not an address; write host:port, such as \"127.0.0.1:9900\" (port 0 picks a free port)",
+                    admin.listen.get_ref()
+                ),
+            )
+        })?;
+        if !listen.ip().is_loopback() && !admin.allow_non_loopback {
+            return Err(self.at(
+                Some(admin.listen.span()),
+                format!(
+                    "[admin] listen = \"{listen}\" is not a loopback address: the admin listener \
+                     has no authentication, so anyone who reaches it sees metrics, logs and \
+                     status; use 127.0.0.1 (or ::1), or add allow_non_loopback = true to [admin] \
+                     if a firewall or proxy guards it"
+                ),
+            ));
+        }
+        Ok(AdminConfig { listen })
     }
 
     /// One `[[plugin]]` table, starting at `table_line`.
@@ -930,6 +989,14 @@ fn credentials(
         uid: found.uid.as_raw(),
         gid: gid.as_raw(),
     }))
+}
+
+/// `[telemetry] metrics`: the router records call metrics only when asked (off costs nothing
+/// per call).
+fn metrics_enabled(telemetry: Option<&RawTelemetry>) -> bool {
+    telemetry
+        .and_then(|t| t.metrics.as_ref())
+        .is_some_and(|m| *m.get_ref())
 }
 
 /// `socket_mode` and `socket_group` from `[mesh]`.
@@ -1690,5 +1757,43 @@ mod transport_tests {
             ),
             "{error}"
         );
+    }
+}
+
+#[cfg(test)]
+mod admin_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/mesh.toml"), text)
+    }
+
+    #[test]
+    fn admin_is_off_unless_configured_and_loopback_unless_allowed() {
+        let config = parse("[mesh]\n").unwrap();
+        assert_eq!((config.admin, config.metrics), (None, false));
+        let config =
+            parse("[admin]\nlisten = \"127.0.0.1:9900\"\n[telemetry]\nmetrics = true\n").unwrap();
+        assert_eq!(
+            config.admin.unwrap().listen,
+            "127.0.0.1:9900".parse().unwrap()
+        );
+        assert!(config.metrics);
+        let error = parse("[mesh]\n[admin]\nlisten = \"0.0.0.0:9900\"\n").unwrap_err();
+        assert_eq!(error.line, Some(3));
+        assert!(
+            error.to_string().contains("allow_non_loopback = true"),
+            "{error}"
+        );
+        let config =
+            parse("[admin]\nlisten = \"0.0.0.0:9900\"\nallow_non_loopback = true\n").unwrap();
+        assert_eq!(
+            config.admin.unwrap().listen,
+            "0.0.0.0:9900".parse().unwrap()
+        );
+        let error = parse("[admin]\nlisten = \"localhost\"\n").unwrap_err();
+        assert!(error.to_string().contains("127.0.0.1:9900"), "{error}");
+        let error = parse("[admin]\nlisten = \"127.0.0.1:1\"\nport = 3\n").unwrap_err();
+        assert_eq!(error.line, Some(3), "{error}");
     }
 }

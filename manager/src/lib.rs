@@ -2,6 +2,7 @@
 //!
 //! The `mesh` command is a thin layer over this library (see `main.rs`).
 
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod host;
@@ -10,5 +11,5 @@ pub mod supervisor;
 mod systemd;
 pub mod up;
 
-pub use config::{Config, ConfigError, PluginConfig, Transport};
+pub use config::{AdminConfig, Config, ConfigError, PluginConfig, Transport};
 pub use supervisor::Supervisor;

@@ -43,6 +43,17 @@ pub enum UpError {
     /// The audit log could not be opened (a symlink, another owner's, unwritable).
     #[error("{0}; set [mesh] audit_log to a file mesh up may write")]
     Audit(std::io::Error),
+    /// The admin listener could not be bound.
+    #[error("[admin] listen = {addr}: {error}; pick a free port, or port 0 for any")]
+    Admin {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The metrics could not be set up.
+    #[error("{0}")]
+    Metrics(crate::admin::MetricsError),
     /// The TCP listener could not be bound.
     #[error("listen = {addr}: {error}; pick a free port, or port 0 for any")]
     Listen {
@@ -74,6 +85,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         None => None,
     };
+    let admin_listener = match &config.admin {
+        Some(admin) => {
+            Some(
+                crate::admin::bind(admin.listen)
+                    .await
+                    .map_err(|error| UpError::Admin {
+                        addr: admin.listen,
+                        error,
+                    })?,
+            )
+        }
+        None => None,
+    };
     let registry = Registry::new();
     let closing = registry.clone();
     let supervisor = Arc::new(isolating(Supervisor::new(
@@ -92,8 +116,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     let calls = CallGate::new(policies.clone(), audit.clone());
     let host = HostService::new(policies, audit);
+    // Scrape-time supervisor metrics, and the router's per call when asked for.
+    let metrics = if config.admin.is_some() || config.metrics {
+        Some(
+            crate::admin::Metrics::new(supervisor.clone(), config.metrics, |b| b)
+                .map_err(UpError::Metrics)?,
+        )
+    } else {
+        None
+    };
     let identify = supervisor.clone();
     let router = Router::builder(registry)
+        .metrics(metrics.as_ref().map(|m| m.router()).unwrap_or_default())
         .limits(config.limits.clone())
         .add_service(manager.clone().into_server())
         .add_service(host.into_server())
@@ -130,6 +164,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         None => None,
     };
+    if let (Some(listener), Some(metrics)) = (admin_listener, &metrics) {
+        let any_host = config
+            .admin
+            .as_ref()
+            .is_some_and(|a| !a.listen.ip().is_loopback());
+        if let Ok(addr) = listener.local_addr() {
+            println!(
+                "mesh: admin listening on http://{addr} (/metrics, /healthz, /readyz, status page at /)"
+            );
+        }
+        let admin = crate::admin::Admin::new(supervisor.clone(), metrics.clone(), any_host);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(admin.serve(listener, async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        }));
+    }
     let listener = listener.into_std().map_err(UpError::Workers)?;
     mesh::tuning::set_linger(config.spin);
     let workers = router

@@ -46,6 +46,7 @@ use crate::{
     grpc::{self, RequestBody},
     identity::{self, Caller, Identify},
     limit::{Admission, Gauge, Handshake, Held, Permit},
+    metrics::{Refusal, RouterMetrics},
     policy,
     registry::{Registry, RegistryService},
     route::{self, Route},
@@ -98,6 +99,8 @@ pub(crate) struct Inner {
     identify: Option<Arc<dyn Identify>>,
     /// Decides which calls a plugin caller may forward; none installed, every call may go.
     call_policy: Option<Arc<dyn CallPolicy>>,
+    /// Calls, durations, refusals and connections; off unless the embedder gave a meter.
+    metrics: RouterMetrics,
 }
 
 /// One client connection: who is on it (fixed at accept time) and its calls.
@@ -129,6 +132,7 @@ pub struct RouterBuilder {
     limits: Limits,
     identify: Option<Arc<dyn Identify>>,
     call_policy: Option<Arc<dyn CallPolicy>>,
+    metrics: RouterMetrics,
 }
 
 impl std::fmt::Debug for Router {
@@ -147,6 +151,7 @@ impl Router {
             limits: Limits::default(),
             identify: None,
             call_policy: None,
+            metrics: RouterMetrics::off(),
         }
     }
 
@@ -165,6 +170,7 @@ impl Router {
                 owner: self.inner.owner,
                 identify: self.inner.identify.clone(),
                 call_policy: self.inner.call_policy.clone(),
+                metrics: self.inner.metrics.clone(),
             }),
         }
     }
@@ -258,6 +264,7 @@ impl Router {
             let permit = match self.inner.admission.connect(class) {
                 Ok(permit) => permit,
                 Err(full) => {
+                    self.inner.metrics.refused(Refusal::Connections);
                     // Closed at once: the client sees UNAVAILABLE now rather than a hang.
                     if refused_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
                         refused_logged = Some(Instant::now());
@@ -272,6 +279,7 @@ impl Router {
                     continue;
                 }
             };
+            let counted = self.inner.metrics.connection(class);
             let connection = Arc::new(Connection {
                 inner: self.inner.clone(),
                 caller,
@@ -316,6 +324,7 @@ impl Router {
                         }
                     }
                     drop(permit);
+                    drop(counted);
                 },
                 span,
             ));
@@ -366,6 +375,7 @@ impl Inner {
             &request,
             self.admission.limits.max_header_list_size as usize,
         ) {
+            self.metrics.refused(Refusal::Invalid);
             return *refusal;
         }
         let upstream = match route::route(&request) {
@@ -375,14 +385,19 @@ impl Inner {
                 let policy = self.call_policy.as_ref();
                 let method = request.uri().path();
                 if let Err(status) = calls::check(policy, &connection.caller, service, method) {
+                    self.metrics.refused(Refusal::Policy);
                     return status.into_http();
                 }
                 match self.upstreams.get(service) {
                     Some(upstream) => upstream,
-                    None => return self.unknown(service).into_http(),
+                    None => {
+                        self.metrics.refused(Refusal::NoInstance);
+                        return self.unknown(service).into_http();
+                    }
                 }
             }
             Route::Invalid(error) => {
+                self.metrics.refused(Refusal::Invalid);
                 return Status::invalid_argument(format!("{SERVICE_HEADER} header: {error}"))
                     .into_http();
             }
@@ -391,9 +406,18 @@ impl Inner {
         // names the one that is full.
         let permit = match connection.calls.try_acquire() {
             Ok(permit) => permit,
-            Err(full) => return full.status().into_http(),
+            Err(full) => {
+                self.metrics.refused(Refusal::Limits);
+                return full.status().into_http();
+            }
         };
-        self.forward(upstream, permit, request).await
+        let Some(call) = self
+            .metrics
+            .call(upstream.name.as_str(), request.uri().path())
+        else {
+            return self.forward(upstream, permit, request).await;
+        };
+        call.answered(self.forward(upstream, permit, request).await)
     }
 
     /// The router's own services, as far as the caller may use them (`policy`), with the
@@ -506,6 +530,13 @@ impl RouterBuilder {
         self
     }
 
+    /// Records the router's metrics ([`RouterMetrics::new`] on the embedder's meter); without
+    /// this, nothing is recorded.
+    pub fn metrics(mut self, metrics: RouterMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     /// Builds the router and starts following the registry (needs a Tokio runtime).
     pub async fn build(mut self) -> Router {
         let registry_server = RegistryService::new(self.registry.clone()).into_server();
@@ -531,6 +562,7 @@ impl RouterBuilder {
                 owner: identity::own_uid(),
                 identify: self.identify,
                 call_policy: self.call_policy,
+                metrics: self.metrics,
             }),
         }
     }

@@ -16,6 +16,8 @@
 //! - `deadline`: `grpc-timeout` and the default call timeout;
 //! - `limit`: connections, handshakes, idle connections and calls in flight under their
 //!   [`Limits`];
+//! - `metrics`: calls, durations, refusals and connections as OpenTelemetry instruments
+//!   ([`RouterMetrics`], off unless the embedder hands in a meter);
 //! - `body`: the answer's body, the router's own or an instance's streamed through;
 //! - `forward`: accepting connections and forwarding calls ([`Router`]);
 //! - `workers`: thread-per-core serving ([`Workers`]).
@@ -37,6 +39,7 @@ mod forward;
 mod grpc;
 mod identity;
 mod limit;
+mod metrics;
 mod policy;
 pub mod registry;
 mod route;
@@ -49,5 +52,6 @@ pub use identity::{Caller, Identify, PluginIdentity};
 pub use limit::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADER_LIST_SIZE, Limits,
 };
+pub use metrics::{MAX_METHODS, RouterMetrics};
 pub use route::SERVICE_HEADER;
 pub use workers::Workers;

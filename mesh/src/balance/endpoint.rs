@@ -63,6 +63,7 @@ impl Endpoint {
         Self {
             health: Arc::new(Health {
                 instance: format!("{} ({})", target.id, target.address),
+                id_len: target.id.len(),
                 clock,
                 in_flight: AtomicUsize::new(0),
                 failures: AtomicU32::new(0),
@@ -112,6 +113,8 @@ impl Endpoint {
 pub(crate) struct Health {
     /// `id (address)`, for logs.
     instance: String,
+    /// Where the id ends in `instance`.
+    id_len: usize,
     clock: Clock,
     in_flight: AtomicUsize,
     /// Failed calls since the last success.
@@ -121,6 +124,11 @@ pub(crate) struct Health {
 }
 
 impl Health {
+    /// The instance's id.
+    pub(crate) fn id(&self) -> &str {
+        &self.instance[..self.id_len]
+    }
+
     /// Calls in flight on this instance now.
     pub(crate) fn load(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)

@@ -48,6 +48,11 @@ pub(crate) enum Variant {
     /// `mesh::connect` to an echo service served in this process (`mesh::inprocess`): no
     /// socket, no router, an in-memory stream.
     G,
+    /// Through the router on its Unix socket, as (c), on a `mesh up` with call metrics on
+    /// (`[telemetry] metrics = true`).
+    H,
+    /// `mesh::connect` direct, as (b), on that `mesh up` with metrics on.
+    I,
 }
 
 /// The spin window variant (f) opts in to (`mesh::Connector::spin`).
@@ -55,7 +60,7 @@ pub(crate) const OPT_IN_SPIN: Duration = mesh::tuning::DEFAULT_SPIN;
 
 impl Variant {
     /// Every variant, in table order.
-    pub(crate) const ALL: [Self; 7] = [
+    pub(crate) const ALL: [Self; 9] = [
         Self::A,
         Self::B,
         Self::C,
@@ -63,7 +68,14 @@ impl Variant {
         Self::E,
         Self::F,
         Self::G,
+        Self::H,
+        Self::I,
     ];
+
+    /// Whether the variant runs against the `mesh up` with call metrics on.
+    pub(crate) fn metered(self) -> bool {
+        matches!(self, Self::H | Self::I)
+    }
 
     /// `a` to `g`.
     pub(crate) fn letter(self) -> &'static str {
@@ -75,6 +87,8 @@ impl Variant {
             Self::E => "e",
             Self::F => "f",
             Self::G => "g",
+            Self::H => "h",
+            Self::I => "i",
         }
     }
 
@@ -88,6 +102,8 @@ impl Variant {
             Self::E => "nginx grpc_pass, TCP",
             Self::F => "mesh::connect, direct, spin opt-in (100 µs)",
             Self::G => "mesh::connect, in-process service",
+            Self::H => "router, Unix socket, metrics on",
+            Self::I => "mesh::connect, direct, metrics on",
         }
     }
 }

@@ -37,6 +37,7 @@ pub(crate) async fn spawn_to_ready(bins: &Bins, instances: u32) -> anyhow::Resul
         instances,
         backoff_base: None,
         tcp: false,
+        metrics: false,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let router_ms = ms(mesh.spawned_at.elapsed());
@@ -74,6 +75,7 @@ pub(crate) async fn crash_to_routed(
         instances: 1,
         backoff_base: backoff_base.map(str::to_owned),
         tcp: false,
+        metrics: false,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     mesh.wait_registry(READY_DEADLINE, |found| found.len() == 1)

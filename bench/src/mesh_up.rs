@@ -33,6 +33,9 @@ pub(crate) struct MeshSpec {
     pub(crate) backoff_base: Option<String>,
     /// Whether the router also listens on TCP (`listen = "127.0.0.1:0"`).
     pub(crate) tcp: bool,
+    /// Whether the router records call metrics (`[telemetry] metrics = true`, with the
+    /// admin listener on a free loopback port, as the demo runs).
+    pub(crate) metrics: bool,
 }
 
 /// A running `mesh up`; stopped (with its plugins) when dropped.
@@ -129,6 +132,10 @@ fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
     }
     if mesh::tuning::busy_poll_from_env() {
         settings.push_str("busy_poll = true\n");
+    }
+    if spec.metrics {
+        // Tables after every [mesh] key.
+        settings.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n[telemetry]\nmetrics = true\n");
     }
     let mut plugin = format!(
         "[[plugin]]\nname = \"echo\"\ncommand = {:?}\ninstances = {}\nstop_grace = \"2s\"\n\

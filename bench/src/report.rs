@@ -289,6 +289,14 @@ impl Report {
                 ms <= 1000.0,
             )
         });
+        let metrics = self.median_us(C).zip(self.median_us(H)).map(|(c, h)| {
+            let added = h - c;
+            (
+                format!("(h) {h:.1} µs − (c) {c:.1} µs"),
+                added,
+                added <= 3.0,
+            )
+        });
         self.targets = vec![
             Target::new(
                 "direct call: (b) median ≤ 0.6 × (a) median",
@@ -311,6 +319,11 @@ impl Report {
                 rates,
             ),
             Target::new("100 instances ready within 1 s", "≤ 1000 ms", spawn),
+            Target::new(
+                "call metrics on add at most 3 µs per routed call: (h) − (c) median",
+                "≤ 3 µs",
+                metrics,
+            ),
         ];
     }
 

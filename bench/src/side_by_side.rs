@@ -67,12 +67,32 @@ pub(crate) async fn run(
         instances: 1,
         backoff_base: None,
         tcp: true,
+        metrics: false,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let (_, instances) = mesh
         .wait_registry(READY_DEADLINE, |found| found.len() == 1)
         .await?;
     let plugin = socket_of(&instances[0])?;
+    // (h) and (i): the same calls to a second mesh up with the router's call metrics on.
+    let metered = match s.variants.iter().any(|v| v.metered()) {
+        true => {
+            progress("starting a second mesh up with call metrics on");
+            let spec = MeshSpec {
+                instances: 1,
+                backoff_base: None,
+                tcp: false,
+                metrics: true,
+            };
+            let metered = MeshUp::start(bins, &spec).await?;
+            let (_, instances) = metered
+                .wait_registry(READY_DEADLINE, |found| found.len() == 1)
+                .await?;
+            Some((metered, instances))
+        }
+        false => None,
+    };
+    let metered_socket = metered.as_ref().map(|(m, _)| m.socket.clone());
 
     let mut nginx = None;
     // Held for the whole run: dropping it takes the name away.
@@ -118,6 +138,19 @@ pub(crate) async fn run(
                         .context("mesh::connect in process")?,
                 )
             }
+            Variant::H => Client::mesh(
+                Channel::to_address(
+                    Address::Unix(metered_socket.clone().context("no metered mesh up")?),
+                    SERVICE,
+                )
+                .context("a channel through the metered router")?,
+            ),
+            Variant::I => Client::mesh(
+                Connector::local(&metered_socket.clone().context("no metered mesh up")?)
+                    .connect(SERVICE)
+                    .await
+                    .context("mesh::connect on the metered mesh")?,
+            ),
             Variant::E => match start_nginx(&plugin, report).await {
                 Some((started, client)) => {
                     nginx = Some(started);
@@ -135,8 +168,14 @@ pub(crate) async fn run(
 
     let processes = Processes {
         client: vec![std::process::id()],
-        router: vec![mesh.pid()],
-        plugin: pid_of(&instances[0]).into_iter().collect(),
+        // Both routers and plugins: the idle pair adds next to nothing to a variant's costs.
+        router: std::iter::once(mesh.pid())
+            .chain(metered.as_ref().map(|(m, _)| m.pid()))
+            .collect(),
+        plugin: pid_of(&instances[0])
+            .into_iter()
+            .chain(metered.iter().flat_map(|(_, i)| pid_of(&i[0])))
+            .collect(),
         nginx: nginx.as_ref().map(nginx::Nginx::pids).unwrap_or_default(),
     };
     if latency {
@@ -247,6 +286,9 @@ pub(crate) async fn run(
     drop(clients);
     if let Some(nginx) = nginx {
         nginx.stop().await?;
+    }
+    if let Some((metered, _)) = metered {
+        metered.stop().await?;
     }
     mesh.stop().await
 }

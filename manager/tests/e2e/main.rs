@@ -2,6 +2,7 @@
 
 #![allow(unreachable_pub)] // a test crate: nothing here is exported
 
+mod admin;
 mod bad_input;
 mod cancel;
 mod command_line;
@@ -14,6 +15,7 @@ mod router;
 mod routing;
 mod scaffold;
 mod security;
+mod status_page;
 mod supervision;
 mod support;
 mod system_service;

@@ -103,6 +103,7 @@ async function refreshLogs() {
   pre.replaceChildren(...logs.lines.map((line) =>
     el("div", { class: `line ${line.stream}` },
       el("span", { class: "at" }, new Date(line.at_ms).toLocaleTimeString()), " ",
+      el("span", { class: "stream" }, line.stream === "stderr" ? "err" : "out"), " ",
       el("span", { class: "text" }, line.text))));
   if (logs.lines.length === 0) pre.textContent = "(no lines yet)";
   if (atBottom) pre.scrollTop = pre.scrollHeight;

@@ -386,6 +386,11 @@ impl Supervisor {
                     .into(),
             );
         }
+        if config.admin != current.admin || config.metrics != current.metrics {
+            report
+                .ignored
+                .push("[admin] and [telemetry] metrics apply at the next mesh up".into());
+        }
         // The spin window is read on every call: it applies at once.
         mesh::tuning::set_linger(config.spin);
         let names: Vec<String> = self.plugins().keys().cloned().collect();

@@ -65,12 +65,13 @@ struct Cli {
     parts: Vec<Part>,
     /// Ways of calling to measure, comma-separated: a stock tonic, b mesh::connect (default:
     /// no spinning), c router Unix, d router TCP, e nginx, f mesh::connect opted in to
-    /// spinning (100 µs), g mesh::connect to an echo service in this process.
+    /// spinning (100 µs), g mesh::connect to an echo service in this process, h router Unix
+    /// and i mesh::connect on a second mesh up with call metrics on.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "a,b,c,d,e,f,g"
+        default_value = "a,b,c,d,e,f,g,h,i"
     )]
     variants: Vec<Variant>,
     /// Rounds of latency and throughput measurements, interleaved across the variants

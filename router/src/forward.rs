@@ -4,7 +4,8 @@
 //! the upstream stream.
 //!
 //! A forwarded call costs: one header lookup for its route, one for its deadline, a lock-free
-//! map read, two counters (in flight in the router and on the instance) and hyper's own work.
+//! map read, two counters (in flight in the router and on the instance) and hyper's own work;
+//! with metrics on, what `metrics` records (a branch per hook when off).
 //! Request and response bodies pass through unboxed.
 
 use std::{

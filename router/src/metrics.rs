@@ -5,8 +5,11 @@
 //!
 //! The embedder hands in a [`Meter`] ([`RouterMetrics::new`]); without one (the default) every
 //! hook below is one branch on `None`. With one, a call costs two clock reads, a lookup of
-//! its label set in a read-mostly map (label sets are made once per service, method, instance
-//! and status, then reused: no allocation per call) and three measurements.
+//! its label set in read-mostly maps (label sets are made once per service, method, instance
+//! and status, then reused: no allocation per call), three atomic adds and one histogram
+//! measurement. Calls and calls in flight are the router's own atomics, kept beside their
+//! label sets and read by observable instruments when a reader collects; only the duration
+//! goes through the SDK per call (it has no observable histogram).
 //!
 //! Labels come from the wire only where they are bounded: services are the ones registered
 //! (the call site passes an upstream's name), methods are kept only when they look like a
@@ -15,7 +18,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, OnceLock, RwLock},
+    sync::{
+        Arc, OnceLock, RwLock,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
     time::Instant,
 };
 
@@ -114,15 +120,16 @@ impl std::fmt::Debug for RouterMetrics {
 }
 
 struct Instruments {
-    calls: Counter<u64>,
     duration: Histogram<f64>,
-    active: UpDownCounter<i64>,
     refused: Counter<u64>,
     connections: UpDownCounter<i64>,
     refused_labels: [[KeyValue; 1]; Refusal::ALL.len()],
     class_labels: [[KeyValue; 1]; 3],
-    services: RwLock<HashMap<String, Arc<ServiceLabels>>>,
+    services: Services,
 }
+
+/// Every label set made so far, by service: what the observable instruments report.
+type Services = Arc<RwLock<HashMap<String, Arc<ServiceLabels>>>>;
 
 /// The label sets of one service, made as its methods are first called.
 struct ServiceLabels {
@@ -136,6 +143,8 @@ struct ServiceLabels {
 struct MethodLabels {
     /// rpc.system, rpc.service, rpc.method, mesh.service.
     base: [KeyValue; 4],
+    /// Calls in flight.
+    active: AtomicI64,
     instances: RwLock<Vec<(Arc<str>, Arc<InstanceLabels>)>>,
     /// Calls answered by the router itself (no instance).
     router: Arc<InstanceLabels>,
@@ -145,7 +154,13 @@ struct MethodLabels {
 struct InstanceLabels {
     /// `base` + mesh.instance.
     base: Vec<KeyValue>,
-    by_status: [OnceLock<Box<[KeyValue]>>; STATUS_CODES],
+    by_status: [OnceLock<StatusCell>; STATUS_CODES],
+}
+
+/// One full label set and its calls.
+struct StatusCell {
+    labels: Box<[KeyValue]>,
+    calls: AtomicU64,
 }
 
 impl InstanceLabels {
@@ -158,12 +173,15 @@ impl InstanceLabels {
         }
     }
 
-    fn with_status(&self, code: u8) -> &[KeyValue] {
+    fn with_status(&self, code: u8) -> &StatusCell {
         let code = usize::from(code).min(STATUS_CODES - 1);
         self.by_status[code].get_or_init(|| {
             let mut labels = self.base.clone();
             labels.push(KeyValue::new("rpc.grpc.status_code", code as i64));
-            labels.into_boxed_slice()
+            StatusCell {
+                labels: labels.into_boxed_slice(),
+                calls: AtomicU64::new(0),
+            }
         })
     }
 }
@@ -187,20 +205,39 @@ impl RouterMetrics {
     /// - `mesh.router.connections` (up-down counter): client connections open, per `class`
     ///   (`owner`, `local`, `remote`).
     pub fn new(meter: &Meter) -> Self {
+        let services = Services::default();
+        let calls = services.clone();
+        meter
+            .u64_observable_counter("rpc.server.calls")
+            .with_description("Calls the router took for a service, by instance and status")
+            .with_callback(move |observer| {
+                each_method(&calls, |method| {
+                    let instances = method.instances.read().ok();
+                    let instances = instances.iter().flat_map(|l| l.iter().map(|(_, i)| i));
+                    for instance in instances.chain([&method.router]) {
+                        for cell in instance.by_status.iter().filter_map(OnceLock::get) {
+                            observer.observe(cell.calls.load(Ordering::Relaxed), &cell.labels);
+                        }
+                    }
+                });
+            })
+            .build();
+        let active = services.clone();
+        meter
+            .i64_observable_up_down_counter("rpc.server.active_requests")
+            .with_description("Forwarded calls in flight")
+            .with_callback(move |observer| {
+                each_method(&active, |method| {
+                    observer.observe(method.active.load(Ordering::Relaxed), &method.base);
+                });
+            })
+            .build();
         let instruments = Instruments {
-            calls: meter
-                .u64_counter("rpc.server.calls")
-                .with_description("Calls the router took for a service, by instance and status")
-                .build(),
             duration: meter
                 .f64_histogram("rpc.server.duration")
                 .with_unit("ms")
                 .with_description("Time from taking a call to the end of its answer")
                 .with_boundaries(DURATION_BOUNDARIES_MS.to_vec())
-                .build(),
-            active: meter
-                .i64_up_down_counter("rpc.server.active_requests")
-                .with_description("Forwarded calls in flight")
                 .build(),
             refused: meter
                 .u64_counter("mesh.router.refused")
@@ -219,7 +256,7 @@ impl RouterMetrics {
                 };
                 [KeyValue::new("class", name)]
             }),
-            services: RwLock::default(),
+            services,
         };
         Self {
             inner: Some(Arc::new(instruments)),
@@ -254,7 +291,7 @@ impl RouterMetrics {
     pub(crate) fn call(&self, service: &str, path: &str) -> Option<CallMetrics> {
         let inner = self.inner.as_ref()?;
         let method = inner.method(service, path);
-        inner.active.add(1, &method.base);
+        method.active.fetch_add(1, Ordering::Relaxed);
         Some(CallMetrics {
             inner: inner.clone(),
             method,
@@ -348,6 +385,7 @@ impl MethodLabels {
         let router = Arc::new(InstanceLabels::new(&base, ""));
         Self {
             base,
+            active: AtomicI64::new(0),
             instances: RwLock::default(),
             router,
         }
@@ -376,6 +414,21 @@ impl MethodLabels {
         let made = Arc::new(InstanceLabels::new(&self.base, id));
         list.push((Arc::from(id), made.clone()));
         made
+    }
+}
+
+/// Calls `f` with every method label set of every service (when a reader collects).
+fn each_method(services: &Services, mut f: impl FnMut(&MethodLabels)) {
+    let Ok(services) = services.read() else {
+        return;
+    };
+    for service in services.values() {
+        if let Ok(methods) = service.methods.read() {
+            methods.values().for_each(|m| f(m));
+        }
+        if let Some(other) = service.other.get() {
+            f(other);
+        }
     }
 }
 
@@ -472,10 +525,10 @@ impl Drop for CallMetrics {
         // Dropped before its end: its caller went away (or reset it).
         let code = self.status.unwrap_or(CANCELLED);
         let instance = self.instance.as_ref().unwrap_or(&self.method.router);
-        let labels = instance.with_status(code);
-        self.inner.calls.add(1, labels);
-        self.inner.duration.record(elapsed, labels);
-        self.inner.active.add(-1, &self.method.base);
+        let cell = instance.with_status(code);
+        cell.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.duration.record(elapsed, &cell.labels);
+        self.method.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -611,8 +664,16 @@ mod tests {
     fn cost_per_call() {
         let (metrics, _registry, _provider) = sdk();
         const CALLS: u32 = 1_000_000;
+        // Time on the CPU, not wall time: the machine may be busy with other work.
+        let on_cpu_ns = || -> f64 {
+            std::fs::read_to_string("/proc/thread-self/schedstat")
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
         for round in 0..3 {
             let started = Instant::now();
+            let cpu = on_cpu_ns();
             for i in 0..CALLS {
                 let mut call = metrics.call("plugin.echo", "/echo.v1.Echo/Echo").unwrap();
                 call.instance =
@@ -623,7 +684,10 @@ mod tests {
                 call.status = Some(0);
             }
             let ns = started.elapsed().as_nanos() as f64 / f64::from(CALLS);
-            println!("round {round}: {ns:.0} ns per call with metrics on");
+            let cpu = (on_cpu_ns() - cpu) / f64::from(CALLS);
+            println!(
+                "round {round}: {cpu:.0} ns on the CPU ({ns:.0} ns wall) per call with metrics on"
+            );
         }
     }
 

@@ -75,6 +75,9 @@ pub struct Config {
 pub struct AdminConfig {
     /// Where it listens (`listen`): loopback unless `allow_non_loopback = true`.
     pub listen: SocketAddr,
+    /// Serve local users other than the owner (and root) on loopback
+    /// (`allow_other_users = true`); by default their connections are answered 403.
+    pub allow_other_users: bool,
 }
 
 /// One plugin's settings.
@@ -267,6 +270,8 @@ struct RawAdmin {
     listen: Spanned<String>,
     #[serde(default)]
     allow_non_loopback: bool,
+    #[serde(default)]
+    allow_other_users: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -576,7 +581,10 @@ impl File<'_> {
                 ),
             ));
         }
-        Ok(AdminConfig { listen })
+        Ok(AdminConfig {
+            listen,
+            allow_other_users: admin.allow_other_users,
+        })
     }
 
     /// One `[[plugin]]` table, starting at `table_line`.
@@ -1791,6 +1799,16 @@ mod admin_tests {
             config.admin.unwrap().listen,
             "0.0.0.0:9900".parse().unwrap()
         );
+        assert!(
+            !parse("[admin]\nlisten = \"127.0.0.1:1\"\n")
+                .unwrap()
+                .admin
+                .unwrap()
+                .allow_other_users
+        );
+        let config =
+            parse("[admin]\nlisten = \"127.0.0.1:1\"\nallow_other_users = true\n").unwrap();
+        assert!(config.admin.unwrap().allow_other_users);
         let error = parse("[admin]\nlisten = \"localhost\"\n").unwrap_err();
         assert!(error.to_string().contains("127.0.0.1:9900"), "{error}");
         let error = parse("[admin]\nlisten = \"127.0.0.1:1\"\nport = 3\n").unwrap_err();

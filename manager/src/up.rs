@@ -165,16 +165,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
     if let (Some(listener), Some(metrics)) = (admin_listener, &metrics) {
-        let any_host = config
-            .admin
-            .as_ref()
-            .is_some_and(|a| !a.listen.ip().is_loopback());
+        let admin_config = config.admin.clone().expect("bound from it");
+        let any_host = !admin_config.listen.ip().is_loopback();
         if let Ok(addr) = listener.local_addr() {
             println!(
                 "mesh: admin listening on http://{addr} (/metrics, /healthz, /readyz, status page at /)"
             );
         }
-        let admin = crate::admin::Admin::new(supervisor.clone(), metrics.clone(), any_host);
+        let admin = crate::admin::Admin::new(
+            supervisor.clone(),
+            metrics.clone(),
+            any_host,
+            admin_config.allow_other_users,
+        );
         let mut stop = stop_rx.clone();
         tokio::spawn(admin.serve(listener, async move {
             let _ = stop.wait_for(|stop| *stop).await;

@@ -8,9 +8,12 @@
 //! lifetime, `GET`/`HEAD` only, exact paths (nothing maps to a file), and on loopback a `Host`
 //! that is an IP address or `localhost` (a DNS-rebinding page cannot read it). Everything a
 //! plugin wrote reaches the page as JSON text, rendered with `textContent` under a strict
-//! Content-Security-Policy.
+//! Content-Security-Policy. Any local user can connect to a loopback port, so a loopback
+//! client is served only when the kernel says its socket is the owner's or root's (`peer`),
+//! unless `allow_other_users = true`.
 
 mod metrics;
+mod peer;
 
 use std::{
     convert::Infallible,
@@ -57,17 +60,39 @@ pub struct Admin {
     metrics: Arc<Metrics>,
     /// Any `Host` header is accepted (`allow_non_loopback = true`).
     any_host: bool,
+    /// Loopback clients of any uid are served (`allow_other_users = true`).
+    other_users: bool,
+    /// The uid served besides root: `mesh up`'s own.
+    owner: u32,
 }
 
 impl Admin {
     /// Reports on `supervisor` and `metrics`; `any_host` accepts requests for any host name
-    /// (only for a listener that is not loopback, which the config allowed explicitly).
-    pub fn new(supervisor: Arc<Supervisor>, metrics: Arc<Metrics>, any_host: bool) -> Arc<Self> {
+    /// (only for a listener that is not loopback, which the config allowed explicitly);
+    /// `other_users` serves loopback clients whatever their uid.
+    pub fn new(
+        supervisor: Arc<Supervisor>,
+        metrics: Arc<Metrics>,
+        any_host: bool,
+        other_users: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             supervisor,
             metrics,
             any_host,
+            other_users,
+            owner: nix::unistd::geteuid().as_raw(),
         })
+    }
+
+    /// Whether the client at `peer` may be served: a remote one (the config allowed a
+    /// non-loopback listener), or a local one the kernel says is the owner's or root's.
+    fn may_serve(&self, peer: SocketAddr, local: Option<SocketAddr>) -> bool {
+        if self.other_users || !peer.ip().is_loopback() {
+            return true;
+        }
+        let uid = local.and_then(|local| peer::uid_of(peer, local));
+        uid.is_some_and(|uid| uid == self.owner || uid == 0)
     }
 
     /// Serves `listener` until `shutdown` completes; samples the metrics for the status
@@ -88,7 +113,7 @@ impl Admin {
             .max_headers(64);
         tokio::pin!(shutdown);
         loop {
-            let stream = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 () = &mut shutdown => break,
                 _ = sampling.tick() => {
                     self.metrics.sample();
@@ -96,7 +121,7 @@ impl Admin {
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
+                    Ok(accepted) => accepted,
                     Err(error) => {
                         tracing::warn!(%error, "admin accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -108,10 +133,11 @@ impl Admin {
                 // Full: closed at once, the ones open keep being served.
                 continue;
             };
+            let allowed = self.may_serve(peer, stream.local_addr().ok());
             let admin = self.clone();
             let service = hyper::service::service_fn(move |request| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.respond(&request)) }
+                async move { Ok::<_, Infallible>(admin.respond(&request, allowed)) }
             });
             let conn = http.serve_connection(TokioIo::new(stream), service);
             connections.spawn(async move {
@@ -129,8 +155,15 @@ impl Admin {
         connections.shutdown().await;
     }
 
-    fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let mut response = self.route(request);
+    fn respond(&self, request: &Request<Incoming>, allowed: bool) -> Response<Full<Bytes>> {
+        let mut response = match allowed {
+            true => self.route(request),
+            false => text(
+                StatusCode::FORBIDDEN,
+                "this admin listener serves mesh up's own user and root only; \
+                 set allow_other_users = true in [admin] to serve every local user\n",
+            ),
+        };
         if request.method() == Method::HEAD {
             *response.body_mut() = Full::default();
         }

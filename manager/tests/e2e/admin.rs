@@ -441,6 +441,30 @@ async fn the_admin_listener_withstands_hostile_clients() {
     let _ = raw(&addr, &binary).await;
     alive(addr.clone()).await;
 
+    // Another local user reaches the loopback port, but is not served: the kernel says whose
+    // socket it is. (Switching users needs root, which CI has.)
+    if nix::unistd::geteuid().is_root() {
+        for path in ["/metrics", "/api/status", "/api/logs?instance=echo-0", "/"] {
+            let out = std::process::Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "curl",
+                    "-s",
+                ])
+                .args(["-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("http://{addr}{path}"))
+                .output()
+                .expect("setpriv and curl (util-linux, curl)");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "403",
+                "{path} as nobody"
+            );
+        }
+    }
+
     // The router is unharmed too.
     let channel = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo").unwrap();
     let reply = EchoClient::new(channel).echo(echo("still")).await.unwrap();

@@ -9,7 +9,7 @@ test *args:
 build:
     cargo build --workspace --bins --examples
 
-# The demo: the router and two echo-plugin instances (deploy/local.toml).
+# The demo: the router, two echo-plugin instances and the file lister (deploy/local.toml).
 demo: build
     target/debug/mesh up --config deploy/local.toml
 

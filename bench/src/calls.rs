@@ -48,19 +48,30 @@ pub(crate) enum Variant {
     /// `mesh::connect` to an echo service served in this process (`mesh::inprocess`): no
     /// socket, no router, an in-memory stream.
     G,
+    /// Through the router, on its Unix socket, as (c), to a second echo plugin
+    /// ([`POLICY_SERVICE`]) with a policy in force: rate limits for all callers and per caller
+    /// (set high enough never to refuse), checked on every call. The bench is the owner, so
+    /// `call:` checks (plugin callers only) are not part of it.
+    H,
+    /// Through node a's router (Unix socket), which forwards over TCP (plaintext) to node b's
+    /// router, where the instance runs: the router → router hop, beside (c).
+    I,
     /// Through the router on its Unix socket, as (c), on a `mesh up` with call metrics on
     /// (`[telemetry] metrics = true`).
-    H,
+    J,
     /// `mesh::connect` direct, as (b), on that `mesh up` with metrics on.
-    I,
+    K,
 }
+
+/// The second echo plugin variant (h) calls, the same binary under a policy.
+pub(crate) const POLICY_SERVICE: &str = "plugin.echo-policy";
 
 /// The spin window variant (f) opts in to (`mesh::Connector::spin`).
 pub(crate) const OPT_IN_SPIN: Duration = mesh::tuning::DEFAULT_SPIN;
 
 impl Variant {
     /// Every variant, in table order.
-    pub(crate) const ALL: [Self; 9] = [
+    pub(crate) const ALL: [Self; 11] = [
         Self::A,
         Self::B,
         Self::C,
@@ -70,14 +81,16 @@ impl Variant {
         Self::G,
         Self::H,
         Self::I,
+        Self::J,
+        Self::K,
     ];
 
     /// Whether the variant runs against the `mesh up` with call metrics on.
     pub(crate) fn metered(self) -> bool {
-        matches!(self, Self::H | Self::I)
+        matches!(self, Self::J | Self::K)
     }
 
-    /// `a` to `g`.
+    /// `a` to `k`.
     pub(crate) fn letter(self) -> &'static str {
         match self {
             Self::A => "a",
@@ -89,6 +102,8 @@ impl Variant {
             Self::G => "g",
             Self::H => "h",
             Self::I => "i",
+            Self::J => "j",
+            Self::K => "k",
         }
     }
 
@@ -102,8 +117,10 @@ impl Variant {
             Self::E => "nginx grpc_pass, TCP",
             Self::F => "mesh::connect, direct, spin opt-in (100 µs)",
             Self::G => "mesh::connect, in-process service",
-            Self::H => "router, Unix socket, metrics on",
-            Self::I => "mesh::connect, direct, metrics on",
+            Self::H => "router, Unix socket, rate limits in force",
+            Self::I => "router a → router b (TCP, plaintext), Unix socket",
+            Self::J => "router, Unix socket, metrics on",
+            Self::K => "mesh::connect, direct, metrics on",
         }
     }
 }

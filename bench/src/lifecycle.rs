@@ -34,10 +34,13 @@ pub(crate) struct SpawnRun {
 /// Starts `mesh up` with `instances` echo instances and times it until all are registered.
 pub(crate) async fn spawn_to_ready(bins: &Bins, instances: u32) -> anyhow::Result<SpawnRun> {
     let spec = MeshSpec {
+        policy_plugin: false,
         instances,
         backoff_base: None,
         tcp: false,
         metrics: false,
+        telemetry: None,
+        node: None,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let router_ms = ms(mesh.spawned_at.elapsed());
@@ -72,10 +75,13 @@ pub(crate) async fn crash_to_routed(
     repeats: u32,
 ) -> anyhow::Result<Vec<CrashRun>> {
     let spec = MeshSpec {
+        policy_plugin: false,
         instances: 1,
         backoff_base: backoff_base.map(str::to_owned),
         tcp: false,
         metrics: false,
+        telemetry: None,
+        node: None,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     mesh.wait_registry(READY_DEADLINE, |found| found.len() == 1)

@@ -12,6 +12,7 @@
 //! (`--quick` for a smoke run, `--help` for the parts and knobs). `just bench` does both.
 
 mod calls;
+mod etcd;
 mod lifecycle;
 mod mesh_up;
 mod nginx;
@@ -20,6 +21,7 @@ mod registry;
 mod report;
 mod side_by_side;
 mod stats;
+mod telemetry;
 
 use std::{
     fmt,
@@ -60,18 +62,19 @@ struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "latency,throughput,spawn,crash,registry"
+        default_value = "latency,throughput,spawn,crash,registry,telemetry"
     )]
     parts: Vec<Part>,
     /// Ways of calling to measure, comma-separated: a stock tonic, b mesh::connect (default:
     /// no spinning), c router Unix, d router TCP, e nginx, f mesh::connect opted in to
-    /// spinning (100 µs), g mesh::connect to an echo service in this process, h router Unix
-    /// and i mesh::connect on a second mesh up with call metrics on.
+    /// spinning (100 µs), g mesh::connect to an echo service in this process, h router Unix to a
+    /// plugin with rate limits in force, i router a → router b (two nodes and an etcd), j router
+    /// Unix and k mesh::connect on a second mesh up with call metrics on.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "a,b,c,d,e,f,g,h,i"
+        default_value = "a,b,c,d,e,f,g,h,j,k"
     )]
     variants: Vec<Variant>,
     /// Rounds of latency and throughput measurements, interleaved across the variants
@@ -129,6 +132,8 @@ enum Part {
     Crash,
     /// The in-process registry with 100 000 instances.
     Registry,
+    /// Telemetry off, tracing at 100 % and 1 %: routed and direct, side by side.
+    Telemetry,
 }
 
 /// Which Tokio runtime the client side runs on.
@@ -491,6 +496,9 @@ async fn run(cli: &Cli, settings: Settings) -> anyhow::Result<Report> {
                 runs,
             });
         }
+    }
+    if has(Part::Telemetry) {
+        telemetry::run(&bins, &settings, &mut report).await?;
     }
     if has(Part::Registry) {
         for layout in [Layout::Spread, Layout::Single] {

@@ -36,6 +36,13 @@ pub(crate) struct MeshSpec {
     /// Whether the router records call metrics (`[telemetry] metrics = true`, with the
     /// admin listener on a free loopback port, as the demo runs).
     pub(crate) metrics: bool,
+    /// Whether to run a second echo plugin under a policy (variant h).
+    pub(crate) policy_plugin: bool,
+    /// `[telemetry]`: export traces to this OTLP endpoint, sampling this ratio of new traces;
+    /// `None`: telemetry off (the default).
+    pub(crate) telemetry: Option<(String, f64)>,
+    /// More `[mesh]` lines, then more tables before the plugin's (a node of a cluster).
+    pub(crate) node: Option<(String, String)>,
 }
 
 /// A running `mesh up`; stopped (with its plugins) when dropped.
@@ -79,6 +86,16 @@ impl MeshUp {
         done: impl Fn(&[Instance]) -> bool,
     ) -> anyhow::Result<(Instant, Vec<Instance>)> {
         self.up.wait_registry(SERVICE, within, done).await
+    }
+
+    /// As [`MeshUp::wait_registry`], for another service (the policy plugin of variant h).
+    pub(crate) async fn wait_service(
+        &self,
+        service: &str,
+        within: Duration,
+        done: impl Fn(&[Instance]) -> bool,
+    ) -> anyhow::Result<(Instant, Vec<Instance>)> {
+        self.up.wait_registry(service, within, done).await
     }
 
     /// Opens a watch of the echo plugin's instances; its first message is the set now.
@@ -127,15 +144,30 @@ pub(crate) fn socket_of(instance: &Instance) -> anyhow::Result<PathBuf> {
 /// The `[mesh]` settings and the echo plugin's table.
 fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
     let mut settings = String::from("# Written by mesh-bench.\n");
-    if spec.tcp {
+    if spec.tcp && spec.node.is_none() {
         settings.push_str("listen = \"127.0.0.1:0\"\n");
+    }
+    let mut tables = String::new();
+    if let Some((lines, more)) = &spec.node {
+        settings.push_str(lines);
+        tables.push_str(more);
     }
     if mesh::tuning::busy_poll_from_env() {
         settings.push_str("busy_poll = true\n");
     }
+    // One [telemetry] table for call metrics and traces, with the tables after every [mesh] key.
+    let mut telemetry = String::new();
     if spec.metrics {
-        // Tables after every [mesh] key.
-        settings.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n[telemetry]\nmetrics = true\n");
+        tables.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n");
+        telemetry.push_str("metrics = true\n");
+    }
+    if let Some((endpoint, ratio)) = &spec.telemetry {
+        telemetry.push_str(&format!(
+            "otlp_endpoint = {endpoint:?}\nsample_ratio = {ratio:?}\n"
+        ));
+    }
+    if !telemetry.is_empty() {
+        tables.push_str(&format!("[telemetry]\n{telemetry}"));
     }
     let mut plugin = format!(
         "[[plugin]]\nname = \"echo\"\ncommand = {:?}\ninstances = {}\nstop_grace = \"2s\"\n\
@@ -148,5 +180,16 @@ fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
     if let Some(base) = &spec.backoff_base {
         plugin.push_str(&format!("backoff_base = {base:?}\n"));
     }
-    (settings, plugin)
+    if spec.instances == 0 {
+        plugin.clear();
+    }
+    if spec.policy_plugin {
+        // Limits that never refuse at these rates, but are checked on every call.
+        plugin.push_str(&format!(
+            "\n[[plugin]]\nname = \"echo-policy\"\ncommand = {:?}\n\
+             rate_limit = \"1000000000/s\"\ncaller_rate_limit = \"1000000000/s\"\n",
+            bins.echo_plugin.display().to_string(),
+        ));
+    }
+    (settings, tables + &plugin)
 }

@@ -67,6 +67,9 @@ pub(crate) async fn run(
         instances: 1,
         backoff_base: None,
         tcp: true,
+        policy_plugin: s.variants.contains(&Variant::H),
+        telemetry: None,
+        node: None,
         metrics: false,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
@@ -74,7 +77,7 @@ pub(crate) async fn run(
         .wait_registry(READY_DEADLINE, |found| found.len() == 1)
         .await?;
     let plugin = socket_of(&instances[0])?;
-    // (h) and (i): the same calls to a second mesh up with the router's call metrics on.
+    // (j) and (k): the same calls to a second mesh up with the router's call metrics on.
     let metered = match s.variants.iter().any(|v| v.metered()) {
         true => {
             progress("starting a second mesh up with call metrics on");
@@ -82,6 +85,9 @@ pub(crate) async fn run(
                 instances: 1,
                 backoff_base: None,
                 tcp: false,
+                policy_plugin: false,
+                telemetry: None,
+                node: None,
                 metrics: true,
             };
             let metered = MeshUp::start(bins, &spec).await?;
@@ -97,6 +103,8 @@ pub(crate) async fn run(
     let mut nginx = None;
     // Held for the whole run: dropping it takes the name away.
     let mut _in_process = None;
+    // Two more nodes and their etcd, for (i): held for the whole run.
+    let mut _hop = None;
     let mut clients = Vec::new();
     for &variant in &s.variants {
         let client = match variant {
@@ -109,6 +117,10 @@ pub(crate) async fn run(
             ),
             Variant::C => Client::mesh(
                 Channel::to_address(Address::Unix(mesh.socket.clone()), SERVICE)
+                    .context("a channel through the router")?,
+            ),
+            Variant::H => Client::mesh(
+                Channel::to_address(Address::Unix(mesh.socket.clone()), calls::POLICY_SERVICE)
                     .context("a channel through the router")?,
             ),
             Variant::D => {
@@ -138,19 +150,26 @@ pub(crate) async fn run(
                         .context("mesh::connect in process")?,
                 )
             }
-            Variant::H => Client::mesh(
+            Variant::J => Client::mesh(
                 Channel::to_address(
                     Address::Unix(metered_socket.clone().context("no metered mesh up")?),
                     SERVICE,
                 )
                 .context("a channel through the metered router")?,
             ),
-            Variant::I => Client::mesh(
+            Variant::K => Client::mesh(
                 Connector::local(&metered_socket.clone().context("no metered mesh up")?)
                     .connect(SERVICE)
                     .await
                     .context("mesh::connect on the metered mesh")?,
             ),
+            Variant::I => match start_hop(bins, report).await {
+                Some((nodes, client)) => {
+                    _hop = Some(nodes);
+                    client
+                }
+                None => continue,
+            },
             Variant::E => match start_nginx(&plugin, report).await {
                 Some((started, client)) => {
                     nginx = Some(started);
@@ -166,13 +185,23 @@ pub(crate) async fn run(
         clients.push((variant, client));
     }
 
+    // Both echo plugins count as "the plugin": the one a variant does not call is idle.
+    let mut plugin_pids: Vec<u32> = pid_of(&instances[0]).into_iter().collect();
+    if spec.policy_plugin {
+        let (_, policy) = mesh
+            .wait_service(calls::POLICY_SERVICE, READY_DEADLINE, |found| {
+                found.len() == 1
+            })
+            .await?;
+        plugin_pids.extend(pid_of(&policy[0]));
+    }
     let processes = Processes {
         client: vec![std::process::id()],
-        // Both routers and plugins: the idle pair adds next to nothing to a variant's costs.
+        // Both routers and plugins: the idle ones add next to nothing to a variant's costs.
         router: std::iter::once(mesh.pid())
             .chain(metered.as_ref().map(|(m, _)| m.pid()))
             .collect(),
-        plugin: pid_of(&instances[0])
+        plugin: plugin_pids
             .into_iter()
             .chain(metered.iter().flat_map(|(_, i)| pid_of(&i[0])))
             .collect(),
@@ -295,6 +324,64 @@ pub(crate) async fn run(
 
 /// Starts nginx in front of the plugin socket and checks one call through it; on any trouble
 /// notes why (e) is skipped and returns `None`, so a machine without nginx still gets a report.
+/// etcd, node b (one echo instance, its router on TCP) and node a (no plugin): a client on
+/// node a's socket reaches node b's instance through both routers. Skipped (with a note)
+/// where etcd is not installed.
+async fn start_hop(
+    bins: &Bins,
+    report: &mut Report,
+) -> Option<((MeshUp, MeshUp, crate::etcd::LocalEtcd), Client)> {
+    if !crate::etcd::installed() {
+        report.notes.push(
+            "(i) skipped: etcd is not installed (on Debian: apt-get install -y etcd-server)".into(),
+        );
+        return None;
+    }
+    let started = async {
+        let etcd = crate::etcd::start().await?;
+        let node = |name: &str| -> anyhow::Result<(String, String)> {
+            let port = crate::etcd::free_port()?;
+            Ok((
+                format!("listen = \"127.0.0.1:{port}\"\nnode = \"{name}\"\n"),
+                format!("[registry]\netcd = [\"http://{}\"]\n", etcd.endpoint),
+            ))
+        };
+        let spec = |instances, node| MeshSpec {
+            instances,
+            backoff_base: None,
+            tcp: true,
+            policy_plugin: false,
+            telemetry: None,
+            node: Some(node),
+            metrics: false,
+        };
+        let b = MeshUp::start(bins, &spec(1, node("b")?)).await?;
+        b.wait_registry(READY_DEADLINE, |found| found.len() == 1)
+            .await?;
+        let a = MeshUp::start(bins, &spec(0, node("a")?)).await?;
+        // Node a shows b's service once it learned it from etcd.
+        a.wait_registry(READY_DEADLINE, |found| found.len() == 1)
+            .await?;
+        let client = Client::mesh(
+            Channel::to_address(Address::Unix(a.socket.clone()), SERVICE)
+                .context("a channel through node a's router")?,
+        );
+        calls::first_success(&client, FIRST_CALL_LIMIT)
+            .await
+            .context("first call through two routers")?;
+        anyhow::Ok(((a, b, etcd), client))
+    };
+    match started.await {
+        Ok(started) => Some(started),
+        Err(error) => {
+            report
+                .notes
+                .push(format!("(i) skipped: two nodes did not start: {error:#}"));
+            None
+        }
+    }
+}
+
 async fn start_nginx(plugin: &Path, report: &mut Report) -> Option<(nginx::Nginx, Client)> {
     let Some(binary) = nginx::find() else {
         report.notes.push(

@@ -11,7 +11,6 @@
 //! replies`).
 
 use std::{
-    io::IsTerminal,
     pin::Pin,
     process::ExitCode,
     sync::Arc,
@@ -281,17 +280,6 @@ fn echo_metadata(metadata: &MetadataMap) -> MetadataMap {
 // echoing. Scale an echo plugin with instances (`mesh scale echo N`), one core each.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        logs.init();
-    } else {
-        // Captured by the manager, which stamps every line itself.
-        logs.with_ansi(false).without_time().init();
-    }
     let plugin = match Plugin::from_env() {
         Ok(plugin) => plugin,
         Err(error) => {
@@ -299,6 +287,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    // Logs on stderr (text without timestamps when the manager captures them, JSON when it
+    // logs JSON), and spans exported when the manager hands over an OTLP endpoint.
+    let _telemetry = plugin.init_telemetry();
     let echo = EchoService {
         instance: plugin.instance().into(),
     };

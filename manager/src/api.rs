@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     Config, ConfigError,
     host::{
-        Audit, Policies, Policy,
+        Audit, Policies, Policy, RateLimits,
         caps::{CapsError, RELOAD},
     },
     supervisor::{PluginStatus, ReloadReport, Supervisor, SupervisorError, logs},
@@ -26,23 +26,28 @@ pub struct ManagerService {
     supervisor: Arc<Supervisor>,
     config: Arc<Mutex<Config>>,
     policies: Arc<Policies>,
+    rates: Arc<RateLimits>,
     audit: Arc<Audit>,
 }
 
 impl ManagerService {
     /// Serves `supervisor`, which runs `config`; grants and revokes change `policies`
-    /// (configured here from `config`), and `audit` is the log `ReadAudit` reads.
+    /// (configured here from `config`, as are the rate limits `rates`), and `audit` is the log
+    /// `ReadAudit` reads.
     pub fn new(
         supervisor: Arc<Supervisor>,
         config: Config,
         policies: Arc<Policies>,
+        rates: Arc<RateLimits>,
         audit: Arc<Audit>,
     ) -> Self {
         configure(&policies, &config);
+        configure_rates(&rates, &config);
         Self {
             supervisor,
             config: Arc::new(Mutex::new(config)),
             policies,
+            rates,
             audit,
         }
     }
@@ -61,9 +66,13 @@ impl ManagerService {
         if current.socket_overridden {
             next.override_socket(current.socket.clone())?;
         }
+        if current.telemetry.log_format_overridden {
+            next.override_log_format(current.telemetry.log_format);
+        }
         let report = self.supervisor.reload(&current, next.clone()).await;
         // Capabilities and roots from the new file, run-time grants and revokes kept.
         configure(&self.policies, &next);
+        configure_rates(&self.rates, &next);
         *current = next;
         Ok(report)
     }
@@ -77,6 +86,37 @@ fn configure(policies: &Policies, config: &Config) {
             .iter()
             .map(|p| (p.name.as_str(), p.root.clone(), &p.capabilities[..])),
     );
+}
+
+/// Every configured plugin's rate limits, into `rates`.
+fn configure_rates(rates: &RateLimits, config: &Config) {
+    rates.configure(config.plugins.iter().map(|p| {
+        (
+            p.name.as_str(),
+            p.service.as_str(),
+            p.rate_limit,
+            p.caller_rate_limit,
+        )
+    }));
+}
+
+impl ManagerService {
+    /// `caps` with what the kernel sandbox does for the plugin's processes.
+    fn with_sandbox(&self, mut caps: CapsResponse) -> CapsResponse {
+        use crate::config::SandboxMode;
+        let mode = self
+            .supervisor
+            .get(&caps.name)
+            .map(|s| s.config.sandbox.mode)
+            .unwrap_or_default();
+        let support = || self.supervisor.sandbox_support().describe();
+        caps.sandbox = match mode {
+            SandboxMode::Off => "off".into(),
+            SandboxMode::Strict => format!("on: {}", support()),
+            SandboxMode::BestEffort => format!("best-effort: {}", support()),
+        };
+        caps
+    }
 }
 
 fn caps_response(policy: &Policy) -> CapsResponse {
@@ -93,6 +133,8 @@ fn caps_response(policy: &Policy) -> CapsResponse {
             .collect(),
         revoked: policy.revoked.iter().map(|c| c.to_string()).collect(),
         reload: RELOAD.into(),
+        // Filled in by `ManagerService::with_sandbox`.
+        sandbox: String::new(),
     }
 }
 
@@ -111,6 +153,7 @@ fn status(error: SupervisorError) -> Status {
         SupervisorError::Unknown(_) => Status::not_found(error.to_string()),
         SupervisorError::Range(_) => Status::invalid_argument(error.to_string()),
         SupervisorError::Socket(_) => Status::internal(error.to_string()),
+        SupervisorError::Sandbox(_) => Status::failed_precondition(error.to_string()),
     }
 }
 
@@ -264,7 +307,7 @@ impl manager_server::Manager for ManagerService {
             .grant(&name, &capability)
             .map_err(caps_status)?;
         tracing::info!(plugin = %name, %capability, "capability granted");
-        Ok(Response::new(caps_response(&policy)))
+        Ok(Response::new(self.with_sandbox(caps_response(&policy))))
     }
 
     async fn revoke(
@@ -277,7 +320,7 @@ impl manager_server::Manager for ManagerService {
             .revoke(&name, &capability)
             .map_err(caps_status)?;
         tracing::info!(plugin = %name, %capability, "capability revoked");
-        Ok(Response::new(caps_response(&policy)))
+        Ok(Response::new(self.with_sandbox(caps_response(&policy))))
     }
 
     async fn caps(
@@ -289,7 +332,7 @@ impl manager_server::Manager for ManagerService {
             .policies
             .get(&name)
             .ok_or_else(|| caps_status(CapsError::Unknown(name)))?;
-        Ok(Response::new(caps_response(&policy)))
+        Ok(Response::new(self.with_sandbox(caps_response(&policy))))
     }
 
     type ReadAuditStream = AuditStream;

@@ -5,8 +5,9 @@ use std::{path::Path, time::Duration};
 use anyhow::bail;
 use mesh::{Address, Channel};
 use mesh_proto::mesh::v1::{
-    CapabilityRequest, CapsResponse, ListPluginsRequest, LogsRequest, Plugin, PluginRequest,
-    ReadAuditRequest, ReloadRequest, ScaleRequest, manager_client::ManagerClient,
+    BackendRequest, BackendResponse, CapabilityRequest, CapsResponse, ListPluginsRequest,
+    LogsRequest, Plugin, PluginRequest, ReadAuditRequest, ReloadRequest, ScaleRequest,
+    manager_client::ManagerClient, registry_client::RegistryClient,
 };
 use serde::Serialize;
 
@@ -35,15 +36,48 @@ pub(crate) async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         .map_err(|s| explain(socket, s))?
         .into_inner()
         .plugins;
+    // A router without the call (older) or a failure here must not hide the plugins.
+    let backend = RegistryClient::new(Channel::to_server(Address::Unix(socket.to_owned())))
+        .backend(BackendRequest {})
+        .await
+        .ok()
+        .map(tonic::Response::into_inner)
+        .filter(|b| b.kind != "embedded");
     if json {
         let report = StatusJson {
             plugins: plugins.iter().map(PluginJson::from).collect(),
+            registry: backend.as_ref().map(RegistryJson::from),
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", table(&plugins));
+        if let Some(backend) = &backend {
+            println!("{}", registry_line(backend));
+        }
     }
     Ok(())
+}
+
+/// One line on the registry backend: `registry: etcd, node a at 10.0.0.1:7700, connected
+/// for 12s; other nodes: b, c`.
+fn registry_line(b: &BackendResponse) -> String {
+    let state = if b.state == "unreachable" {
+        format!(
+            "UNREACHABLE for {}s ({}); routing from the last view",
+            b.since_seconds, b.error
+        )
+    } else {
+        format!("{} for {}s", b.state, b.since_seconds)
+    };
+    let nodes = if b.nodes.is_empty() {
+        "none".to_owned()
+    } else {
+        b.nodes.join(", ")
+    };
+    format!(
+        "registry: {}, node {} at {}, {state}; other nodes: {nodes}; registered again {} times",
+        b.kind, b.node, b.advertise, b.reregistrations
+    )
 }
 
 /// `mesh start|stop|restart NAME` and `mesh scale NAME N`: act, then show the plugin.
@@ -152,6 +186,7 @@ struct CapsJson<'a> {
     capabilities: Vec<CapJson<'a>>,
     revoked: &'a [String],
     reload: &'a str,
+    sandbox: &'a str,
 }
 
 #[derive(Serialize)]
@@ -175,6 +210,7 @@ impl<'a> From<&'a CapsResponse> for CapsJson<'a> {
                 .collect(),
             revoked: &caps.revoked,
             reload: &caps.reload,
+            sandbox: &caps.sandbox,
         }
     }
 }
@@ -191,6 +227,9 @@ fn caps_text(caps: &CapsResponse) -> String {
         text.push_str(&format!("  {cap:<40} config, revoked\n"));
     }
     text.push_str(&format!("({})\n", caps.reload));
+    if !caps.sandbox.is_empty() {
+        text.push_str(&format!("sandbox: {}\n", caps.sandbox));
+    }
     text
 }
 
@@ -344,6 +383,36 @@ fn human(d: Duration) -> String {
 #[derive(Serialize)]
 struct StatusJson {
     plugins: Vec<PluginJson>,
+    /// Absent for the embedded registry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    registry: Option<RegistryJson>,
+}
+
+#[derive(Serialize)]
+struct RegistryJson {
+    kind: String,
+    node: String,
+    advertise: String,
+    state: String,
+    since_seconds: u64,
+    error: Option<String>,
+    nodes: Vec<String>,
+    reregistrations: u64,
+}
+
+impl From<&BackendResponse> for RegistryJson {
+    fn from(b: &BackendResponse) -> Self {
+        Self {
+            kind: b.kind.clone(),
+            node: b.node.clone(),
+            advertise: b.advertise.clone(),
+            state: b.state.clone(),
+            since_seconds: b.since_seconds,
+            error: (!b.error.is_empty()).then(|| b.error.clone()),
+            nodes: b.nodes.clone(),
+            reregistrations: b.reregistrations,
+        }
+    }
 }
 
 #[derive(Serialize)]

@@ -17,11 +17,23 @@ use mesh::{
     plugin::{self, DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_VAR},
     runtime, tuning,
 };
-use mesh_router::Limits;
+use mesh_router::{
+    Limits,
+    cluster::{
+        NodeName,
+        etcd::{DEFAULT_PREFIX, DEFAULT_TTL, EtcdConfig},
+    },
+};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::{host::Capability, supervisor::MAX_INSTANCES};
+use crate::{
+    host::{Capability, Rate},
+    supervisor::MAX_INSTANCES,
+};
+
+mod telemetry;
+pub use telemetry::{DEFAULT_SERVICE_NAME, Telemetry};
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +78,11 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Whether the router records call metrics (`[telemetry] metrics`, default off).
     pub metrics: bool,
+    /// `[telemetry]`: trace export, sampling, log format.
+    pub telemetry: Telemetry,
+    /// This node among many, and the registry backend (`[mesh] node`, `advertise`,
+    /// `[registry]`).
+    pub cluster: ClusterConfig,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
 }
@@ -78,6 +95,19 @@ pub struct AdminConfig {
     /// Serve local users other than the owner (and root) on loopback
     /// (`allow_other_users = true`); by default their connections are answered 403.
     pub allow_other_users: bool,
+}
+
+/// `[mesh] node`, `[mesh] advertise` and `[registry]`: which node this is and where the
+/// registry lives.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterConfig {
+    /// This node's name, if it is one of many.
+    pub node: Option<NodeName>,
+    /// `host:port` other routers dial this one at: `advertise`, else `listen` when it is a
+    /// concrete address.
+    pub advertise: Option<String>,
+    /// etcd, when `[registry] etcd` names it; else the embedded registry.
+    pub etcd: Option<EtcdConfig>,
 }
 
 /// One plugin's settings.
@@ -130,6 +160,45 @@ pub struct PluginConfig {
     pub root: PathBuf,
     /// How the instances serve: a Unix socket (default) or loopback TCP.
     pub transport: Transport,
+    /// Calls to this plugin by all callers together (`rate_limit = "1000/s"`).
+    pub rate_limit: Option<Rate>,
+    /// Calls to this plugin by each caller (`caller_rate_limit = "50/s burst 10"`).
+    pub caller_rate_limit: Option<Rate>,
+    /// The kernel sandbox it asks for (`sandbox`, `sandbox_paths`).
+    pub sandbox: Sandbox,
+}
+
+/// The kernel sandbox a plugin asks for: `sandbox = true | false | "best-effort"` and
+/// `sandbox_paths = [...]` in its `[[plugin]]` table (docs/security.md, "Kernel sandbox").
+#[derive(Debug, Clone, Default)]
+pub struct Sandbox {
+    /// Whether, and how strictly.
+    pub mode: SandboxMode,
+    /// More paths it may read and execute (`sandbox_paths`, relative to the config file):
+    /// an interpreter's libraries, a script, a virtual environment.
+    pub paths: Vec<PathBuf>,
+    /// `FILE:LINE` of the `sandbox` setting, for messages that refuse it.
+    pub origin: String,
+}
+
+/// A change of `origin` alone (lines moved) is no change of the sandbox.
+impl PartialEq for Sandbox {
+    fn eq(&self, other: &Self) -> bool {
+        self.mode == other.mode && self.paths == other.paths
+    }
+}
+
+/// How strictly a plugin is sandboxed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// Not sandboxed (the default).
+    #[default]
+    Off,
+    /// `sandbox = true`: confined, or not started where the kernel cannot confine it fully.
+    Strict,
+    /// `sandbox = "best-effort"`: confined as far as the kernel allows, with a warning for
+    /// what it cannot.
+    BestEffort,
 }
 
 /// How a plugin's instances serve (`transport` in `[[plugin]]`): the host picks, the plugin
@@ -257,11 +326,13 @@ struct RawConfig {
     #[serde(default)]
     mesh: Option<Spanned<RawMesh>>,
     #[serde(default)]
+    telemetry: Option<Spanned<telemetry::RawTelemetry>>,
+    #[serde(default)]
     plugin: Vec<Spanned<RawPlugin>>,
     #[serde(default)]
     admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
-    telemetry: Option<Spanned<RawTelemetry>>,
+    registry: Option<Spanned<RawRegistry>>,
 }
 
 #[derive(Deserialize)]
@@ -276,8 +347,10 @@ struct RawAdmin {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawTelemetry {
-    metrics: Option<Spanned<bool>>,
+struct RawRegistry {
+    etcd: Option<Spanned<Vec<Spanned<String>>>>,
+    prefix: Option<Spanned<String>>,
+    lease_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -304,6 +377,8 @@ struct RawMesh {
     data_dir: Option<Spanned<PathBuf>>,
     audit_log: Option<Spanned<PathBuf>>,
     audit_max_size: Option<Spanned<RawSize>>,
+    node: Option<Spanned<String>>,
+    advertise: Option<Spanned<String>>,
 }
 
 /// A size in bytes, or text with a unit (`"16MiB"`).
@@ -346,6 +421,19 @@ struct RawPlugin {
     capabilities: Vec<Spanned<String>>,
     root: Option<Spanned<PathBuf>>,
     transport: Option<Spanned<String>>,
+    rate_limit: Option<Spanned<String>>,
+    caller_rate_limit: Option<Spanned<String>>,
+    sandbox: Option<Spanned<RawSandbox>>,
+    #[serde(default)]
+    sandbox_paths: Vec<Spanned<PathBuf>>,
+}
+
+/// `sandbox = true | false | "best-effort"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSandbox {
+    Flag(bool),
+    Mode(String),
 }
 
 #[derive(Deserialize, Default)]
@@ -390,6 +478,29 @@ impl Config {
         Ok(())
     }
 
+    /// Logs as `format` whatever `[telemetry] log_format` says (`mesh up --log-format`), and
+    /// hands plugins the same format (`MESH_LOG_FORMAT`); a reload keeps it.
+    pub fn override_log_format(&mut self, format: mesh::telemetry::LogFormat) {
+        use mesh::telemetry::{LogFormat, MESH_LOG_FORMAT};
+        self.telemetry.log_format = format;
+        self.telemetry.log_format_overridden = true;
+        for plugin in &mut self.plugins {
+            match format {
+                LogFormat::Json => {
+                    plugin
+                        .env
+                        .entry(MESH_LOG_FORMAT.to_owned())
+                        .or_insert_with(|| "json".to_owned());
+                }
+                LogFormat::Text => {
+                    if plugin.env.get(MESH_LOG_FORMAT).is_some_and(|f| f == "json") {
+                        plugin.env.remove(MESH_LOG_FORMAT);
+                    }
+                }
+            }
+        }
+    }
+
     /// Validates `text`, read from `path` (relative commands resolve against its directory).
     ///
     /// Never panics, whatever the text (the tests fuzz it): every value is checked against
@@ -402,9 +513,20 @@ impl Config {
         };
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| file.at(e.span(), explain(e.message())))?;
-        let mut config = file.mesh(raw.mesh.map(Spanned::into_inner).unwrap_or_default())?;
+        let mesh_span = raw.mesh.as_ref().map(|m| m.span());
+        let mut mesh = raw.mesh.map(Spanned::into_inner).unwrap_or_default();
+        let node = mesh.node.take();
+        let advertise = mesh.advertise.take();
+        let mut config = file.mesh(mesh)?;
         config.admin = raw.admin.map(|admin| file.admin(admin)).transpose()?;
         config.metrics = metrics_enabled(raw.telemetry.as_ref().map(Spanned::get_ref));
+        config.telemetry = Telemetry::parse(
+            raw.telemetry.map(Spanned::into_inner).unwrap_or_default(),
+            &|name| std::env::var(name).ok().filter(|v| !v.is_empty()),
+            &|span, message| file.at(span, message),
+        )?;
+        config.cluster =
+            file.cluster(&config, node, advertise, raw.registry.as_ref(), mesh_span)?;
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for table in raw.plugin {
             let table_line = line_of(text, table.span().start);
@@ -554,6 +676,8 @@ impl File<'_> {
             max_message_size,
             admin: None,
             metrics: false,
+            telemetry: Telemetry::default(),
+            cluster: ClusterConfig::default(),
             plugins: Vec::new(),
         })
     }
@@ -587,6 +711,155 @@ impl File<'_> {
         })
     }
 
+    /// `[mesh] node`, `[mesh] advertise` and `[registry]`.
+    fn cluster(
+        &self,
+        config: &Config,
+        node: Option<Spanned<String>>,
+        advertise: Option<Spanned<String>>,
+        registry: Option<&Spanned<RawRegistry>>,
+        mesh_span: Option<Range<usize>>,
+    ) -> Result<ClusterConfig, ConfigError> {
+        let node = match &node {
+            None => None,
+            Some(name) => Some(
+                NodeName::new(name.get_ref().as_str())
+                    .map_err(|e| self.at(Some(name.span()), format!("node = {e}")))?,
+            ),
+        };
+        let advertise = match &advertise {
+            Some(text) => {
+                let value = text.get_ref();
+                let port_ok = value.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty()
+                        && !host.contains('/')
+                        && port.parse::<u16>().is_ok_and(|p| p != 0)
+                });
+                if !port_ok || value.len() > 253 + 6 || value.chars().any(char::is_control) {
+                    return Err(self.at(
+                        Some(text.span()),
+                        format!(
+                            "advertise = {value:?} is not host:port; write the address other nodes \
+                             reach this router's listen address at, such as \"10.0.0.2:7700\""
+                        ),
+                    ));
+                }
+                Some(value.clone())
+            }
+            // `listen` is what other nodes dial when it is a concrete address.
+            None => config
+                .listen
+                .filter(|addr| !addr.ip().is_unspecified() && addr.port() != 0)
+                .map(|addr| addr.to_string()),
+        };
+        let Some(registry) = registry else {
+            return Ok(ClusterConfig {
+                node,
+                advertise,
+                etcd: None,
+            });
+        };
+        let raw = registry.get_ref();
+        let registry_span = Some(registry.span());
+        let Some(endpoints) = &raw.etcd else {
+            return Err(self.at(
+                registry_span,
+                "[registry] names no backend: write etcd = [\"http://127.0.0.1:2379\"], or \
+                 remove [registry] for the embedded registry"
+                    .into(),
+            ));
+        };
+        let mut etcd = Vec::new();
+        for endpoint in endpoints.get_ref() {
+            let text = endpoint.get_ref();
+            if text.starts_with("https://") {
+                return Err(self.at(
+                    Some(endpoint.span()),
+                    format!("etcd endpoint {text:?}: TLS to etcd is not supported yet; use http:// on a trusted network or loopback"),
+                ));
+            }
+            match text.parse::<mesh::Address>() {
+                Ok(mesh::Address::Tcp(hostport)) => etcd.push(hostport),
+                _ => {
+                    return Err(self.at(
+                        Some(endpoint.span()),
+                        format!("etcd endpoint {text:?} is not http://host:port, such as \"http://127.0.0.1:2379\""),
+                    ));
+                }
+            }
+        }
+        if etcd.is_empty() || etcd.len() > 16 {
+            return Err(self.at(
+                Some(endpoints.span()),
+                "etcd = [...] needs 1 to 16 endpoints, such as [\"http://127.0.0.1:2379\"]".into(),
+            ));
+        }
+        let prefix = match &raw.prefix {
+            None => DEFAULT_PREFIX.to_owned(),
+            Some(prefix) => {
+                let text = prefix.get_ref();
+                let ok = text.starts_with('/')
+                    && text.ends_with('/')
+                    && text.len() <= 128
+                    && !text.chars().any(char::is_control);
+                if !ok {
+                    return Err(self.at(
+                        Some(prefix.span()),
+                        format!("prefix = {text:?}: write a key prefix that starts and ends with '/', at most 128 bytes (default {DEFAULT_PREFIX:?})"),
+                    ));
+                }
+                text.clone()
+            }
+        };
+        let ttl = match &raw.lease_ttl {
+            None => DEFAULT_TTL,
+            Some(text) => humantime::parse_duration(text.get_ref())
+                .ok()
+                .filter(|d| d.subsec_nanos() == 0 && (2..=300).contains(&d.as_secs()))
+                .ok_or_else(|| {
+                    self.at(
+                        Some(text.span()),
+                        format!(
+                            "lease_ttl = {:?}: write whole seconds from \"2s\" to \"300s\" (default {}s)",
+                            text.get_ref(),
+                            DEFAULT_TTL.as_secs()
+                        ),
+                    )
+                })?,
+        };
+        if node.is_none() {
+            return Err(self.at(
+                mesh_span.or(registry_span),
+                "[registry] etcd needs this node's name: add node = \"a\" (unique per machine) to [mesh]".into(),
+            ));
+        }
+        if config.listen.is_none() {
+            return Err(self.at(
+                mesh_span.or(registry_span),
+                "[registry] etcd needs a TCP listener other nodes' routers forward calls to: set \
+                 [mesh] listen = \"host:port\""
+                    .into(),
+            ));
+        }
+        if advertise.is_none() {
+            return Err(self.at(
+                mesh_span.or(registry_span),
+                "[registry] etcd needs the address other nodes reach this router at: set [mesh] \
+                 listen to a concrete host:port, or advertise = \"host:port\""
+                    .into(),
+            ));
+        }
+        Ok(ClusterConfig {
+            node,
+            advertise,
+            etcd: Some(EtcdConfig {
+                endpoints: etcd,
+                prefix,
+                ttl,
+            }),
+        })
+    }
+
     /// One `[[plugin]]` table, starting at `table_line`.
     fn plugin(
         &self,
@@ -604,6 +877,8 @@ impl File<'_> {
         let plugin_error = |span: Range<usize>, message: String| {
             self.at(Some(span), format!("plugin {name:?}: {message}"))
         };
+        let (rate_limit, caller_rate_limit) =
+            rate_limits(&p).map_err(|(span, message)| plugin_error(span, message))?;
         let command = resolve_command(self.base, p.command.get_ref())
             .map_err(|message| plugin_error(p.command.span(), message))?;
         let count = |field: &str, value: &Option<Spanned<u32>>, default: u32, max: u32| match value
@@ -703,9 +978,11 @@ impl File<'_> {
             Some(root) => self.path_value("root", root)?,
             None => config.data_dir.join(&name),
         };
+        let sandbox = self.sandbox(&name, p.sandbox.as_ref(), &p.sandbox_paths)?;
         let mut env = environment(p.env).map_err(|(span, message)| plugin_error(span, message))?;
         env.entry(MAX_MESSAGE_SIZE_VAR.to_owned())
             .or_insert_with(|| config.max_message_size.to_string());
+        config.telemetry.plugin_env(&name, &mut env);
         let plugin = PluginConfig {
             health_interval: duration(
                 "health_interval",
@@ -759,6 +1036,9 @@ impl File<'_> {
             idempotent,
             capabilities,
             root,
+            rate_limit,
+            caller_rate_limit,
+            sandbox,
         };
         // The longest id this plugin can have must still fit a socket path.
         let longest = plugin.socket(&plugin.instance_id(MAX_INSTANCES));
@@ -769,6 +1049,53 @@ impl File<'_> {
             )
         })?;
         Ok(plugin)
+    }
+
+    /// A plugin's `sandbox` and `sandbox_paths`.
+    fn sandbox(
+        &self,
+        plugin: &str,
+        value: Option<&Spanned<RawSandbox>>,
+        paths: &[Spanned<PathBuf>],
+    ) -> Result<Sandbox, ConfigError> {
+        let mode = match value.map(|v| (v.get_ref(), v.span())) {
+            None | Some((RawSandbox::Flag(false), _)) => SandboxMode::Off,
+            Some((RawSandbox::Flag(true), _)) => SandboxMode::Strict,
+            Some((RawSandbox::Mode(mode), _)) if mode == "best-effort" => SandboxMode::BestEffort,
+            Some((RawSandbox::Mode(other), span)) => {
+                return Err(self.at(
+                    Some(span),
+                    format!(
+                        "plugin {plugin:?}: sandbox = {other:?}: write true (confined, or not \
+                         started where the kernel cannot), \"best-effort\" or false"
+                    ),
+                ));
+            }
+        };
+        if mode == SandboxMode::Off
+            && let Some(first) = paths.first()
+        {
+            return Err(self.at(
+                Some(first.span()),
+                format!(
+                    "plugin {plugin:?}: sandbox_paths without sandbox = true: add sandbox = true \
+                     (or \"best-effort\"), or remove sandbox_paths"
+                ),
+            ));
+        }
+        let paths = paths
+            .iter()
+            .map(|path| self.path_value("sandbox_paths", path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let line = value.map(|v| line_of(self.text, v.span().start));
+        Ok(Sandbox {
+            mode,
+            paths,
+            origin: match line {
+                Some(line) => format!("{}:{line}", self.path.display()),
+                None => self.path.display().to_string(),
+            },
+        })
     }
 
     /// A plugin's duration setting, within `bounds`.
@@ -879,6 +1206,23 @@ fn environment(
 
 /// Resource limits within what a kernel accepts, so that a typo fails here rather than as a
 /// start error of every instance.
+/// `rate_limit` and `caller_rate_limit` of a `[[plugin]]` table.
+#[allow(clippy::type_complexity)]
+fn rate_limits(p: &RawPlugin) -> Result<(Option<Rate>, Option<Rate>), (Range<usize>, String)> {
+    let rate = |field: &str, value: &Option<Spanned<String>>| match value {
+        None => Ok(None),
+        Some(value) => value
+            .get_ref()
+            .parse::<Rate>()
+            .map(Some)
+            .map_err(|e| (value.span(), format!("{field}: {e}"))),
+    };
+    Ok((
+        rate("rate_limit", &p.rate_limit)?,
+        rate("caller_rate_limit", &p.caller_rate_limit)?,
+    ))
+}
+
 fn resource_limits(limits: &RawLimits) -> Result<ResourceLimits, (Range<usize>, String)> {
     let bounded =
         |field: &str, value: &Option<Spanned<u64>>, bounds: std::ops::RangeInclusive<u64>| {
@@ -1001,7 +1345,7 @@ fn credentials(
 
 /// `[telemetry] metrics`: the router records call metrics only when asked (off costs nothing
 /// per call).
-fn metrics_enabled(telemetry: Option<&RawTelemetry>) -> bool {
+fn metrics_enabled(telemetry: Option<&telemetry::RawTelemetry>) -> bool {
     telemetry
         .and_then(|t| t.metrics.as_ref())
         .is_some_and(|m| *m.get_ref())
@@ -1271,6 +1615,114 @@ mod tests {
     fn parse(text: &str) -> Result<Config, ConfigError> {
         // Commands resolve against the config's directory; /bin/sh exists on every machine.
         Config::parse(Path::new("/etc/mesh/mesh.toml"), text)
+    }
+
+    #[test]
+    fn registry_and_node_parse_with_defaults_and_bad_ones_name_their_line() {
+        let config = parse("[mesh]\n").unwrap();
+        assert_eq!(
+            config.cluster,
+            ClusterConfig::default(),
+            "embedded by default"
+        );
+
+        let config = parse(
+            "[mesh]\nlisten = \"127.0.0.1:7701\"\nnode = \"a\"\n\
+             [registry]\netcd = [\"http://127.0.0.1:2379\", \"10.0.0.9:2379\"]\n",
+        )
+        .unwrap();
+        let cluster = config.cluster;
+        assert_eq!(cluster.node.unwrap().as_str(), "a");
+        assert_eq!(
+            cluster.advertise.as_deref(),
+            Some("127.0.0.1:7701"),
+            "from listen"
+        );
+        let etcd = cluster.etcd.unwrap();
+        assert_eq!(etcd.endpoints, ["127.0.0.1:2379", "10.0.0.9:2379"]);
+        assert_eq!(
+            (etcd.prefix.as_str(), etcd.ttl),
+            (DEFAULT_PREFIX, DEFAULT_TTL)
+        );
+
+        let config = parse(
+            "[mesh]\nlisten = \"0.0.0.0:7701\"\nnode = \"b\"\nadvertise = \"10.0.0.2:7701\"\n\
+             [registry]\netcd = [\"http://e:2379\"]\nprefix = \"/x/\"\nlease_ttl = \"3s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.cluster.advertise.as_deref(), Some("10.0.0.2:7701"));
+        let etcd = config.cluster.etcd.unwrap();
+        assert_eq!(
+            (etcd.prefix.as_str(), etcd.ttl),
+            ("/x/", Duration::from_secs(3))
+        );
+
+        let base = "[mesh]\nlisten = \"127.0.0.1:7701\"\nnode = \"a\"\n[registry]\n";
+        for (text, line, says) in [
+            (
+                "[mesh]\nnode = \"Node A\"\n".to_owned(),
+                2,
+                "invalid node name",
+            ),
+            (
+                "[mesh]\nadvertise = \"nowhere\"\n".into(),
+                2,
+                "is not host:port",
+            ),
+            (
+                "[mesh]\nadvertise = \"h:0\"\n".into(),
+                2,
+                "is not host:port",
+            ),
+            (
+                format!("{base}etcd = [\"https://e:2379\"]\n"),
+                5,
+                "TLS to etcd",
+            ),
+            (format!("{base}etcd = [\"e\"]\n"), 5, "http://host:port"),
+            (format!("{base}etcd = []\n"), 5, "1 to 16 endpoints"),
+            (
+                format!("{base}etcd = [\"e:1\"]\nprefix = \"mesh\"\n"),
+                6,
+                "starts and ends with '/'",
+            ),
+            (
+                format!("{base}etcd = [\"e:1\"]\nlease_ttl = \"1s\"\n"),
+                6,
+                "\"2s\" to \"300s\"",
+            ),
+            (
+                format!("{base}etcd = [\"e:1\"]\nlease_ttl = \"2500ms\"\n"),
+                6,
+                "whole seconds",
+            ),
+            (format!("{base}prefix = \"/m/\"\n"), 4, "names no backend"),
+            (
+                "[mesh]\nlisten = \"127.0.0.1:1\"\n[registry]\netcd = [\"e:1\"]\n".into(),
+                1,
+                "add node = \"a\"",
+            ),
+            (
+                "[mesh]\nnode = \"a\"\n[registry]\netcd = [\"e:1\"]\n".into(),
+                1,
+                "set [mesh] listen",
+            ),
+            (
+                "[mesh]\nnode = \"a\"\nlisten = \"0.0.0.0:1\"\n[registry]\netcd = [\"e:1\"]\n"
+                    .into(),
+                1,
+                "advertise = \"host:port\"",
+            ),
+            (
+                "[registry]\netcd = [\"e:1\"]\nttl = 3\n".into(),
+                3,
+                "unknown field `ttl`",
+            ),
+        ] {
+            let error = parse(&text).unwrap_err();
+            assert_eq!(error.line, Some(line), "{text}: {error}");
+            assert!(error.to_string().contains(says), "{text}: {error}");
+        }
     }
 
     #[test]
@@ -1813,5 +2265,79 @@ mod admin_tests {
         assert!(error.to_string().contains("127.0.0.1:9900"), "{error}");
         let error = parse("[admin]\nlisten = \"127.0.0.1:1\"\nport = 3\n").unwrap_err();
         assert_eq!(error.line, Some(3), "{error}");
+    }
+
+    #[test]
+    fn one_telemetry_table_holds_metrics_and_traces() {
+        let config = parse(
+            "[telemetry]\nmetrics = true\notlp_endpoint = \"http://127.0.0.1:4317\"\n\
+             sample_ratio = 0.5\n",
+        )
+        .unwrap();
+        assert!(config.metrics);
+        assert_eq!(
+            config.telemetry.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(config.telemetry.sample_ratio, 0.5);
+        let config = parse("[telemetry]\nmetrics = false\nlog_format = \"json\"\n").unwrap();
+        assert!(!config.metrics);
+        // Unknown keys are still refused, naming their line.
+        let error = parse("[telemetry]\nmetrics = true\nmetric = true\n").unwrap_err();
+        assert_eq!(error.line, Some(3), "{error}");
+        assert!(error.to_string().contains("remove it"), "{error}");
+        let error = parse("[telemetry]\nmetrics = \"yes\"\n").unwrap_err();
+        assert_eq!(error.line, Some(2), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/mesh/mesh.toml"), text)
+    }
+
+    #[test]
+    fn rate_limits_parse_and_bad_ones_name_their_line_and_the_fix() {
+        let plugin =
+            |limits: &str| format!("[[plugin]]\nname = \"a\"\ncommand = \"/bin/sh\"\n{limits}\n");
+        let config = parse(&plugin(
+            "rate_limit = \"1000/s\"\ncaller_rate_limit = \"50/m burst 10\"",
+        ))
+        .unwrap();
+        let p = &config.plugins[0];
+        assert_eq!(p.rate_limit.map(|r| r.to_string()), Some("1000/s".into()));
+        assert_eq!(
+            p.caller_rate_limit.map(|r| r.to_string()),
+            Some("50/m burst 10".into())
+        );
+        assert_eq!(parse(&plugin("")).unwrap().plugins[0].rate_limit, None);
+        for (text, line, needle) in [
+            (
+                "rate_limit = \"fast\"",
+                4,
+                "rate_limit: \"fast\" is not a rate: write COUNT/UNIT",
+            ),
+            (
+                "\ncaller_rate_limit = \"0/s\"",
+                5,
+                "caller_rate_limit: \"0/s\": the count must be 1 to",
+            ),
+            (
+                "rate_limit = \"5/s burst\"",
+                4,
+                "optionally followed by \" burst N\"",
+            ),
+        ] {
+            let error = parse(&plugin(text)).unwrap_err();
+            assert_eq!(error.line, Some(line), "{error}");
+            assert!(error.to_string().contains(needle), "{error}");
+            assert!(
+                error.to_string().starts_with("/etc/mesh/mesh.toml:"),
+                "{error}"
+            );
+        }
     }
 }

@@ -9,6 +9,7 @@ pub mod host;
 pub mod scaffold;
 pub mod supervisor;
 mod systemd;
+pub mod telemetry;
 pub mod up;
 
 pub use config::{AdminConfig, Config, ConfigError, PluginConfig, Transport};

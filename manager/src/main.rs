@@ -44,6 +44,10 @@ enum Command {
         /// The config file.
         #[arg(long, short, default_value = "mesh.toml")]
         config: PathBuf,
+        /// Log lines as `text` or `json` (one object per line, with trace_id and span_id
+        /// inside a traced call), over the config's `[telemetry] log_format`.
+        #[arg(long, value_name = "FORMAT")]
+        log_format: Option<mesh::telemetry::LogFormat>,
     },
     /// Plugins and instances: pid, state, uptime, restarts, last exit.
     Status {
@@ -150,15 +154,6 @@ fn main() -> ExitCode {
         Command::Man => return print_man(),
         _ => {}
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        // Lines say what happened; the span (`instance{plugin=echo instance=echo-0}`) says where.
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -168,22 +163,56 @@ fn main() -> ExitCode {
     };
     let flag = cli.socket.filter(|s| !s.as_os_str().is_empty());
     let socket = cli::socket(flag.clone());
+    // `mesh up` reads its config before logging starts: `[telemetry]` says how it logs.
+    let mut up_config = None;
+    if let Command::Up { config, log_format } = &cli.command {
+        let loaded = Config::load(config).and_then(|mut config| {
+            if let Some(socket) = flag.clone() {
+                config.override_socket(socket)?;
+            }
+            if let Some(format) = log_format {
+                config.override_log_format(*format);
+            }
+            Ok(config)
+        });
+        match loaded {
+            Ok(config) => up_config = Some(config),
+            Err(error) => {
+                eprintln!("mesh: {error}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
+    let _telemetry = match &up_config {
+        Some(config) => {
+            let _entered = runtime.enter();
+            match mesh_manager::telemetry::init(config) {
+                Ok(telemetry) => Some(telemetry),
+                Err(error) => {
+                    eprintln!("mesh: {error}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
+        }
+        None => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_ansi(std::io::stderr().is_terminal())
+                // Lines say what happened; the span (`instance{plugin=echo instance=echo-0}`)
+                // says where.
+                .with_target(false)
+                .with_writer(std::io::stderr)
+                .init();
+            None
+        }
+    };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Up { config } => {
-                let loaded = Config::load(&config).and_then(|mut config| {
-                    if let Some(socket) = flag {
-                        config.override_socket(socket)?;
-                    }
-                    Ok(config)
-                });
-                let config = match loaded {
-                    Ok(config) => config,
-                    Err(error) => {
-                        eprintln!("mesh: {error}");
-                        return Ok(ExitCode::from(EXIT_USAGE));
-                    }
-                };
+            Command::Up { .. } => {
+                let config = up_config.expect("loaded above");
                 up::run(config, shutdown_signal()?).await?;
                 Ok(ExitCode::SUCCESS)
             }

@@ -4,7 +4,11 @@
 use std::{future::Future, sync::Arc};
 
 use mesh::runtime;
-use mesh_router::{Router, registry::Registry};
+use mesh_router::{
+    Router,
+    cluster::{self, Backend, Cluster, Embedded, Node, etcd::Etcd},
+    registry::Registry,
+};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -13,7 +17,7 @@ use tokio::{
 use crate::{
     Config, Supervisor,
     api::ManagerService,
-    host::{Audit, CallGate, HostService, Policies},
+    host::{Audit, CallGate, DirectGate, HostService, Policies, RateLimits},
     supervisor::{PluginStatus, State},
     systemd,
 };
@@ -108,13 +112,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Audit::open(config.audit_log.clone(), config.audit_max_size).map_err(UpError::Audit)?,
     );
     let policies = Arc::new(Policies::default());
+    let rates = Arc::new(RateLimits::default());
     let manager = ManagerService::new(
         supervisor.clone(),
         config.clone(),
         policies.clone(),
+        rates.clone(),
         audit.clone(),
     );
-    let calls = CallGate::new(policies.clone(), audit.clone());
+    let calls = Arc::new(CallGate::new(policies.clone(), rates, audit.clone()));
+    // The direct path: each instance's SDK asks about its callers over a private channel,
+    // answered by the same gate. Set before any plugin starts.
+    if DirectGate::supported() {
+        supervisor.set_caller_channels(Arc::new(DirectGate::new(
+            calls.clone(),
+            Arc::downgrade(&supervisor),
+        )));
+    } else {
+        tracing::warn!(
+            "this kernel has no SO_PEERPIDFD (Linux 6.5): plugins cannot check their callers \
+             on their own sockets, so call: capabilities and rate limits bound the router path \
+             only"
+        );
+    }
     let host = HostService::new(policies, audit);
     // Scrape-time supervisor metrics, and the router's per call when asked for.
     let metrics = if config.admin.is_some() || config.metrics {
@@ -126,17 +146,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None
     };
     let identify = supervisor.clone();
-    let router = Router::builder(registry)
+    let (cluster, backend) = backend(&config);
+    let router = Router::builder(registry.clone())
         .metrics(metrics.as_ref().map(|m| m.router()).unwrap_or_default())
+        .cluster(cluster.clone())
         .limits(config.limits.clone())
         .add_service(manager.clone().into_server())
         .add_service(host.into_server())
         // Once per connection: is the peer a managed instance, or a process it started?
         .identify(move |pid| identify.identify(pid))
         // Per forwarded call of a plugin: its call: capabilities, audited.
-        .call_policy(calls)
+        .call_policy(CallPolicyOf(calls))
         .build()
         .await;
+    let backend = backend.start(registry.clone(), cluster.clone());
+    let gateways = cluster.this_node().is_some().then(|| {
+        cluster::follow_gateways(
+            registry.clone(),
+            &cluster,
+            mesh::Address::Unix(config.socket.clone()),
+        )
+    });
     let mut hangup = signal(SignalKind::hangup()).map_err(UpError::Signal)?;
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
@@ -228,6 +258,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     systemd::stopping();
     tracing::info!("stopping: deregistering and stopping plugins");
     supervisor.shutdown().await;
+    // Withdraws this node's instances from the other nodes' view at once.
+    backend.stop(std::time::Duration::from_secs(3)).await;
+    if let Some(gateways) = gateways {
+        gateways.abort();
+    }
     // Watch streams (every mesh::connect channel has one) would keep the router draining.
     closing.close();
     let _ = stopping.send(true);
@@ -240,6 +275,46 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The router's hook, answered by the gate the direct path shares.
+struct CallPolicyOf(Arc<CallGate>);
+
+impl mesh_router::CallPolicy for CallPolicyOf {
+    fn check(
+        &self,
+        caller: &mesh_router::Caller,
+        service: &str,
+        method: &str,
+    ) -> Result<(), mesh_router::Refusal> {
+        self.0.decide(caller, service, method, "router")
+    }
+}
+
+/// This node and its registry backend: etcd when `[registry]` names it, else the embedded
+/// registry alone.
+fn backend(config: &Config) -> (Cluster, Box<dyn Backend>) {
+    let cluster = &config.cluster;
+    match (&cluster.node, &cluster.etcd) {
+        (Some(name), Some(etcd)) => {
+            let node = Node {
+                name: name.clone(),
+                advertise: cluster.advertise.clone(),
+            };
+            println!(
+                "mesh: node {name}, registry etcd at {} (prefix {}, lease {}s), advertising {}",
+                etcd.endpoints.join(", "),
+                etcd.prefix,
+                etcd.ttl.as_secs(),
+                node.advertise.as_deref().unwrap_or("nothing")
+            );
+            (
+                Cluster::node(node.clone(), "etcd"),
+                Box::new(Etcd::new(etcd.clone(), node)),
+            )
+        }
+        _ => (Cluster::single(), Box::new(Embedded)),
+    }
 }
 
 /// Runs instances in PID namespaces of their own where this machine allows it (see
@@ -256,7 +331,12 @@ fn isolating(supervisor: Supervisor) -> Supervisor {
         }
     };
     match crate::supervisor::init::probe(&program) {
-        Ok(()) => supervisor.with_init(program),
+        Ok(()) => {
+            // What a plugin with `sandbox = true` would get; each one says so as it starts.
+            let support = crate::supervisor::sandbox::probe(&program);
+            tracing::debug!("kernel sandbox: {}", support.describe());
+            supervisor.with_init(program).with_sandbox(support)
+        }
         Err(why) => {
             tracing::warn!(
                 "no PID namespace per instance ({why}): plugins run without one, and what they \

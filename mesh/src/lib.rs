@@ -21,6 +21,8 @@
 //! - [`runtime`]: where sockets live, and binding them safely;
 //! - [`tuning`]: every latency knob — client spinning (opt-in), the router's linger, busy
 //!   polling — with its default and its cost;
+//! - [`telemetry`]: trace context across hops, the SDK's span per call, and (feature `otlp`)
+//!   exporting spans by OTLP and JSON log lines;
 //! - [`backoff`]: exponential backoff with jitter, for whatever tries again;
 //! - [`labels`]: the registry labels with a meaning to the mesh;
 //! - [`balance`] and [`transport`]: the balancer and HTTP/2 client under every [`Channel`],
@@ -39,11 +41,12 @@ pub mod labels;
 mod name;
 pub mod plugin;
 pub mod runtime;
+pub mod telemetry;
 pub mod transport;
 pub mod tuning;
 
 pub use balance::ResponseBody;
-pub use client::{Channel, Connector, MESH_ROUTER, connect};
+pub use client::{Channel, Connector, MESH_DIRECT, MESH_ROUTER, connect};
 pub use error::Error;
 pub use name::{InvalidName, ServiceName};
 pub use transport::{Address, CallError, InvalidAddress};

@@ -43,11 +43,13 @@ use crate::{
     Limits, SERVICE_HEADER,
     body::{Forwarded, RouterBody},
     calls::{self, CallPolicy},
+    cluster::{Cluster, FORWARDED_HEADER},
     deadline::{self, Deadlines, Expiry},
     grpc::{self, RequestBody},
     identity::{self, Caller, Identify},
     limit::{Admission, Gauge, Handshake, Held, Permit},
     metrics::{Refusal, RouterMetrics},
+    peers::{self, Peers, Pick},
     policy,
     registry::{Registry, RegistryService},
     route::{self, Route},
@@ -102,6 +104,8 @@ pub(crate) struct Inner {
     call_policy: Option<Arc<dyn CallPolicy>>,
     /// Calls, durations, refusals and connections; off unless the embedder gave a meter.
     metrics: RouterMetrics,
+    /// Other nodes' routers, for names with no instance here; none on a single machine.
+    peers: Option<Peers>,
 }
 
 /// One client connection: who is on it (fixed at accept time) and its calls.
@@ -134,6 +138,7 @@ pub struct RouterBuilder {
     identify: Option<Arc<dyn Identify>>,
     call_policy: Option<Arc<dyn CallPolicy>>,
     metrics: RouterMetrics,
+    cluster: Cluster,
 }
 
 impl std::fmt::Debug for Router {
@@ -153,6 +158,7 @@ impl Router {
             identify: None,
             call_policy: None,
             metrics: RouterMetrics::off(),
+            cluster: Cluster::single(),
         }
     }
 
@@ -172,6 +178,7 @@ impl Router {
                 identify: self.inner.identify.clone(),
                 call_policy: self.inner.call_policy.clone(),
                 metrics: self.inner.metrics.clone(),
+                peers: self.inner.peers.as_ref().map(Peers::for_this_thread),
             }),
         }
     }
@@ -369,7 +376,7 @@ impl Inner {
     async fn route(
         &self,
         connection: &Connection,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
     ) -> Response<RouterBody> {
         connection.active.store(true, Ordering::Relaxed);
         if let Err(refusal) = grpc::check(
@@ -379,7 +386,7 @@ impl Inner {
             self.metrics.refused(Refusal::Invalid);
             return *refusal;
         }
-        let upstream = match route::route(&request) {
+        let (upstream, remote) = match route::route(&request) {
             Route::Local => return self.local(connection, request).await,
             Route::Service(service) => {
                 // Before the lookup: a plugin refused a service learns nothing of it.
@@ -389,11 +396,17 @@ impl Inner {
                     self.metrics.refused(Refusal::Policy);
                     return status.into_http();
                 }
-                match self.upstreams.get(service) {
-                    Some(upstream) => upstream,
-                    None => {
+                match peers::pick(
+                    &self.upstreams,
+                    self.peers.as_ref(),
+                    service,
+                    request.headers(),
+                ) {
+                    Pick::Local(upstream) => (upstream, false),
+                    Pick::Remote(upstream) => (upstream, true),
+                    Pick::Nowhere => {
                         self.metrics.refused(Refusal::NoInstance);
-                        return self.unknown(service).into_http();
+                        return self.unknown(service, request.headers()).into_http();
                     }
                 }
             }
@@ -412,13 +425,23 @@ impl Inner {
                 return full.status().into_http();
             }
         };
-        let Some(call) = self
+        if remote && let Some(peers) = &self.peers {
+            peers.mark(request.headers_mut());
+        }
+        let metered = self
             .metrics
-            .call(upstream.name.as_str(), request.uri().path())
-        else {
-            return self.forward(upstream, permit, request).await;
+            .call(upstream.name.as_str(), request.uri().path());
+        let traced = crate::trace::start(&mut request, upstream.name.as_str());
+        let response = self.forward(upstream, permit, request).await;
+        // Metrics first: they read the instance's body, which the span then wraps.
+        let response = match metered {
+            Some(call) => call.answered(response),
+            None => response,
         };
-        call.answered(self.forward(upstream, permit, request).await)
+        match traced {
+            Some(call) => crate::trace::answer(call, response),
+            None => response,
+        }
     }
 
     /// The router's own services, as far as the caller may use them (`policy`), with the
@@ -489,7 +512,21 @@ impl Inner {
         }
     }
 
-    fn unknown(&self, service: &str) -> Status {
+    fn unknown(&self, service: &str, headers: &http::HeaderMap) -> Status {
+        if let Some(peers) = &self.peers {
+            let node = peers.node();
+            if let Some(from) = headers.get(FORWARDED_HEADER) {
+                let from = String::from_utf8_lossy(from.as_bytes());
+                return Status::unavailable(format!(
+                    "service {service:?} has no instance on node {node} (forwarded by {from}; \
+                     a forwarded call is never forwarded again)"
+                ));
+            }
+            return Status::unavailable(format!(
+                "service {service:?} has no instance on node {node} nor on any other node \
+                 this router knows of; list services with `mesh status`"
+            ));
+        }
         let names = self.upstreams.names();
         let known = if names.is_empty() {
             "none is registered".to_owned()
@@ -538,9 +575,18 @@ impl RouterBuilder {
         self
     }
 
+    /// Makes this router one node of many: calls for names with no instance here go to the
+    /// other nodes in `cluster`'s view (see [`crate::cluster`]).
+    pub fn cluster(mut self, cluster: Cluster) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
     /// Builds the router and starts following the registry (needs a Tokio runtime).
     pub async fn build(mut self) -> Router {
-        let registry_server = RegistryService::new(self.registry.clone()).into_server();
+        let registry_server = RegistryService::new(self.registry.clone())
+            .with_cluster(self.cluster.clone())
+            .into_server();
         let introspection = mesh::introspection::Introspection::new()
             .file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
             .services(self.names.iter().copied())
@@ -564,6 +610,7 @@ impl RouterBuilder {
                 identify: self.identify,
                 call_policy: self.call_policy,
                 metrics: self.metrics,
+                peers: Peers::new(&self.cluster),
             }),
         }
     }

@@ -9,15 +9,17 @@
 //! - `grpc`: what is a gRPC call the router takes (POST, `application/grpc`, header list);
 //! - `policy`: who may call what on the router itself (the Manager API and registry writes
 //!   are the owner's);
-//! - `calls`: which services and methods a plugin may call through the router
-//!   ([`CallPolicy`], installed by the embedder);
+//! - `calls`: whether a forwarded call may go, by the embedder's policy: a plugin's `call:`
+//!   capabilities, every caller's rate limits ([`CallPolicy`]);
 //! - `route`: where a call goes (the `mesh-service` header, else `:authority`);
 //! - `upstream`: one balancer (`mesh::balance`) per service, following the registry;
+//! - `peers`: other nodes' routers, for names with no instance here ([`cluster`]);
 //! - `deadline`: `grpc-timeout` and the default call timeout;
 //! - `limit`: connections, handshakes, idle connections and calls in flight under their
 //!   [`Limits`];
 //! - `metrics`: calls, durations, refusals and connections as OpenTelemetry instruments
 //!   ([`RouterMetrics`], off unless the embedder hands in a meter);
+//! - `trace`: a span per forwarded call, child of the caller's, carried on to the instance;
 //! - `body`: the answer's body, the router's own or an instance's streamed through;
 //! - `forward`: accepting connections and forwarding calls ([`Router`]);
 //! - `workers`: thread-per-core serving ([`Workers`]).
@@ -34,19 +36,22 @@
 
 mod body;
 mod calls;
+pub mod cluster;
 mod deadline;
 mod forward;
 mod grpc;
 mod identity;
 mod limit;
 mod metrics;
+mod peers;
 mod policy;
 pub mod registry;
 mod route;
+mod trace;
 mod upstream;
 mod workers;
 
-pub use calls::CallPolicy;
+pub use calls::{CallPolicy, Refusal};
 pub use forward::{Router, RouterBuilder};
 pub use identity::{Caller, Identify, PluginIdentity};
 pub use limit::{

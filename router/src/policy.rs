@@ -30,6 +30,7 @@ const READ: &[&str] = &[
     "/mesh.v1.Registry/Resolve",
     "/mesh.v1.Registry/List",
     "/mesh.v1.Registry/Watch",
+    "/mesh.v1.Registry/Backend",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

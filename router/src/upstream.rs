@@ -1,7 +1,8 @@
 //! The router's view of the registry: one balancer per service name, kept current by a task
 //! that follows every change. A call reads the map without a lock (it is swapped whole when a
 //! service first appears, which is rare) and reads the registry only for a name the map does
-//! not have yet, so a service is routable as soon as it is registered.
+//! not have yet, so a service is routable as soon as it is registered. Gateway instances
+//! (this router standing for other nodes, see [`crate::cluster`]) are never routed to.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -9,7 +10,10 @@ use arc_swap::ArcSwap;
 
 use mesh::{ServiceName, balance::Balancer};
 
-use crate::registry::{Registry, Snapshot};
+use crate::{
+    cluster::is_gateway,
+    registry::{Registry, Snapshot},
+};
 
 type Balancers = HashMap<ServiceName, Arc<Upstream>>;
 
@@ -46,7 +50,9 @@ impl Upstreams {
                 // No instance here, but one may have registered a moment ago (a restart):
                 // the registry has the newest view.
                 let upstream = upstream.clone();
-                upstream.balancer.update(&self.registry.resolve(service));
+                upstream
+                    .balancer
+                    .update(&routable(self.registry.resolve(service)));
                 Some(upstream)
             }
             None => self.catch_up(service),
@@ -57,7 +63,7 @@ impl Upstreams {
     /// registry now. Adds it only if still absent, so it never overwrites newer news.
     #[cold]
     fn catch_up(&self, service: &str) -> Option<Arc<Upstream>> {
-        let instances = self.registry.resolve(service);
+        let instances = routable(self.registry.resolve(service));
         if instances.is_empty() {
             return None;
         }
@@ -96,6 +102,7 @@ impl Upstreams {
 
     /// The follower's news, the newest there is: it updates what `catch_up` added.
     fn apply(&self, service: ServiceName, instances: &Snapshot) {
+        let instances = &routable(instances.clone());
         let existing = self.balancers.load().get(&service).cloned();
         match existing {
             Some(upstream) => upstream.balancer.update(instances),
@@ -124,5 +131,18 @@ impl Upstreams {
                 }
             }
         });
+    }
+}
+
+/// `instances` without gateways.
+fn routable(instances: Snapshot) -> Snapshot {
+    if instances.iter().any(is_gateway) {
+        instances
+            .iter()
+            .filter(|i| !is_gateway(i))
+            .cloned()
+            .collect()
+    } else {
+        instances
     }
 }

@@ -37,6 +37,10 @@ pub struct Decision<'a> {
     pub allowed: bool,
     /// Why: the capability that allowed it, or what was missing.
     pub reason: &'a str,
+    /// For `call`: the path it took, `router` (forwarded by the router) or `direct` (on the
+    /// target plugin's own socket); absent for host services.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<&'a str>,
 }
 
 impl Decision<'_> {
@@ -202,6 +206,7 @@ mod tests {
             resource,
             allowed: false,
             reason: "r",
+            via: None,
         }
     }
 

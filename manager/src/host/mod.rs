@@ -6,15 +6,22 @@
 //! - [`fs`]: paths normalized for the check and opened beneath the plugin's root by the kernel;
 //! - [`audit`]: every decision as one JSON line;
 //! - [`service`]: `mesh.v1.Host`, served by the router to plugin callers only;
-//! - [`calls`]: calls a plugin forwards through the router, under its `call:` capabilities.
+//! - [`calls`]: calls to plugins, by the router or directly, under the callers' `call:`
+//!   capabilities and the targets' rate limits ([`rates`]), decided in one place;
+//! - [`direct`]: the manager's end of each instance's private channel, over which the SDK asks
+//!   about the callers on the plugin's own socket.
 
 pub mod audit;
 pub mod calls;
 pub mod caps;
+pub mod direct;
 pub mod fs;
+pub mod rates;
 pub mod service;
 
 pub use audit::Audit;
 pub use calls::CallGate;
 pub use caps::{Capability, Policies, Policy};
+pub use direct::DirectGate;
+pub use rates::{Rate, RateLimits};
 pub use service::HostService;

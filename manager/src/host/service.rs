@@ -76,6 +76,7 @@ impl HostService {
             resource,
             allowed,
             reason,
+            via: None,
         });
     }
 

@@ -30,6 +30,7 @@ use std::{
     path::Path,
 };
 
+use super::sandbox;
 use nix::{
     sched::{CloneFlags, unshare},
     sys::{
@@ -42,6 +43,10 @@ use nix::{
 /// The `mesh` argument that runs the host side of an instance.
 pub const INIT_ARG: &str = "__init";
 const PROBE_ARG: &str = "--probe";
+/// `mesh __init --probe-sandbox`: what the kernel offers the sandbox ([`super::sandbox`]).
+pub(crate) const PROBE_SANDBOX_ARG: &str = "--probe-sandbox";
+/// `mesh __init --sandbox JSON -- COMMAND...`: run the plugin in that sandbox.
+pub(crate) const SANDBOX_ARG: &str = "--sandbox";
 
 /// Signals the manager sends to an instance's whole group. The host side and the namespace's
 /// init ignore them: they live until the plugin has gone, and report how it went.
@@ -82,6 +87,25 @@ pub fn main(args: &[OsString]) -> ! {
             Err(error) => fail(&error),
         }
     }
+    if args.first().is_some_and(|a| a == PROBE_SANDBOX_ARG) {
+        match isolate() {
+            Ok(()) => sandbox::probe_here(),
+            Err(error) => {
+                let support = sandbox::Support::none(error);
+                println!("{}", serde_json::to_string(&support).unwrap_or_default());
+                std::process::exit(0)
+            }
+        }
+    }
+    let (spec, args) = match args {
+        [flag, spec, rest @ ..] if flag == SANDBOX_ARG => {
+            match serde_json::from_str::<sandbox::Spec>(&spec.to_string_lossy()) {
+                Ok(spec) => (Some(spec), rest),
+                Err(e) => fail(&format!("{SANDBOX_ARG}: {e}")),
+            }
+        }
+        _ => (None, args),
+    };
     let command = match args.first().map(|a| a == "--") {
         Some(true) => &args[1..],
         _ => args,
@@ -98,6 +122,19 @@ pub fn main(args: &[OsString]) -> ! {
         // mesh up probed this already and does not use __init where it fails.
         fail(&error);
     }
+    // Other plugins' sockets hidden in a mount namespace, before anything of the plugin runs.
+    let sandbox = spec.map(|spec| {
+        let hidden = sandbox::hide(&spec);
+        if let Err(why) = &hidden
+            && spec.strict
+        {
+            fail(&format!(
+                "sandbox = true, but other plugins' sockets cannot be hidden: {why}; \
+                 set sandbox = \"best-effort\" to run it anyway"
+            ));
+        }
+        (spec, hidden)
+    });
     ignore(&GROUP_SIGNALS);
     let (status_r, status_w) = match pipe() {
         Ok(pipe) => pipe,
@@ -111,7 +148,7 @@ pub fn main(args: &[OsString]) -> ! {
         Err(e) => fail(&format!("fork: {e}")),
         Ok(ForkResult::Child) => {
             drop(status_r);
-            namespace_init(&argv, status_w)
+            namespace_init(&argv, sandbox.as_ref(), status_w)
         }
         Ok(ForkResult::Parent { child }) => {
             drop(status_w);
@@ -130,7 +167,11 @@ pub fn main(args: &[OsString]) -> ! {
 
 /// Pid 1 of the new namespace: starts the plugin, reaps every orphan, and exits when the
 /// plugin does, which ends the namespace.
-fn namespace_init(argv: &[CString], report: std::os::fd::OwnedFd) -> ! {
+fn namespace_init(
+    argv: &[CString],
+    sandbox: Option<&(sandbox::Spec, Result<(), String>)>,
+    report: std::os::fd::OwnedFd,
+) -> ! {
     // Die with the host side; then the kernel kills everything in the namespace.
     if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
         std::process::exit(111);
@@ -145,6 +186,13 @@ fn namespace_init(argv: &[CString], report: std::os::fd::OwnedFd) -> ! {
             // The plugin gets ordinary signal handling back.
             default(&GROUP_SIGNALS);
             let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+            // Last: from here on this process opens only what the sandbox allows.
+            if let Some((spec, hidden)) = sandbox
+                && let Err(why) = sandbox::enter(spec, hidden)
+            {
+                eprintln!("mesh: {why}");
+                std::process::exit(111);
+            }
             let error = execvp(&argv[0], argv).unwrap_err();
             eprintln!("mesh: cannot run {}: {error}", argv[0].to_string_lossy());
             std::process::exit(127);

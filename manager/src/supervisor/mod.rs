@@ -3,6 +3,7 @@
 //! - [`process`]: starting a plugin process (environment, process group, parent-death signal,
 //!   limits, credentials) and stopping it (SIGTERM to the group, SIGKILL after the grace);
 //! - [`init`]: a PID namespace per instance, so that no descendant outlives the manager;
+//! - [`sandbox`]: the opt-in kernel sandbox (a mount namespace and Landlock) `init` sets up;
 //! - [`instance`]: one instance's life as a task with an explicit [`State`];
 //! - [`logs`]: captured stdout and stderr;
 //! - `identify`: which instance a local process belongs to, for the router ([`Supervisor::identify`]).
@@ -15,6 +16,7 @@ pub mod init;
 mod instance;
 pub mod logs;
 mod process;
+pub mod sandbox;
 
 use std::{
     collections::BTreeMap,
@@ -48,6 +50,9 @@ pub enum SupervisorError {
     /// The plugin's socket directory could not be prepared.
     #[error(transparent)]
     Socket(#[from] mesh::runtime::SocketError),
+    /// The plugin asks for `sandbox = true` and this kernel cannot sandbox it fully.
+    #[error("{0}")]
+    Sandbox(String),
 }
 
 /// Runs plugins. Share it behind an `Arc`.
@@ -60,7 +65,41 @@ pub struct Supervisor {
     /// The `mesh` binary that runs each instance in its own PID namespace ([`init`]); `None`:
     /// instances run directly.
     init: Option<PathBuf>,
+    /// Opens each instance's private channel for checking its callers (set once, after the
+    /// gate that answers it is built).
+    channels: ChannelsCell,
+    /// What the kernel offers sandboxed plugins ([`sandbox::probe`]); `None`: not probed,
+    /// no sandbox.
+    sandbox: Option<sandbox::Support>,
     plugins: Mutex<BTreeMap<String, Arc<Slot>>>,
+}
+
+/// Opens an instance's private channel to the manager, over which its SDK asks who its callers
+/// are and whether each call may run (`MESH_CALLERS_FD`; `crate::host::direct`).
+pub trait CallerChannels: Send + Sync + 'static {
+    /// A new channel for an instance of `plugin` serving `service`: the end the instance
+    /// inherits (close-on-exec; the child clears that).
+    fn open(&self, plugin: &str, service: &str) -> std::io::Result<std::os::fd::OwnedFd>;
+}
+
+/// Where instances find the [`CallerChannels`], once it is set.
+#[derive(Clone, Default)]
+pub(crate) struct ChannelsCell(Arc<std::sync::OnceLock<Arc<dyn CallerChannels>>>);
+
+impl ChannelsCell {
+    pub(crate) fn get(&self) -> Option<&Arc<dyn CallerChannels>> {
+        self.0.get()
+    }
+}
+
+impl std::fmt::Debug for ChannelsCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "set"
+        } else {
+            "unset"
+        })
+    }
 }
 
 /// One plugin: its settings and instances, and the lock that serialises operations on it.
@@ -132,6 +171,8 @@ impl Supervisor {
             registry,
             mesh_socket,
             init: None,
+            channels: ChannelsCell::default(),
+            sandbox: None,
             plugins: Mutex::default(),
         }
     }
@@ -142,6 +183,60 @@ impl Supervisor {
     pub fn with_init(mut self, program: PathBuf) -> Self {
         self.init = Some(program);
         self
+    }
+
+    /// Gives every instance started from now on a private channel from `channels`, over which
+    /// its SDK checks its callers; set once (a second call is ignored).
+    pub fn set_caller_channels(&self, channels: Arc<dyn CallerChannels>) {
+        let _ = self.channels.0.set(channels);
+    }
+
+    /// Sandboxes the plugins that ask for it (`sandbox = true`) as `support` says the kernel
+    /// can; needs [`Supervisor::with_init`] (the sandbox is set up by `mesh __init`).
+    pub fn with_sandbox(mut self, support: sandbox::Support) -> Self {
+        self.sandbox = Some(support);
+        self
+    }
+
+    /// What the kernel offers sandboxed plugins here.
+    pub fn sandbox_support(&self) -> sandbox::Support {
+        match (&self.init, &self.sandbox) {
+            (Some(_), Some(support)) => support.clone(),
+            (None, _) => sandbox::Support::none(
+                "no PID namespace per instance, in which the sandbox is set up".into(),
+            ),
+            (Some(_), None) => sandbox::Support::none("not probed".into()),
+        }
+    }
+
+    /// Refuses a plugin with `sandbox = true` that this kernel cannot sandbox fully; warns of
+    /// a `"best-effort"` one.
+    fn check_sandbox(&self, config: &PluginConfig) -> Result<(), SupervisorError> {
+        use crate::config::SandboxMode;
+        let support = self.sandbox_support();
+        let name = &config.name;
+        let origin = &config.sandbox.origin;
+        match config.sandbox.mode {
+            SandboxMode::Off => Ok(()),
+            _ if support.full() => {
+                tracing::info!("plugin {name}: sandboxed: {}", support.describe());
+                Ok(())
+            }
+            SandboxMode::Strict => Err(SupervisorError::Sandbox(format!(
+                "{origin}: plugin {name:?} asks for sandbox = true, but this kernel cannot \
+                 sandbox it fully: {}; not started. Set sandbox = \"best-effort\" to run it \
+                 with what the kernel offers, or allow user namespaces and Landlock",
+                support.describe()
+            ))),
+            SandboxMode::BestEffort => {
+                tracing::warn!(
+                    "{origin}: plugin {name}: sandbox = \"best-effort\", and this kernel cannot \
+                     sandbox fully: {}",
+                    support.describe()
+                );
+                Ok(())
+            }
+        }
     }
 
     fn plugins(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Slot>>> {
@@ -157,6 +252,7 @@ impl Supervisor {
 
     /// Adds a plugin and starts its instances; returns at once (see [`Supervisor::settled`]).
     pub fn add(&self, config: PluginConfig) -> Result<(), SupervisorError> {
+        self.check_sandbox(&config)?;
         prepare_socket_dir(&config)?;
         let config = Arc::new(config);
         let logs = Arc::new(LogBook::default());
@@ -210,6 +306,8 @@ impl Supervisor {
                 id,
                 mesh_socket: self.mesh_socket.clone(),
                 init: self.init.clone(),
+                channels: self.channels.clone(),
+                sandbox: self.init.is_some() && self.sandbox.is_some(),
             },
             registry: self.registry.clone(),
             logs: logs.clone(),
@@ -391,6 +489,11 @@ impl Supervisor {
                 .ignored
                 .push("[admin] and [telemetry] metrics apply at the next mesh up".into());
         }
+        if config.cluster != current.cluster {
+            report.ignored.push(
+                "[mesh] node and advertise, and [registry], apply at the next mesh up".into(),
+            );
+        }
         // The spin window is read on every call: it applies at once.
         mesh::tuning::set_linger(config.spin);
         let names: Vec<String> = self.plugins().keys().cloned().collect();
@@ -416,16 +519,22 @@ impl Supervisor {
                 continue;
             };
             let old = slot.run().config.clone();
-            // Capabilities and root apply on the next call (the host's policies), not by restart.
+            // Capabilities, root and rate limits apply on the next call (the host's policies),
+            // not by restart.
             let same_but_count = PluginConfig {
                 instances: old.instances,
                 capabilities: old.capabilities.clone(),
                 root: old.root.clone(),
+                rate_limit: old.rate_limit,
+                caller_rate_limit: old.caller_rate_limit,
                 ..plugin.clone()
             };
             if same_but_count != *old {
                 let _op = slot.ops.lock().await;
-                if let Err(error) = prepare_socket_dir(&plugin) {
+                if let Err(error) = self
+                    .check_sandbox(&plugin)
+                    .and_then(|()| Ok(prepare_socket_dir(&plugin)?))
+                {
                     // Its instances keep running with the settings they have.
                     report
                         .failed

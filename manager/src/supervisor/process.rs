@@ -13,7 +13,7 @@ use nix::{
 use tokio::process::{Child, Command};
 
 use super::logs::{LogBook, Stream};
-use crate::config::{PluginConfig, ResourceLimits, Transport};
+use crate::config::{PluginConfig, ResourceLimits, SandboxMode, Transport};
 
 /// What a started instance needs to know.
 #[derive(Debug, Clone)]
@@ -23,6 +23,10 @@ pub(crate) struct Launch {
     pub(crate) mesh_socket: std::path::PathBuf,
     /// The `mesh` binary, to run the instance in its own PID namespace (`super::init`).
     pub(crate) init: Option<std::path::PathBuf>,
+    /// Where the instance's private channel for checking callers comes from.
+    pub(crate) channels: super::ChannelsCell,
+    /// Whether `init` may sandbox the plugins that ask for it ([`super::sandbox`]).
+    pub(crate) sandbox: bool,
 }
 
 impl Launch {
@@ -75,17 +79,31 @@ pub(crate) fn spawn(
     logs: &Arc<LogBook>,
 ) -> io::Result<(Child, Capture)> {
     let plugin = &launch.plugin;
+    let sandboxed = plugin.sandbox.mode != SandboxMode::Off;
     let mut command = match &launch.init {
         Some(init) => {
             let mut command = Command::new(init);
-            command
-                .arg(super::init::INIT_ARG)
-                .arg("--")
-                .arg(&plugin.command);
+            command.arg(super::init::INIT_ARG);
+            if sandboxed && launch.sandbox {
+                let port = match endpoint {
+                    Address::Tcp(address) => address
+                        .rsplit_once(':')
+                        .and_then(|(_, port)| port.parse().ok()),
+                    _ => None,
+                };
+                let spec = super::sandbox::spec(plugin, &launch.mesh_socket, port);
+                let spec = serde_json::to_string(&spec).map_err(io::Error::other)?;
+                command.arg(super::init::SANDBOX_ARG).arg(spec);
+            }
+            command.arg("--").arg(&plugin.command);
             command
         }
         None => Command::new(&plugin.command),
     };
+    if sandboxed {
+        // Its direct dial of another plugin's socket cannot succeed: `mesh::connect` routes.
+        command.env(mesh::MESH_DIRECT, "0");
+    }
     match endpoint {
         Address::Unix(socket) => {
             // A socket left by a crashed instance would make the plugin's bind fail.
@@ -122,6 +140,16 @@ pub(crate) fn spawn(
     }
     crate::systemd::hide(&mut command);
     before_exec(&mut command, plugin.limits);
+    // Kept open until the child has it; then only the child (and the manager's end) holds it.
+    let _channel = match (endpoint, launch.channels.get()) {
+        (Address::Unix(_), Some(channels)) => {
+            let channel = channels.open(&plugin.name, plugin.service.as_str())?;
+            inherit(&mut command, &channel);
+            Some(channel)
+        }
+        // A TCP peer has no pidfd: nothing to check it by (docs/security.md says so).
+        _ => None,
+    };
     let mut child = command.spawn()?;
     let mut capture = Capture(Vec::with_capacity(2));
     for (stream, output) in [
@@ -175,6 +203,28 @@ fn before_exec(command: &mut Command, limits: ResourceLimits) {
                     setrlimit(resource, limit, limit).map_err(io::Error::from)?;
                 }
             }
+            Ok(())
+        });
+    }
+}
+
+/// Hands `channel` to the child as `MESH_CALLERS_FD`: the same number, close-on-exec cleared
+/// in the child only, so no other process the manager starts inherits it.
+#[allow(unsafe_code)]
+fn inherit(command: &mut Command, channel: &std::os::fd::OwnedFd) {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let fd = channel.as_raw_fd();
+    command.env(plugin::CALLERS_FD, fd.to_string());
+    // SAFETY: runs in the child between fork and exec, and only calls fcntl (async-signal-safe)
+    // on an fd that is open there (the parent keeps it open until spawn returns).
+    unsafe {
+        command.pre_exec(move || {
+            let fd = BorrowedFd::borrow_raw(fd);
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map_err(io::Error::from)?;
             Ok(())
         });
     }

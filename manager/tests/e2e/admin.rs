@@ -266,6 +266,55 @@ async fn metrics_count_the_routed_calls_of_each_instance() {
     );
 }
 
+/// Metrics and traces on together, in one `[telemetry]` table: the router's span wraps the
+/// answer after the metrics have read who gave it, so calls still count by instance.
+#[tokio::test]
+async fn metrics_count_by_instance_with_traces_on_too() {
+    // Nothing listens there: the exporter drops the spans, the calls are not affected.
+    let endpoint = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let settings = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[telemetry]\nmetrics = true\n\
+         otlp_endpoint = \"{endpoint}\"\nsample_ratio = 1\n"
+    );
+    let mesh = Mesh::start_with(&settings, crate::lifecycle::TWO_ECHOES).await;
+    let addr = admin_address(&mesh).await;
+    mesh.wait_instances("plugin.echo", 2).await;
+    let channel = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo").unwrap();
+    let mut client = EchoClient::new(channel);
+    let mut answered = BTreeMap::<String, u32>::new();
+    const CALLS: u32 = 20;
+    for i in 0..CALLS {
+        let reply = client.echo(echo(&format!("call {i}"))).await.unwrap();
+        *answered.entry(reply.into_inner().instance).or_default() += 1;
+    }
+    let calls = "rpc_server_calls_total";
+    let ok = [
+        ("mesh_service", "plugin.echo"),
+        ("rpc_grpc_status_code", "0"),
+    ];
+    let samples = metrics_until(&addr, "every call", |s| {
+        sum(s, calls, &ok) == f64::from(CALLS)
+    })
+    .await;
+    for (instance, count) in &answered {
+        let mut labels = ok.to_vec();
+        labels.push(("mesh_instance", instance));
+        assert_eq!(
+            sum(&samples, calls, &labels),
+            f64::from(*count),
+            "{instance}"
+        );
+    }
+    assert_eq!(
+        sum(&samples, "mesh_router_refused_total", &[]),
+        0.0,
+        "no answer counted as the router's own"
+    );
+}
+
 #[tokio::test]
 async fn restarts_are_counted_and_readyz_follows_a_killed_instance() {
     // A backoff long enough that the instance is seen down.

@@ -599,3 +599,306 @@ async fn calls_through_the_router_need_a_call_capability_checked_per_call_and_au
     );
     assert_eq!(allowed["instance"], "files-0", "{allowed}");
 }
+
+/// `(resource, allowed, via)` of every `call` line in the audit log.
+fn call_paths(path: &Path) -> Vec<(String, bool, String)> {
+    audit_lines(path)
+        .iter()
+        .filter(|l| l["action"] == "call")
+        .map(|l| {
+            assert_eq!(l["plugin"], "files", "{l}");
+            assert_eq!(l["instance"], "files-0", "{l}");
+            (
+                l["resource"].as_str().unwrap().to_owned(),
+                l["allowed"].as_bool().unwrap(),
+                l["via"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn direct_calls_to_a_plugin_are_checked_like_routed_ones_per_call_and_audited() {
+    use mesh_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
+    let echo = format!(
+        "[[plugin]]\nname = \"echo\"\ncommand = {:?}\n",
+        echo_plugin().display().to_string()
+    );
+    let Setup {
+        mesh,
+        audit,
+        mut probe,
+        _dir,
+        ..
+    } = setup_with("\"read:.\"", &echo).await;
+    let echo_socket = mesh.wait_instances("plugin.echo", 1).await[0].socket();
+    let p = &mut probe;
+    const ECHO: &str = "plugin.echo/echo.v1.Echo/Echo";
+    const EXPAND: &str = "plugin.echo/echo.v1.Echo/Expand";
+    let socket = format!("socket {}", echo_socket.display());
+    let paths = ["router", "connect", socket.as_str()];
+
+    // The owner dialing echo's socket itself is served (and not audited), as is the router's
+    // own health checking, which made the instance ready.
+    let mut owner = EchoClient::new(mesh::Channel::to_server(mesh::Address::Unix(
+        echo_socket.clone(),
+    )));
+    let reply = owner
+        .echo(EchoRequest {
+            message: "owner".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.get_ref().message, "owner");
+
+    // No call: capability: the same refusal by every path, whatever names the probe's headers
+    // claim (another plugin, another route).
+    let refusal = "plugin \"files\" lacks call:plugin.echo (or call:plugin.echo/echo.v1.Echo/Echo); \
+                   grant it with mesh grant files 'call:plugin.echo'";
+    for path in paths {
+        assert_eq!(
+            p.denied(&format!("call plugin.echo echo {path}")).await,
+            refusal,
+            "{path}"
+        );
+    }
+
+    // One method granted: that method passes by every path, the other is still refused.
+    mesh.cli_ok(&["grant", "files", &format!("call:{ECHO}")])
+        .await;
+    for path in paths {
+        assert_eq!(
+            p.call(&format!("call plugin.echo echo {path}")).await,
+            Ok("probe".to_owned()),
+            "{path}"
+        );
+    }
+    for path in &paths[1..] {
+        let message = p.denied(&format!("call plugin.echo expand {path}")).await;
+        assert!(
+            message.contains("(or call:plugin.echo/echo.v1.Echo/Expand)"),
+            "{message}"
+        );
+    }
+
+    // Revoked: the next direct call is refused; the whole service granted: the next passes.
+    mesh.cli_ok(&["revoke", "files", &format!("call:{ECHO}")])
+        .await;
+    p.denied(&format!("call plugin.echo echo {socket}")).await;
+    mesh.cli_ok(&["grant", "files", "call:plugin.echo"]).await;
+    assert_eq!(
+        p.call(&format!("call plugin.echo expand {socket}")).await,
+        Ok("2".to_owned())
+    );
+
+    // One audit line per decision of a plugin's call, by either path; none for the owner.
+    let line = |r: &str, allowed: bool, via: &str| (r.to_owned(), allowed, via.to_owned());
+    assert_eq!(
+        call_paths(&audit),
+        vec![
+            line(ECHO, false, "router"),
+            line(ECHO, false, "direct"),
+            line(ECHO, false, "direct"),
+            line(ECHO, true, "router"),
+            line(ECHO, true, "direct"),
+            line(ECHO, true, "direct"),
+            line(EXPAND, false, "direct"),
+            line(EXPAND, false, "direct"),
+            line(ECHO, false, "direct"),
+            line(EXPAND, true, "direct"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn calls_over_a_rate_limit_are_refused_at_once_and_others_are_not() {
+    use mesh_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
+    // No refill within the test: 5 calls per caller, 8 in all, then refusals.
+    let plugins = |caller_limit: &str, limit: &str| {
+        format!(
+            "[[plugin]]\nname = \"echo\"\ncommand = {echo:?}\nrate_limit = {limit:?}\n\
+             caller_rate_limit = {caller_limit:?}\n\
+             [[plugin]]\nname = \"other\"\ncommand = {echo:?}\n",
+            echo = echo_plugin().display().to_string()
+        )
+    };
+    let Setup {
+        mesh,
+        audit,
+        mut probe,
+        table,
+        _dir,
+        ..
+    } = setup_with(
+        "\"call:plugin.echo\", \"call:plugin.other\"",
+        &plugins("5/h", "8/h"),
+    )
+    .await;
+    let echo_socket = mesh.wait_instances("plugin.echo", 1).await[0].socket();
+    mesh.wait_instances("plugin.other", 1).await;
+    let p = &mut probe;
+    let socket = format!("socket {}", echo_socket.display());
+
+    // The probe's plugin: 5 calls pass, by the router and directly together.
+    let mut outcomes = Vec::new();
+    for i in 0..12 {
+        let path = if i % 2 == 0 {
+            "router"
+        } else {
+            socket.as_str()
+        };
+        outcomes.push(p.call(&format!("call plugin.echo echo {path}")).await);
+    }
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_ok()).count(),
+        5,
+        "{outcomes:?}"
+    );
+    for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert_eq!(refused.0, Code::ResourceExhausted as i32, "{refused:?}");
+        assert!(
+            refused.1.contains(
+                "plugin \"files\" is over plugin.echo's caller_rate_limit of 5/h; raise \
+                 caller_rate_limit in the [[plugin]] table of \"echo\""
+            ),
+            "{refused:?}"
+        );
+    }
+    // Another service is not limited for it.
+    for _ in 0..10 {
+        assert_eq!(
+            p.call("call plugin.other echo").await,
+            Ok("probe".to_owned())
+        );
+    }
+
+    // Another caller (the owner, through the router) has its own 5, cut to 3 by the 8 in all.
+    let mut owner = EchoClient::new(
+        mesh::Channel::to_address(mesh::Address::Unix(mesh.socket.clone()), "plugin.echo").unwrap(),
+    );
+    let mut passed = 0;
+    let mut first = None;
+    for _ in 0..6 {
+        match owner
+            .echo(EchoRequest {
+                message: "owner".into(),
+            })
+            .await
+        {
+            Ok(_) => passed += 1,
+            Err(status) => {
+                first.get_or_insert(status);
+            }
+        }
+    }
+    assert_eq!(passed, 3);
+    let first = first.unwrap();
+    assert_eq!(first.code(), Code::ResourceExhausted);
+    assert!(
+        first
+            .message()
+            .contains("plugin.echo is over its rate_limit of 8/h (all callers together)"),
+        "{first:?}"
+    );
+
+    // Refusals by rate limit are in the audit log (at most one line a second per caller and
+    // target, so a flood cannot fill it).
+    let limited: Vec<_> = audit_lines(&audit)
+        .into_iter()
+        .filter(|l| l["action"] == "call" && l["allowed"] == false)
+        .collect();
+    assert!(!limited.is_empty());
+    assert!(limited.len() <= 7, "{limited:?}");
+    assert!(
+        limited[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("caller_rate_limit"),
+        "{:?}",
+        limited[0]
+    );
+
+    // A reload that raises the limits applies them from the next call, without a restart.
+    let pid = mesh.wait_instances("plugin.echo", 1).await[0].pid;
+    mesh.rewrite(&format!(
+        "{}{}",
+        table("\"call:plugin.echo\", \"call:plugin.other\""),
+        plugins("50/h", "100/h")
+    ));
+    mesh.cli_ok(&["reload"]).await;
+    assert_eq!(
+        p.call("call plugin.echo echo").await,
+        Ok("probe".to_owned())
+    );
+    assert_eq!(mesh.wait_instances("plugin.echo", 1).await[0].pid, pid);
+}
+
+#[tokio::test]
+async fn a_plugin_started_by_hand_says_its_callers_are_unchecked_and_a_bad_channel_is_refused() {
+    use mesh_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
+    use std::process::Stdio;
+    let dir = short_tempdir();
+    let socket = dir.path().join("hand.sock");
+    let plugin = |socket: &Path| {
+        let mut command = tokio::process::Command::new(echo_plugin());
+        command
+            .env("PLUGIN_SOCKET", socket)
+            .env("PLUGIN_NAME", "echo")
+            .env("PLUGIN_INSTANCE", "echo-hand")
+            .env_remove(mesh::plugin::CALLERS_FD)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    };
+
+    // Without the channel it serves every caller, and says so once.
+    let mut child = plugin(&socket).spawn().unwrap();
+    let mut echo = EchoClient::new(mesh::Channel::to_server(mesh::Address::Unix(
+        socket.clone(),
+    )));
+    let deadline = Instant::now() + DEADLINE;
+    let mut answered = 0;
+    while answered < 3 {
+        let call = echo.echo(EchoRequest {
+            message: "hand".into(),
+        });
+        match call.await {
+            Ok(reply) => {
+                assert_eq!(reply.get_ref().message, "hand");
+                answered += 1;
+            }
+            Err(status) => {
+                assert!(Instant::now() < deadline, "never served: {status:?}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    child.start_kill().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        said.matches("MESH_CALLERS_FD not set (not started by mesh up): callers on this socket are served without checking").count(),
+        1,
+        "{said}"
+    );
+
+    // A variable that names no channel (a closed fd here): refused at start, never served
+    // unchecked.
+    let mut bad = plugin(&dir.path().join("bad.sock"));
+    bad.env(mesh::plugin::CALLERS_FD, "9");
+    let out = tokio::time::timeout(DEADLINE, bad.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("MESH_CALLERS_FD=9 is not the manager's channel"),
+        "{said}"
+    );
+}

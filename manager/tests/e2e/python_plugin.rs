@@ -126,3 +126,42 @@ for reply in call(iter([r.ServerReflectionRequest(list_services="")]), timeout=1
         "{status}"
     );
 }
+
+/// The same plugin under the kernel sandbox: the interpreter (through the venv's symlinks),
+/// its libraries and the venv are found from `command`; the script's directory is named in
+/// `sandbox_paths`. It serves, by name through the router.
+#[tokio::test]
+async fn python_plugin_runs_in_the_kernel_sandbox() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let dir = repo.join("examples/python-plugin");
+    let plugins = format!(
+        r#"
+[[plugin]]
+name = "pyecho"
+command = "{}"
+args = ["{}"]
+sandbox = true
+sandbox_paths = ["{}"]
+"#,
+        venv_python().display(),
+        dir.join("plugin.py").display(),
+        dir.display(),
+    );
+    let mesh = Mesh::start(&plugins).await;
+    let line = mesh.wait_line("plugin pyecho: sandboxed").await;
+    assert!(line.contains("fully enforced"), "{line}");
+    mesh.wait_instances("plugin.pyecho", 1).await;
+    let socket = mesh.socket.display().to_string();
+    let reply = grpcurl_ok(&[
+        "-unix",
+        "-authority",
+        "plugin.pyecho",
+        "-d",
+        r#"{"message":"confined"}"#,
+        &socket,
+        "echo.v1.Echo/Echo",
+    ]);
+    assert!(reply.contains("confined"), "{reply}");
+    let logs = mesh.cli_ok(&["logs", "pyecho"]).await;
+    assert!(logs.contains("mesh: sandboxed:"), "{logs}");
+}

@@ -35,6 +35,12 @@ pub fn host_probe() -> &'static Path {
     BUILT.get_or_init(|| build("mesh-testkit", "host-probe"))
 }
 
+/// The `files-plugin` example (the file lister), built once per test process.
+pub fn files_plugin() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| build("files-plugin", "files-plugin"))
+}
+
 /// Builds `bin` of `package` beside the `mesh` binary under test.
 fn build(package: &str, bin: &str) -> PathBuf {
     let target = mesh_bin().parent().expect("target dir");

@@ -63,7 +63,7 @@ impl Endpoint {
         Self {
             health: Arc::new(Health {
                 instance: format!("{} ({})", target.id, target.address),
-                id_len: target.id.len(),
+                id: target.id.as_str().into(),
                 clock,
                 in_flight: AtomicUsize::new(0),
                 failures: AtomicU32::new(0),
@@ -113,8 +113,8 @@ impl Endpoint {
 pub(crate) struct Health {
     /// `id (address)`, for logs.
     instance: String,
-    /// Where the id ends in `instance`.
-    id_len: usize,
+    /// The instance's id alone (`echo-0`), for the answer's [`super::AnsweredBy`].
+    pub(crate) id: Arc<str>,
     clock: Clock,
     in_flight: AtomicUsize,
     /// Failed calls since the last success.
@@ -126,7 +126,7 @@ pub(crate) struct Health {
 impl Health {
     /// The instance's id.
     pub(crate) fn id(&self) -> &str {
-        &self.instance[..self.id_len]
+        &self.id
     }
 
     /// Calls in flight on this instance now.

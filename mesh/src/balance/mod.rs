@@ -284,12 +284,22 @@ fn is_unavailable(response: &Response<RecvBody>) -> bool {
         .is_some_and(|status| status.as_bytes() == b"14")
 }
 
+/// In an answer's extensions while a tracer is installed ([`crate::telemetry::active`]): the
+/// id of the instance that answered (`echo-0`), for the router's span.
+#[derive(Debug, Clone)]
+pub struct AnsweredBy(pub Arc<str>);
+
 fn answered(
-    response: Response<RecvBody>,
+    mut response: Response<RecvBody>,
     first: Option<http_body::Frame<bytes::Bytes>>,
     in_flight: InFlight,
 ) -> Response<ResponseBody> {
     record(in_flight.health(), &response);
+    if crate::telemetry::active() {
+        response
+            .extensions_mut()
+            .insert(AnsweredBy(in_flight.health().id.clone()));
+    }
     response.map(|body| ResponseBody::new(body, first, in_flight))
 }
 

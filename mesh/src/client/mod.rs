@@ -30,6 +30,12 @@ use crate::{
 /// Environment variable naming a remote router (`http://host:7700`); when set, calls go through it.
 pub const MESH_ROUTER: &str = "MESH_ROUTER";
 
+/// Environment variable: `0` sends every call through the local router instead of dialing
+/// instances' sockets directly. The manager sets it for sandboxed plugins
+/// (`sandbox = true`), which cannot reach other plugins' sockets, so that their calls take the
+/// router, where their `call:` capabilities are checked.
+pub const MESH_DIRECT: &str = "MESH_DIRECT";
+
 /// How long `connect` waits for the router's first answer.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -92,10 +98,22 @@ enum RouterAt {
 }
 
 impl Connector {
-    /// `MESH_ROUTER` if set, else `MESH_SOCKET`, else the default router socket. Fails if
-    /// `MESH_ROUTER` is set to something that is not an address.
+    /// `MESH_ROUTER` if set, else `MESH_SOCKET`, else the default router socket (every call
+    /// through it if `MESH_DIRECT=0`). Fails if `MESH_ROUTER` is set to something that is
+    /// not an address.
     pub fn from_env() -> Result<Self, Error> {
-        Self::from_router_var(std::env::var(MESH_ROUTER).ok().as_deref())
+        Self::from_vars(
+            std::env::var(MESH_ROUTER).ok().as_deref(),
+            std::env::var(MESH_DIRECT).ok().as_deref(),
+        )
+    }
+
+    /// [`Connector::from_env`], given `MESH_ROUTER`'s and `MESH_DIRECT`'s values.
+    fn from_vars(router: Option<&str>, direct: Option<&str>) -> Result<Self, Error> {
+        if direct == Some("0") && router.is_none_or(str::is_empty) {
+            return Ok(Self::routed(runtime::router_socket()));
+        }
+        Self::from_router_var(router)
     }
 
     /// [`Connector::from_env`], given `MESH_ROUTER`'s value.
@@ -117,6 +135,13 @@ impl Connector {
     /// The router listening on the Unix socket `path` (this machine): calls go to instances directly.
     pub fn local(path: impl Into<PathBuf>) -> Self {
         Self::at(RouterAt::Local(path.into()))
+    }
+
+    /// The router listening on the Unix socket `path` (this machine), sending every call
+    /// through it rather than to the instances directly: one hop more, and the router's
+    /// policy on each call (what a sandboxed plugin gets, see [`MESH_DIRECT`]).
+    pub fn routed(path: impl Into<PathBuf>) -> Self {
+        Self::at(RouterAt::Remote(Address::Unix(path.into())))
     }
 
     /// A router at `address` (`http://host:7700`): every call goes through it.
@@ -390,6 +415,8 @@ impl tower::Service<Request<Body>> for Channel {
                 return Box::pin(async move { Err(status(error)) });
             }
         }
+        // The caller's trace goes along, once a tracer is installed.
+        crate::telemetry::inject(request.headers_mut());
         Box::pin(async move {
             inner
                 .balancer
@@ -450,6 +477,17 @@ mod tests {
             let local = Connector::from_router_var(unset).unwrap();
             assert!(matches!(local.router, RouterAt::Local(_)), "{unset:?}");
         }
+        // MESH_DIRECT=0: through the local router socket; other values change nothing.
+        let routed = Connector::from_vars(None, Some("0")).unwrap();
+        assert!(
+            matches!(routed.router, RouterAt::Remote(Address::Unix(ref p)) if *p == runtime::router_socket())
+        );
+        for direct in [None, Some("1"), Some("")] {
+            let local = Connector::from_vars(None, direct).unwrap();
+            assert!(matches!(local.router, RouterAt::Local(_)), "{direct:?}");
+        }
+        let remote = Connector::from_vars(Some("http://127.0.0.1:7700"), Some("0")).unwrap();
+        assert!(matches!(remote.router, RouterAt::Remote(Address::Tcp(_))));
     }
 
     #[tokio::test]

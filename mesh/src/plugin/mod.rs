@@ -24,11 +24,13 @@
 //! # }
 //! ```
 
+mod callers;
 mod health;
 mod limit;
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, path::PathBuf};
 
+use futures_util::StreamExt;
 use http::{Request, Response};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -38,6 +40,10 @@ use crate::{
     introspection::{Introspection, InvalidDescriptors},
     runtime, transport, tuning,
 };
+pub use callers::CALLERS_FD;
+/// The messages of the callers' channel, for the manager's end of it. Not a public API.
+#[doc(hidden)]
+pub use callers::wire as callers_wire;
 pub use health::Health;
 
 /// A tonic service the SDK, the router and `mesh::inprocess` can serve: what
@@ -122,6 +128,9 @@ pub enum PluginError {
     /// A file descriptor set given for reflection could not be read.
     #[error(transparent)]
     Reflection(#[from] InvalidDescriptors),
+    /// The manager's channel for checking callers ([`CALLERS_FD`]) is not usable.
+    #[error("{0}; it is set by mesh up: unset it to run the plugin by hand")]
+    Callers(String),
     /// The server failed.
     #[error("serving failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -138,7 +147,8 @@ pub enum PluginError {
 pub use crate::__plugin_main as main;
 
 /// The whole `main` of a plugin with one service: reads the manager's variables
-/// ([`Plugin::from_env`]), serves `service` with health and reflection (`descriptors`, such as
+/// ([`Plugin::from_env`]), installs logging and tracing ([`Plugin::init_telemetry`], unless a
+/// `tracing` subscriber is already installed), serves `service` with health and reflection (`descriptors`, such as
 /// `mesh::file_descriptor_set!()`) on a multi-threaded tokio runtime until SIGTERM or SIGINT,
 /// then drains ([`Plugin::serve`]).
 ///
@@ -159,6 +169,14 @@ pub fn run<S: GrpcService>(service: S, descriptors: &'static [u8]) -> std::proce
             eprintln!("{}: cannot start the async runtime: {error}", program());
             return ExitCode::FAILURE;
         }
+    };
+    // Logging and the tracer, unless the program installed a subscriber of its own.
+    #[cfg(feature = "otlp")]
+    let _telemetry = if tracing::dispatcher::has_been_set() {
+        None
+    } else {
+        let _entered = runtime.enter();
+        plugin.init_telemetry()
     };
     let served = runtime.block_on(
         plugin
@@ -310,6 +328,31 @@ impl Plugin {
         }
     }
 
+    /// Installs logging and, when the manager handed the plugin an OTLP endpoint
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT`), a tracer exporting this instance's spans as service
+    /// `plugin.<name>` (or `OTEL_SERVICE_NAME`), instance `PLUGIN_INSTANCE`: what [`run`]
+    /// does before serving. Log lines are text without timestamps (the manager stamps the
+    /// lines it captures), or JSON when `MESH_LOG_FORMAT=json`. Keep the value until the
+    /// plugin exits: dropping it sends the spans still buffered.
+    ///
+    /// Returns `None`, with a line on stderr, when a subscriber is already installed or the
+    /// endpoint is malformed; the plugin then serves without exporting. Call it inside a Tokio
+    /// runtime.
+    #[cfg(feature = "otlp")]
+    pub fn init_telemetry(&self) -> Option<crate::telemetry::Telemetry> {
+        let mut config =
+            crate::telemetry::TelemetryConfig::from_env(format!("plugin.{}", self.name));
+        config.instance_id = Some(self.instance.clone());
+        config.captured = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        match crate::telemetry::init(&config) {
+            Ok(telemetry) => Some(telemetry),
+            Err(error) => {
+                eprintln!("{}: telemetry off: {error}", program());
+                None
+            }
+        }
+    }
+
     /// Where the plugin serves.
     pub fn listen(&self) -> &Listen {
         &self.listen
@@ -427,9 +470,54 @@ impl Plugin {
         shutdown: impl Future<Output = ()>,
         maintenance: Option<impl Future<Output = ()> + Send + 'static>,
     ) -> Result<(), PluginError> {
-        let incoming = match &self.listen {
-            Listen::Unix(path) => Incoming::Unix(UnixListenerStream::new(runtime::bind(path)?)),
-            Listen::Tcp(address) => Incoming::Tcp(TcpListenerStream::new(
+        let gate = match &self.listen {
+            Listen::Unix(_) => match callers::Gate::from_env().map_err(PluginError::Callers)? {
+                callers::FromEnv::Present(gate) => Some(gate),
+                callers::FromEnv::Absent => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        tracing::warn!(
+                            "{CALLERS_FD} not set (not started by mesh up): callers on this \
+                             socket are served without checking their call: capabilities"
+                        )
+                    });
+                    None
+                }
+            },
+            Listen::Tcp(_) => None,
+        };
+        let mut accepting = None;
+        let incoming = match (&self.listen, gate) {
+            (Listen::Unix(path), Some(gate)) => {
+                let listener = runtime::bind(path)?;
+                let answers = gate.start();
+                let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+                let accept = tokio::spawn(async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((stream, _)) => {
+                                let (gate, tx) = (gate.clone(), tx.clone());
+                                // Concurrently: one slow answer must not hold up other callers.
+                                tokio::spawn(async move {
+                                    let checked = callers::Checked::accept(gate, stream).await;
+                                    let _ = tx.send(Ok::<_, std::io::Error>(checked)).await;
+                                });
+                            }
+                            Err(error) => {
+                                // Out of file descriptors, say: wait a little, keep serving.
+                                tracing::warn!(%error, "accept failed");
+                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                });
+                accepting = Some((accept, answers));
+                Incoming::Checked(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed())
+            }
+            (Listen::Unix(path), None) => {
+                Incoming::Unix(UnixListenerStream::new(runtime::bind(path)?))
+            }
+            (Listen::Tcp(address), _) => Incoming::Tcp(TcpListenerStream::new(
                 tokio::net::TcpListener::bind(address)
                     .await
                     .map_err(|source| PluginError::Tcp {
@@ -463,10 +551,12 @@ impl Plugin {
             .map_response(move |response: Response<Body>| {
                 response.map(|body| Limited::response(body, limit))
             });
+        // A server span per call, once a tracer is installed (`mesh::telemetry`).
+        let limits = limits.layer(crate::telemetry::TraceLayer::new(&self.instance));
         let server = Server::builder()
             .initial_stream_window_size(transport::WINDOW)
             .initial_connection_window_size(transport::CONNECTION_WINDOW)
-            .layer(limits)
+            .layer(limits.layer(callers::GuardLayer))
             .add_routes(self.routes.routes());
         let served = match incoming {
             Incoming::Unix(incoming) => {
@@ -479,7 +569,16 @@ impl Plugin {
                     .serve_with_incoming_shutdown(incoming, draining)
                     .await
             }
+            Incoming::Checked(incoming) => {
+                server
+                    .serve_with_incoming_shutdown(incoming, draining)
+                    .await
+            }
         };
+        if let Some((accept, answers)) = accepting {
+            accept.abort();
+            answers.abort();
+        }
         if let Some(maintenance) = maintenance {
             maintenance.abort();
         }
@@ -512,6 +611,8 @@ impl Plugin {
 enum Incoming {
     Unix(UnixListenerStream),
     Tcp(TcpListenerStream),
+    /// Unix connections whose callers the manager names ([`callers`]).
+    Checked(futures_util::stream::BoxStream<'static, std::io::Result<callers::Checked>>),
 }
 
 #[cfg(test)]

@@ -8,26 +8,36 @@ use std::{pin::Pin, time::Duration};
 
 use futures_util::{Stream, StreamExt, stream};
 use mesh_proto::mesh::v1::{
-    DeregisterRequest, DeregisterResponse, KeepAliveRequest, KeepAliveResponse, ListRequest,
-    ListResponse, RegisterRequest, RegisterResponse, ResolveRequest, ResolveResponse, Service,
-    WatchRequest, WatchResponse, registry_server,
+    BackendRequest, BackendResponse, DeregisterRequest, DeregisterResponse, KeepAliveRequest,
+    KeepAliveResponse, ListRequest, ListResponse, RegisterRequest, RegisterResponse,
+    ResolveRequest, ResolveResponse, Service, WatchRequest, WatchResponse, registry_server,
 };
 use tonic::{Request, Response, Status};
 
 use super::{DEFAULT_TTL, Holder, Registry, Snapshot};
-use crate::identity::Caller;
+use crate::{cluster::Cluster, identity::Caller};
 use mesh::ServiceName;
 
 /// The gRPC face of a [`Registry`].
 #[derive(Debug, Clone)]
 pub struct RegistryService {
     registry: Registry,
+    cluster: Cluster,
 }
 
 impl RegistryService {
     /// Serves `registry`.
     pub fn new(registry: Registry) -> Self {
-        Self { registry }
+        Self {
+            registry,
+            cluster: Cluster::single(),
+        }
+    }
+
+    /// Reports `cluster`'s backend in `Backend`.
+    pub fn with_cluster(mut self, cluster: Cluster) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// The tonic service, ready to add to a server or the router.
@@ -129,6 +139,36 @@ impl registry_server::Registry for RegistryService {
             })
             .collect();
         Ok(Response::new(ListResponse { services }))
+    }
+
+    async fn backend(
+        &self,
+        _: Request<BackendRequest>,
+    ) -> Result<Response<BackendResponse>, Status> {
+        let status = self.cluster.status();
+        let node = self.cluster.this_node();
+        let error = match &status.state {
+            crate::cluster::State::Unreachable { error } => error.clone(),
+            _ => String::new(),
+        };
+        let remote_instances = self
+            .cluster
+            .remote()
+            .list()
+            .iter()
+            .map(|(_, instances)| instances.len() as u32)
+            .sum();
+        Ok(Response::new(BackendResponse {
+            kind: status.kind.into(),
+            node: node.map(|n| n.name.to_string()).unwrap_or_default(),
+            advertise: node.and_then(|n| n.advertise.clone()).unwrap_or_default(),
+            state: status.state.name().into(),
+            since_seconds: status.since.elapsed().as_secs(),
+            error,
+            nodes: self.cluster.nodes(),
+            remote_instances,
+            reregistrations: status.reregistrations,
+        }))
     }
 
     type WatchStream = WatchStream;

@@ -4,7 +4,12 @@
 //!
 //! Each line it reads is one call, `OP ARG [DATA]` (`read`, `stream`, `write`, `delete`, `stat`,
 //! `list`, `env`; `manager` lists plugins through the Manager API; `stats N` times N Stat calls
-//! of `.`; `call SERVICE echo|expand` calls that echo method of SERVICE through the router),
+//! of `.`; `call SERVICE echo|expand [router|connect|socket PATH]` calls that echo method of
+//! SERVICE through the router (the default), through `mesh::connect` (a direct dial) or on the
+//! socket PATH); `connect SERVICE` calls its `Echo` through `mesh::connect`, as a plugin would; and, to
+//! test the kernel sandbox, the process's own system calls: `open PATH` reads a file, `dial
+//! PATH` connects to a Unix socket, `abstract NAME` to an abstract one, `tcp HOST:PORT`
+//! connects over TCP, `signal PID` sends signal 0, each answering `ok` or `err ERRNO MESSAGE`),
 //! and each answer is one line:
 //! `ok TEXT` or `err CODE MESSAGE`, newlines escaped. Every call also sends headers that claim
 //! another plugin's name: they must change nothing.
@@ -23,10 +28,18 @@ use tonic::Request;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let Some(path) = std::env::args().nth(1) else {
-        eprintln!("usage: host-probe SOCKET");
+    let Some(mut path) = std::env::args().nth(1) else {
+        eprintln!("usage: host-probe SOCKET (- for probe.sock beside PLUGIN_SOCKET)");
         std::process::exit(64);
     };
+    // Beside the instance's own socket: the one directory a sandboxed plugin may bind in.
+    if path == "-"
+        && let Some(dir) = std::env::var_os("PLUGIN_SOCKET")
+            .map(std::path::PathBuf::from)
+            .and_then(|p| p.parent().map(|d| d.join("probe.sock")))
+    {
+        path = dir.display().to_string();
+    }
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).expect("bind the probe socket");
     println!("host-probe: listening on {path}");
@@ -79,6 +92,33 @@ async fn call(line: &str) -> String {
         parts.next().unwrap_or("").to_owned(),
         parts.next().unwrap_or("").to_owned(),
     );
+    let os = |result: std::io::Result<String>| match result {
+        Ok(text) => format!("ok {text}"),
+        Err(e) => format!("err {} {e}", e.raw_os_error().unwrap_or(0)),
+    };
+    match op {
+        "open" => return os(std::fs::read(&arg).map(|d| d.len().to_string())),
+        "dial" => {
+            return os(std::os::unix::net::UnixStream::connect(&arg).map(|_| "connected".into()));
+        }
+        "tcp" => return os(std::net::TcpStream::connect(&arg).map(|_| "connected".into())),
+        "abstract" => {
+            use std::os::linux::net::SocketAddrExt;
+            return os(
+                std::os::unix::net::SocketAddr::from_abstract_name(arg.as_bytes())
+                    .and_then(|a| std::os::unix::net::UnixStream::connect_addr(&a))
+                    .map(|_| "connected".into()),
+            );
+        }
+        // Signal 0 to a pid: whether this process may signal it at all.
+        "signal" => {
+            let pid = nix::unistd::Pid::from_raw(arg.parse().unwrap_or(0));
+            return os(nix::sys::signal::kill(pid, None)
+                .map(|()| "signalled".into())
+                .map_err(std::io::Error::from));
+        }
+        _ => {}
+    }
     let mut host = mesh::plugin::host();
     let path = arg.clone();
     let result = match op {
@@ -176,20 +216,38 @@ async fn call(line: &str) -> String {
         // `Echo` answers its message, `Expand` the number of replies it streamed.
         "call" => {
             use mesh_proto::echo::v1::{EchoRequest, ExpandRequest, echo_client::EchoClient};
-            let router = mesh::Address::Unix(mesh::runtime::router_socket());
-            let channel = match mesh::Channel::to_address(router, &arg) {
-                Ok(channel) => channel,
-                Err(error) => return format!("err 3 {error}"),
+            let mut words = data.split_whitespace();
+            let (method, via, path) = (words.next(), words.next(), words.next());
+            let (channel, direct) = match (via, path) {
+                (None | Some("router"), _) => {
+                    let router = mesh::Address::Unix(mesh::runtime::router_socket());
+                    match mesh::Channel::to_address(router, &arg) {
+                        Ok(channel) => (channel, false),
+                        Err(error) => return format!("err 3 {error}"),
+                    }
+                }
+                // mesh::connect: from inside a plugin, a direct dial of the instances.
+                (Some("connect"), _) => match mesh::connect(&arg).await {
+                    Ok(channel) => (channel, true),
+                    Err(error) => return format!("err 14 {error}"),
+                },
+                // The target's socket, dialed by hand.
+                (Some("socket"), Some(path)) => (
+                    mesh::Channel::to_server(mesh::Address::Unix(path.into())),
+                    true,
+                ),
+                _ => return format!("err 3 unknown path {data:?}"),
             };
+            // Direct calls claim another plugin in every header, the route's included.
             let mut echo = EchoClient::new(channel);
             let message = "probe".to_owned();
-            match data.as_str() {
+            match method.unwrap_or_default() {
                 "echo" => echo
-                    .echo(routed(EchoRequest { message }))
+                    .echo(dress_echo(direct, EchoRequest { message }))
                     .await
                     .map(|r| r.into_inner().message),
                 "expand" => match echo
-                    .expand(routed(ExpandRequest { message, count: 2 }))
+                    .expand(dress_echo(direct, ExpandRequest { message, count: 2 }))
                     .await
                 {
                     Ok(response) => {
@@ -208,6 +266,19 @@ async fn call(line: &str) -> String {
                 other => return format!("err 3 unknown method {other:?}"),
             }
         }
+        // As a plugin calls another: direct dial, or through the router (MESH_DIRECT=0).
+        "connect" => {
+            use mesh_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
+            match mesh::connect(&arg).await {
+                Ok(channel) => EchoClient::new(channel)
+                    .echo(routed(EchoRequest {
+                        message: "connected".into(),
+                    }))
+                    .await
+                    .map(|r| r.into_inner().message),
+                Err(error) => return format!("err 14 {error}"),
+            }
+        }
         // The Manager API, which a plugin must not get though it runs as the owner's uid.
         "manager" => mesh_proto::mesh::v1::manager_client::ManagerClient::new(
             mesh::Channel::to_server(mesh::Address::Unix(mesh::runtime::router_socket())),
@@ -220,6 +291,15 @@ async fn call(line: &str) -> String {
     match result {
         Ok(text) => format!("ok {text}"),
         Err(status) => format!("err {} {}", status.code() as i32, status.message()),
+    }
+}
+
+/// An echo request dressed for its path: [`forged`] for a direct call, [`routed`] otherwise.
+fn dress_echo<T>(direct: bool, message: T) -> Request<T> {
+    if direct {
+        forged(message)
+    } else {
+        routed(message)
     }
 }
 

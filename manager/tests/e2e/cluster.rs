@@ -1,0 +1,378 @@
+//! Many machines: `mesh up` processes sharing one etcd (Debian `etcd-server`, started here on
+//! loopback with free ports and a temporary data directory). A client on node A reaches a
+//! plugin that runs only on node B through A's router; B's death, return, a revoked lease and
+//! an etcd that restarts empty are each followed within the bounds docs/multi-node.md states.
+
+use std::{
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use mesh::{Address, Channel};
+use mesh_proto::echo::v1::echo_client::EchoClient;
+use tonic::Code;
+
+use crate::{
+    routing::{all_four_kinds, echo},
+    support::{DEADLINE, Mesh, grpcurl_ok, short_tempdir},
+};
+
+/// The lease time to live these tests give each node.
+const TTL: Duration = Duration::from_secs(2);
+
+/// A free loopback port (for servers that cannot be handed a bound socket).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One etcd member on loopback, stopped with SIGTERM when dropped.
+struct Etcd {
+    child: Option<Child>,
+    client: u16,
+    peer: u16,
+    dir: tempfile::TempDir,
+    runs: u32,
+}
+
+impl Etcd {
+    async fn start() -> Etcd {
+        let mut etcd = Etcd {
+            child: None,
+            client: free_port(),
+            peer: free_port(),
+            dir: short_tempdir(),
+            runs: 0,
+        };
+        etcd.spawn().await;
+        etcd
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client)
+    }
+
+    /// Starts etcd on a data directory of its own (a fresh one each run: a restarted etcd
+    /// that lost everything, the hardest case for the nodes).
+    async fn spawn(&mut self) {
+        self.runs += 1;
+        let data = self.dir.path().join(format!("data-{}", self.runs));
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("etcd-{}.log", self.runs))).unwrap();
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new("etcd")
+            .arg("--name=mesh-test")
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=mesh-test={peer}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run etcd ({e}): install Debian's etcd-server (scripts/test does)")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + DEADLINE;
+        while !self.ctl(&["endpoint", "health"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "etcd not healthy in {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for it to exit.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .arg("--dial-timeout=1s")
+            .arg("--command-timeout=2s")
+            .args(args)
+            .output()
+            .expect("run etcdctl (Debian's etcd-client)")
+    }
+
+    /// The leases (decimal) of node `node`'s keys of `service`.
+    fn leases(&self, service: &str, node: &str) -> Vec<i64> {
+        let prefix = format!("/mesh/v1/services/{service}/{node}/");
+        let out = self.ctl(&["get", "--prefix", &prefix, "-w", "json"]);
+        if !out.status.success() {
+            return Vec::new();
+        }
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        json["kvs"]
+            .as_array()
+            .map(|kvs| kvs.iter().filter_map(|kv| kv["lease"].as_i64()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `[mesh]` settings and `[registry]` of node `name` listening on `port`.
+fn node(name: &str, port: u16, etcd: &Etcd) -> (String, String) {
+    let settings = format!("listen = \"127.0.0.1:{port}\"\nnode = \"{name}\"\n");
+    let registry = format!(
+        "[registry]\netcd = [\"{}\"]\nlease_ttl = \"{}s\"\n",
+        etcd.endpoint(),
+        TTL.as_secs()
+    );
+    (settings, registry)
+}
+
+const ECHO: &str = r#"
+[[plugin]]
+name = "echo"
+command = "{echo}"
+"#;
+
+/// Starts node `name` with `plugins`.
+async fn start_node(name: &str, etcd: &Etcd, plugins: &str) -> Mesh {
+    let (settings, registry) = node(name, free_port(), etcd);
+    Mesh::start_with(&settings, &format!("{registry}{plugins}")).await
+}
+
+/// A channel that sends every call to `mesh`'s router, which routes it by name.
+fn through_router(mesh: &Mesh, service: &str) -> EchoClient<Channel> {
+    EchoClient::new(Channel::to_address(Address::Unix(mesh.socket.clone()), service).unwrap())
+}
+
+/// Waits until an echo call through `mesh`'s router answers `Ok` (`true`) or fails with
+/// UNAVAILABLE naming the service as known nowhere (`false`); returns how long it took.
+async fn wait_routed(mesh: &Mesh, routed: bool, within: Duration) -> Duration {
+    let started = Instant::now();
+    let mut client = through_router(mesh, "plugin.echo");
+    let mut last = String::new();
+    while started.elapsed() < within {
+        match client.echo(echo("ping")).await {
+            Ok(_) if routed => return started.elapsed(),
+            Err(status)
+                if !routed
+                    && status.code() == Code::Unavailable
+                    && status.message().contains(
+                        "\"plugin.echo\" has no instance on node a nor on any other node",
+                    ) =>
+            {
+                return started.elapsed();
+            }
+            Ok(_) => last = "answered".into(),
+            Err(status) => last = format!("{status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "plugin.echo not {} through node a within {within:?}; last: {last}\n{}",
+        if routed { "routed" } else { "unroutable" },
+        mesh.output()
+    );
+}
+
+/// `mesh status --json`'s registry part.
+async fn registry_status(mesh: &Mesh) -> serde_json::Value {
+    mesh.status().await["registry"].clone()
+}
+
+async fn wait_registry_state(mesh: &Mesh, state: &str) -> serde_json::Value {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = registry_status(mesh).await;
+        if status["state"] == state {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "registry not {state} within {DEADLINE:?}: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn socket_endpoint(path: &Path) -> String {
+    format!("unix:{}", path.display())
+}
+
+#[tokio::test]
+async fn a_client_on_node_a_reaches_a_plugin_that_runs_only_on_node_b() {
+    let etcd = Etcd::start().await;
+    let a = start_node("a", &etcd, "").await;
+    let b = start_node("b", &etcd, ECHO).await;
+    b.wait_instances("plugin.echo", 1).await;
+
+    // A shows the service with one instance: its own router, standing for node b.
+    let gateway = a.wait_instances("plugin.echo", 1).await;
+    assert_eq!(gateway[0].endpoint, socket_endpoint(&a.socket));
+
+    // mesh::connect on A, unchanged: all four kinds of call reach B's plugin.
+    let mut client = EchoClient::new(a.connect("plugin.echo").await);
+    all_four_kinds(&mut client).await;
+
+    // grpcurl through A's router, by name, reflection included.
+    let socket = a.socket.display().to_string();
+    let listed = grpcurl_ok(&["-unix", "-authority", "plugin.echo", &socket, "list"]);
+    assert!(listed.contains("echo.v1.Echo"), "{listed}");
+    let answer = grpcurl_ok(&[
+        "-unix",
+        "-authority",
+        "plugin.echo",
+        "-d",
+        r#"{"message":"across"}"#,
+        &socket,
+        "echo.v1.Echo/Echo",
+    ]);
+    assert!(
+        answer.contains("across") && answer.contains("echo-0"),
+        "{answer}"
+    );
+
+    let status = wait_registry_state(&a, "connected").await;
+    assert_eq!(status["kind"], "etcd");
+    assert_eq!(status["node"], "a");
+    assert_eq!(status["nodes"], serde_json::json!(["b"]));
+    let table = a.cli_ok(&["status"]).await;
+    assert!(
+        table.contains("registry: etcd, node a") && table.contains("other nodes: b"),
+        "{table}"
+    );
+
+    // kill -9 of B: A stops routing to it within the lease's time to live plus one second,
+    // and says which service no node has.
+    let pid = nix::unistd::Pid::from_raw(b.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let took = wait_routed(&a, false, TTL + Duration::from_secs(1)).await;
+    eprintln!("node a stopped routing to the killed node b after {took:?}");
+
+    // B again: routed again.
+    let b = b.relaunch().await;
+    b.wait_instances("plugin.echo", 1).await;
+    wait_routed(&a, true, DEADLINE).await;
+    all_four_kinds(&mut client).await;
+}
+
+#[tokio::test]
+async fn a_call_forwarded_by_another_router_is_never_forwarded_again() {
+    let etcd = Etcd::start().await;
+    let a = start_node("a", &etcd, "").await;
+    let b = start_node("b", &etcd, ECHO).await;
+    b.wait_instances("plugin.echo", 1).await;
+    wait_routed(&a, true, DEADLINE).await;
+
+    // As if another router had forwarded it: A must not send it on to B.
+    let mut client = through_router(&a, "plugin.echo");
+    let mut request = tonic::Request::new(echo("loop"));
+    request
+        .metadata_mut()
+        .insert("mesh-forwarded-by", "c".parse().unwrap());
+    let status = client.echo(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("\"plugin.echo\" has no instance on node a")
+            && status.message().contains("never forwarded again"),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_lease_and_an_etcd_restart_end_with_every_instance_registered_again() {
+    let bound = TTL + Duration::from_secs(2);
+    let mut etcd = Etcd::start().await;
+    let a = start_node("a", &etcd, "").await;
+    let b = start_node("b", &etcd, ECHO).await;
+    b.wait_instances("plugin.echo", 1).await;
+    wait_routed(&a, true, DEADLINE).await;
+    let leases = etcd.leases("plugin.echo", "b");
+    assert_eq!(leases.len(), 1, "one key for b's one instance");
+
+    // B's lease revoked by hand: its key goes, and comes back under a new lease.
+    let revoked = format!("{:x}", leases[0]);
+    let out = etcd.ctl(&["lease", "revoke", &revoked]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let started = Instant::now();
+    loop {
+        let now = etcd.leases("plugin.echo", "b");
+        if now.len() == 1 && now[0] != leases[0] {
+            break;
+        }
+        assert!(
+            started.elapsed() < bound,
+            "b not registered again within {bound:?} of its lease's revocation: {now:?}\n{}",
+            b.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "registered again {:?} after the revocation",
+        started.elapsed()
+    );
+    assert!(registry_status(&b).await["reregistrations"].as_u64() >= Some(1));
+    wait_routed(&a, true, DEADLINE).await;
+
+    // etcd stops: both nodes say so, and A keeps routing to B from its last view.
+    etcd.stop();
+    let status = wait_registry_state(&a, "unreachable").await;
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("127.0.0.1"),
+        "{status}"
+    );
+    let table = a.cli_ok(&["status"]).await;
+    assert!(
+        table.contains("UNREACHABLE") && table.contains("last view"),
+        "{table}"
+    );
+    let mut client = through_router(&a, "plugin.echo");
+    for i in 0..5 {
+        let reply = client.echo(echo(&format!("meanwhile {i}"))).await.unwrap();
+        assert_eq!(reply.into_inner().message, format!("meanwhile {i}"));
+    }
+
+    // etcd back, empty: every live instance registered again within the bound.
+    etcd.spawn().await;
+    let started = Instant::now();
+    while etcd.leases("plugin.echo", "b").len() != 1 {
+        assert!(
+            started.elapsed() < bound,
+            "b not registered again within {bound:?} of etcd's return\n{}",
+            b.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "registered again {:?} after etcd came back",
+        started.elapsed()
+    );
+    wait_registry_state(&a, "connected").await;
+    wait_routed(&a, true, DEADLINE).await;
+    all_four_kinds(&mut EchoClient::new(a.connect("plugin.echo").await)).await;
+}

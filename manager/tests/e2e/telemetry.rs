@@ -1,0 +1,408 @@
+//! Traces across hops and JSON logs: a real `mesh up` exporting to an OTLP collector inside
+//! the test, a client in the test exporting its own spans there too, and the parentage of
+//! what arrives checked span by span.
+
+use std::collections::BTreeMap;
+
+use mesh::{Address, Channel, telemetry::TelemetryConfig};
+use mesh_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{KeyValue, any_value},
+    trace::v1::Span,
+};
+use serde_json::Value;
+use tokio::sync::watch;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+
+use crate::support::{DEADLINE, Mesh, short_tempdir, write_config};
+
+/// A span as the collector received it, with its resource's service.
+#[derive(Debug, Clone)]
+struct Received {
+    service: String,
+    instance: String,
+    span: Span,
+}
+
+impl Received {
+    fn attribute(&self, key: &str) -> Option<String> {
+        attribute(&self.span.attributes, key)
+    }
+}
+
+fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
+    let value = attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?;
+    match value.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        any_value::Value::IntValue(i) => Some(i.to_string()),
+        any_value::Value::BoolValue(b) => Some(b.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// An OTLP/gRPC trace collector on 127.0.0.1:0 that keeps every span it receives.
+struct Collector {
+    spans: watch::Sender<Vec<Received>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut received = Vec::new();
+        for resource_spans in request.into_inner().resource_spans {
+            let resource = resource_spans.resource.unwrap_or_default();
+            let service = attribute(&resource.attributes, "service.name").unwrap_or_default();
+            let instance =
+                attribute(&resource.attributes, "service.instance.id").unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    received.push(Received {
+                        service: service.clone(),
+                        instance: instance.clone(),
+                        span,
+                    });
+                }
+            }
+        }
+        self.spans.send_modify(|spans| spans.extend(received));
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// Starts a collector; returns its endpoint and what it received so far.
+async fn collector() -> (String, watch::Receiver<Vec<Received>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (spans, received) = watch::channel(Vec::new());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Collector { spans }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (endpoint, received)
+}
+
+/// Waits until the collector holds spans for which `done` holds; returns them.
+async fn wait_spans(
+    received: &mut watch::Receiver<Vec<Received>>,
+    what: &str,
+    done: impl Fn(&[Received]) -> bool,
+) -> Vec<Received> {
+    let waited = tokio::time::timeout(DEADLINE, async {
+        received
+            .wait_for(|spans| done(spans))
+            .await
+            .map(|spans| spans.clone())
+    })
+    .await;
+    match waited {
+        Ok(Ok(spans)) => spans,
+        _ => panic!(
+            "{what}: not received within {DEADLINE:?}; received: {:#?}",
+            received.borrow()
+        ),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn echo(message: &str) -> EchoRequest {
+    EchoRequest {
+        message: message.into(),
+    }
+}
+
+/// The client's span: its trace and span id, in hex.
+fn ids(span: &tracing::Span) -> (String, String) {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    (
+        format!("{:032x}", span_context.trace_id()),
+        format!("{:016x}", span_context.span_id()),
+    )
+}
+
+/// The span named `name` (`echo.v1.Echo/Echo`) of `service` in trace `trace`.
+fn find<'a>(spans: &'a [Received], service: &str, trace: &str, name: &str) -> Option<&'a Received> {
+    spans
+        .iter()
+        .find(|r| r.service == service && hex(&r.span.trace_id) == trace && r.span.name == name)
+}
+
+fn assert_rpc(span: &Received, instance: &str) {
+    let attributes: BTreeMap<&str, Option<String>> = [
+        "rpc.system",
+        "rpc.service",
+        "rpc.method",
+        "rpc.grpc.status_code",
+        "mesh.instance",
+    ]
+    .into_iter()
+    .map(|key| (key, span.attribute(key)))
+    .collect();
+    assert_eq!(
+        attributes["rpc.system"].as_deref(),
+        Some("grpc"),
+        "{span:#?}"
+    );
+    assert_eq!(
+        attributes["rpc.service"].as_deref(),
+        Some("echo.v1.Echo"),
+        "{span:#?}"
+    );
+    assert_eq!(
+        attributes["rpc.method"].as_deref(),
+        Some("Echo"),
+        "{span:#?}"
+    );
+    assert_eq!(
+        attributes["rpc.grpc.status_code"].as_deref(),
+        Some("0"),
+        "{span:#?}"
+    );
+    assert_eq!(
+        attributes["mesh.instance"].as_deref(),
+        Some(instance),
+        "{span:#?}"
+    );
+}
+
+const ECHO: &str = "[[plugin]]\nname = \"echo\"\ncommand = \"{echo}\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_is_traced_from_the_client_through_the_router_to_the_plugin() {
+    let (endpoint, mut received) = collector().await;
+    let dir = short_tempdir();
+    write_config(
+        &dir,
+        "",
+        // Ratio 0: the router and the plugin record a call only when its caller's trace is
+        // sampled (parent-based), so what arrives is the client's traces and nothing else.
+        &format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\nsample_ratio = 0\n\n{ECHO}"),
+    );
+    let config = dir.path().join("mesh.toml");
+    let socket = dir.path().join("run/mesh.sock");
+    let mesh = Mesh::launch_with(dir, config, socket.clone(), |command| {
+        // Export every 50 ms instead of every 5 s (the SDK reads it), for the plugins too.
+        command
+            .args(["--log-format", "json"])
+            .env("OTEL_BSP_SCHEDULE_DELAY", "50");
+    })
+    .await;
+    let instance = &mesh.wait_instances("plugin.echo", 1).await[0];
+    let environ = plugin_env(instance.pid);
+    assert_eq!(
+        environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        Some(&endpoint),
+        "{environ:?}"
+    );
+    assert_eq!(
+        environ.get("OTEL_SERVICE_NAME").map(String::as_str),
+        Some("plugin.echo")
+    );
+
+    // The test is the client, exporting its own spans to the same collector.
+    let mut client = TelemetryConfig::new("e2e-client");
+    client.otlp_endpoint = Some(endpoint.clone());
+    let provider = mesh::telemetry::provider(&client, &endpoint).unwrap();
+    let subscriber = tracing_subscriber::registry().with(mesh::telemetry::layer(&provider));
+    let _subscriber = tracing::subscriber::set_default(subscriber);
+    mesh::telemetry::set_active(true);
+
+    // A call outside any span: a new trace at the router, sampled at 0, so never exported.
+    let router = Channel::to_address(Address::Unix(socket.clone()), "plugin.echo").unwrap();
+    EchoClient::new(router)
+        .echo(echo("unsampled"))
+        .await
+        .unwrap();
+
+    // Direct: mesh::connect dials the instance itself.
+    let direct = tracing::info_span!("direct call");
+    let mut echo_direct = EchoClient::new(mesh.connect("plugin.echo").await);
+    let reply = echo_direct
+        .echo(echo("direct"))
+        .instrument(direct.clone())
+        .await
+        .unwrap();
+    assert_eq!(reply.get_ref().instance, "echo-0");
+    let (direct_trace, direct_span) = ids(&direct);
+
+    // Routed: through the router socket, by :authority; the plugin logs inside the call.
+    let routed = tracing::info_span!("routed call");
+    let router = Channel::to_address(Address::Unix(socket), "plugin.echo").unwrap();
+    let mut request = tonic::Request::new(echo("routed"));
+    request
+        .metadata_mut()
+        .insert("x-echo-delay-ms", "1".parse().unwrap());
+    EchoClient::new(router)
+        .echo(request)
+        .instrument(routed.clone())
+        .await
+        .unwrap();
+    let (routed_trace, routed_span) = ids(&routed);
+    assert_ne!(direct_trace, routed_trace);
+    drop((direct, routed));
+    // The client's own spans: flushed off the runtime's threads (the exporter runs on them).
+    let flushing = provider.clone();
+    tokio::task::spawn_blocking(move || flushing.force_flush())
+        .await
+        .unwrap()
+        .unwrap();
+
+    let spans = wait_spans(&mut received, "client, router and plugin spans", |spans| {
+        find(spans, "plugin.echo", &direct_trace, "echo.v1.Echo/Echo").is_some()
+            && find(spans, "plugin.echo", &routed_trace, "echo.v1.Echo/Echo").is_some()
+            && find(spans, "mesh-router", &routed_trace, "echo.v1.Echo/Echo").is_some()
+            && find(spans, "e2e-client", &routed_trace, "routed call").is_some()
+    })
+    .await;
+
+    // Direct: the client's span is the plugin's parent.
+    let plugin = find(&spans, "plugin.echo", &direct_trace, "echo.v1.Echo/Echo").unwrap();
+    assert_eq!(hex(&plugin.span.parent_span_id), direct_span, "{plugin:#?}");
+    assert_rpc(plugin, "echo-0");
+    assert_eq!(plugin.instance, "echo-0");
+    assert_eq!(plugin.span.kind, 2, "a server span: {plugin:#?}");
+    assert!(
+        find(&spans, "mesh-router", &direct_trace, "echo.v1.Echo/Echo").is_none(),
+        "a direct call takes no router hop"
+    );
+
+    // Routed: client -> router -> plugin.
+    let client_span = find(&spans, "e2e-client", &routed_trace, "routed call").unwrap();
+    assert_eq!(hex(&client_span.span.span_id), routed_span);
+    let router_span = find(&spans, "mesh-router", &routed_trace, "echo.v1.Echo/Echo").unwrap();
+    assert_eq!(
+        hex(&router_span.span.parent_span_id),
+        routed_span,
+        "{router_span:#?}"
+    );
+    assert_rpc(router_span, "echo-0");
+    assert!(!router_span.instance.is_empty(), "{router_span:#?}");
+    let plugin = find(&spans, "plugin.echo", &routed_trace, "echo.v1.Echo/Echo").unwrap();
+    assert_eq!(
+        plugin.span.parent_span_id, router_span.span.span_id,
+        "the router's span is the plugin's parent: {plugin:#?}"
+    );
+    assert_rpc(plugin, "echo-0");
+    // Health checks (every second) and the exporter's own HTTP/2 stack are not traced, and
+    // the unsampled call left nothing.
+    for span in spans.iter() {
+        let trace = hex(&span.span.trace_id);
+        assert!(
+            trace == direct_trace || trace == routed_trace,
+            "a span of no sampled trace: {span:#?}"
+        );
+        let name = &span.span.name;
+        assert!(
+            !name.starts_with("grpc.health")
+                && !["Connection", "poll", "send_data"].contains(&name.as_str()),
+            "unexpected span {span:#?}"
+        );
+    }
+
+    // JSON logs: every log line an object; the plugin's line inside the routed call carries
+    // its trace and span.
+    let line = mesh.wait_line("Echo waiting 1 ms").await;
+    let logged: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(logged["target"], "plugin", "{logged}");
+    assert_eq!(
+        logged["line"]["trace_id"],
+        routed_trace.as_str(),
+        "{logged}"
+    );
+    assert_eq!(
+        logged["line"]["span_id"],
+        hex(&plugin.span.span_id).as_str(),
+        "{logged}"
+    );
+    for line in mesh.output().lines() {
+        // stdout's two lines for people ("mesh: router listening on ...") aside.
+        if line.starts_with("mesh: ") {
+            continue;
+        }
+        let parsed: Result<Value, _> = serde_json::from_str(line);
+        assert!(
+            parsed.as_ref().is_ok_and(Value::is_object),
+            "not a JSON object: {line}"
+        );
+    }
+    mesh::telemetry::set_active(false);
+    let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+}
+
+#[tokio::test]
+async fn telemetry_off_exports_nothing_and_logs_without_trace_ids() {
+    let (endpoint, received) = collector().await;
+    let dir = short_tempdir();
+    // No [telemetry]: off, whatever the collector listening nearby.
+    write_config(&dir, "", ECHO);
+    let config = dir.path().join("mesh.toml");
+    let socket = dir.path().join("run/mesh.sock");
+    let mesh = Mesh::launch_with(dir, config, socket.clone(), |command| {
+        command
+            .args(["--log-format", "json"])
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    })
+    .await;
+    mesh.wait_instances("plugin.echo", 1).await;
+    let router = Channel::to_address(Address::Unix(socket), "plugin.echo").unwrap();
+    let mut request = tonic::Request::new(echo("untraced"));
+    request
+        .metadata_mut()
+        .insert("x-echo-delay-ms", "1".parse().unwrap());
+    // A caller's traceparent starts nothing where no tracer is installed: no span, so no
+    // trace ids on the plugin's line inside the call.
+    request.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    EchoClient::new(router).echo(request).await.unwrap();
+    let line = mesh.wait_line("Echo waiting 1 ms").await;
+    let logged: Value = serde_json::from_str(&line).unwrap();
+    assert!(logged["line"].is_object(), "{logged}");
+    assert!(logged["line"].get("trace_id").is_none(), "{logged}");
+    assert!(!mesh.output().contains("trace_id"), "{}", mesh.output());
+    // The plugin was handed no endpoint, so nothing in the mesh exports.
+    let instance = &mesh.wait_instances("plugin.echo", 1).await[0];
+    let environ = plugin_env(instance.pid);
+    assert!(
+        !environ.contains_key("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "{environ:?}"
+    );
+    assert!(!environ.contains_key("OTEL_SERVICE_NAME"), "{environ:?}");
+    assert_eq!(
+        environ.get("MESH_LOG_FORMAT").map(String::as_str),
+        Some("json")
+    );
+    drop(endpoint);
+    assert!(received.borrow().is_empty());
+}
+
+/// A process's environment, from /proc.
+fn plugin_env(pid: u32) -> BTreeMap<String, String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    raw.split(|&b| b == 0)
+        .filter_map(|entry| {
+            let entry = String::from_utf8_lossy(entry);
+            let (key, value) = entry.split_once('=')?;
+            Some((key.to_owned(), value.to_owned()))
+        })
+        .collect()
+}

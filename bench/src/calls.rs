@@ -56,6 +56,11 @@ pub(crate) enum Variant {
     /// Through node a's router (Unix socket), which forwards over TCP (plaintext) to node b's
     /// router, where the instance runs: the router → router hop, beside (c).
     I,
+    /// Through the router on its Unix socket, as (c), on a `mesh up` with call metrics on
+    /// (`[telemetry] metrics = true`).
+    J,
+    /// `mesh::connect` direct, as (b), on that `mesh up` with metrics on.
+    K,
     /// A remote client through the router on TCP with mTLS (`mesh::Connector::tls`), to a
     /// second `mesh up` configured with `[tls]` (and its own echo instance): (d) with TLS.
     L,
@@ -69,7 +74,7 @@ pub(crate) const OPT_IN_SPIN: Duration = mesh::tuning::DEFAULT_SPIN;
 
 impl Variant {
     /// Every variant, in table order.
-    pub(crate) const ALL: [Self; 10] = [
+    pub(crate) const ALL: [Self; 12] = [
         Self::A,
         Self::B,
         Self::C,
@@ -79,10 +84,17 @@ impl Variant {
         Self::G,
         Self::H,
         Self::I,
+        Self::J,
+        Self::K,
         Self::L,
     ];
 
-    /// `a` to `i`.
+    /// Whether the variant runs against the `mesh up` with call metrics on.
+    pub(crate) fn metered(self) -> bool {
+        matches!(self, Self::J | Self::K)
+    }
+
+    /// `a` to `l`.
     pub(crate) fn letter(self) -> &'static str {
         match self {
             Self::A => "a",
@@ -94,6 +106,8 @@ impl Variant {
             Self::G => "g",
             Self::H => "h",
             Self::I => "i",
+            Self::J => "j",
+            Self::K => "k",
             Self::L => "l",
         }
     }
@@ -110,6 +124,8 @@ impl Variant {
             Self::G => "mesh::connect, in-process service",
             Self::H => "router, Unix socket, rate limits in force",
             Self::I => "router a → router b (TCP, plaintext), Unix socket",
+            Self::J => "router, Unix socket, metrics on",
+            Self::K => "mesh::connect, direct, metrics on",
             Self::L => "router, TCP, mTLS (remote client)",
         }
     }

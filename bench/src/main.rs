@@ -68,13 +68,14 @@ struct Cli {
     /// Ways of calling to measure, comma-separated: a stock tonic, b mesh::connect (default:
     /// no spinning), c router Unix, d router TCP, e nginx, f mesh::connect opted in to
     /// spinning (100 µs), g mesh::connect to an echo service in this process, h router Unix to a
-    /// plugin with rate limits in force, i router a → router b (two nodes and etcd), l router
-    /// TCP with mTLS (a second mesh up with [tls]).
+    /// plugin with rate limits in force, i router a → router b (two nodes and an etcd), j router
+    /// Unix and k mesh::connect on a second mesh up with call metrics on, l router TCP with
+    /// mTLS (a second mesh up with [tls]).
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "a,b,c,d,e,f,g,h"
+        default_value = "a,b,c,d,e,f,g,h,j,k"
     )]
     variants: Vec<Variant>,
     /// Rounds of latency and throughput measurements, interleaved across the variants

@@ -33,6 +33,9 @@ pub(crate) struct MeshSpec {
     pub(crate) backoff_base: Option<String>,
     /// Whether the router also listens on TCP (`listen = "127.0.0.1:0"`).
     pub(crate) tcp: bool,
+    /// Whether the router records call metrics (`[telemetry] metrics = true`, with the
+    /// admin listener on a free loopback port, as the demo runs).
+    pub(crate) metrics: bool,
     /// Whether to run a second echo plugin under a policy (variant h).
     pub(crate) policy_plugin: bool,
     /// `[telemetry]`: export traces to this OTLP endpoint, sampling this ratio of new traces;
@@ -166,6 +169,20 @@ fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
     if mesh::tuning::busy_poll_from_env() {
         settings.push_str("busy_poll = true\n");
     }
+    // One [telemetry] table for call metrics and traces, with the tables after every [mesh] key.
+    let mut telemetry = String::new();
+    if spec.metrics {
+        tables.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n");
+        telemetry.push_str("metrics = true\n");
+    }
+    if let Some((endpoint, ratio)) = &spec.telemetry {
+        telemetry.push_str(&format!(
+            "otlp_endpoint = {endpoint:?}\nsample_ratio = {ratio:?}\n"
+        ));
+    }
+    if !telemetry.is_empty() {
+        tables.push_str(&format!("[telemetry]\n{telemetry}"));
+    }
     let mut plugin = format!(
         "[[plugin]]\nname = \"echo\"\ncommand = {:?}\ninstances = {}\nstop_grace = \"2s\"\n\
          # Every kill measures the first restart: the delay starts over after 1 ms of readiness,\n\
@@ -186,11 +203,6 @@ fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
             "\n[[plugin]]\nname = \"echo-policy\"\ncommand = {:?}\n\
              rate_limit = \"1000000000/s\"\ncaller_rate_limit = \"1000000000/s\"\n",
             bins.echo_plugin.display().to_string(),
-        ));
-    }
-    if let Some((endpoint, ratio)) = &spec.telemetry {
-        plugin.push_str(&format!(
-            "\n[telemetry]\notlp_endpoint = {endpoint:?}\nsample_ratio = {ratio:?}\n"
         ));
     }
     if let Some(dir) = &spec.tls {

@@ -300,6 +300,14 @@ impl Report {
                 ms <= 1000.0,
             )
         });
+        let metrics = self.median_us(C).zip(self.median_us(J)).map(|(c, j)| {
+            let added = j - c;
+            (
+                format!("(j) {j:.1} µs − (c) {c:.1} µs"),
+                added,
+                added <= 3.0,
+            )
+        });
         self.targets = vec![
             Target::new(
                 "direct call: (b) median ≤ 0.6 × (a) median",
@@ -327,6 +335,11 @@ impl Report {
                 policy,
             ),
             Target::new("100 instances ready within 1 s", "≤ 1000 ms", spawn),
+            Target::new(
+                "call metrics on add at most 3 µs per routed call: (j) − (c) median",
+                "≤ 3 µs",
+                metrics,
+            ),
         ];
     }
 

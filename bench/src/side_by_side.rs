@@ -71,14 +71,38 @@ pub(crate) async fn run(
         telemetry: None,
         node: None,
         tls: None,
+        metrics: false,
     };
     let mesh = MeshUp::start(bins, &spec).await?;
     let (_, instances) = mesh
         .wait_registry(READY_DEADLINE, |found| found.len() == 1)
         .await?;
     let plugin = socket_of(&instances[0])?;
+    // (j) and (k): the same calls to a second mesh up with the router's call metrics on.
+    let metered = match s.variants.iter().any(|v| v.metered()) {
+        true => {
+            progress("starting a second mesh up with call metrics on");
+            let spec = MeshSpec {
+                instances: 1,
+                backoff_base: None,
+                tcp: false,
+                policy_plugin: false,
+                telemetry: None,
+                node: None,
+                tls: None,
+                metrics: true,
+            };
+            let metered = MeshUp::start(bins, &spec).await?;
+            let (_, instances) = metered
+                .wait_registry(READY_DEADLINE, |found| found.len() == 1)
+                .await?;
+            Some((metered, instances))
+        }
+        false => None,
+    };
+    let metered_socket = metered.as_ref().map(|(m, _)| m.socket.clone());
 
-    // (h): a second mesh up whose TCP listener speaks mTLS, with certificates made here.
+    // (l): a second mesh up whose TCP listener speaks mTLS, with certificates made here.
     let mut tls_mesh = None;
     let mut tls_plugin = None;
     let certs = tempfile::tempdir()?;
@@ -132,6 +156,19 @@ pub(crate) async fn run(
                         .context("mesh::connect in process")?,
                 )
             }
+            Variant::J => Client::mesh(
+                Channel::to_address(
+                    Address::Unix(metered_socket.clone().context("no metered mesh up")?),
+                    SERVICE,
+                )
+                .context("a channel through the metered router")?,
+            ),
+            Variant::K => Client::mesh(
+                Connector::local(&metered_socket.clone().context("no metered mesh up")?)
+                    .connect(SERVICE)
+                    .await
+                    .context("mesh::connect on the metered mesh")?,
+            ),
             Variant::I => match start_hop(bins, report).await {
                 Some((nodes, client)) => {
                     _hop = Some(nodes);
@@ -151,6 +188,7 @@ pub(crate) async fn run(
                     telemetry: None,
                     node: None,
                     tls: Some(dir.clone()),
+                    metrics: false,
                 };
                 let started = MeshUp::start(bins, &spec).await?;
                 let (_, found) = started
@@ -205,10 +243,15 @@ pub(crate) async fn run(
     plugin_pids.extend(tls_plugin);
     let processes = Processes {
         client: vec![std::process::id()],
+        // Every router and plugin: the idle ones add next to nothing to a variant's costs.
         router: std::iter::once(mesh.pid())
             .chain(tls_mesh.as_ref().map(MeshUp::pid))
+            .chain(metered.as_ref().map(|(m, _)| m.pid()))
             .collect(),
-        plugin: plugin_pids,
+        plugin: plugin_pids
+            .into_iter()
+            .chain(metered.iter().flat_map(|(_, i)| pid_of(&i[0])))
+            .collect(),
         nginx: nginx.as_ref().map(nginx::Nginx::pids).unwrap_or_default(),
     };
     if latency {
@@ -323,6 +366,9 @@ pub(crate) async fn run(
     if let Some(tls_mesh) = tls_mesh {
         tls_mesh.stop().await?;
     }
+    if let Some((metered, _)) = metered {
+        metered.stop().await?;
+    }
     mesh.stop().await
 }
 
@@ -358,6 +404,7 @@ async fn start_hop(
             telemetry: None,
             node: Some(node),
             tls: None,
+            metrics: false,
         };
         let b = MeshUp::start(bins, &spec(1, node("b")?)).await?;
         b.wait_registry(READY_DEADLINE, |found| found.len() == 1)

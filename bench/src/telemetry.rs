@@ -111,6 +111,7 @@ pub(crate) async fn run(bins: &Bins, s: &Settings, report: &mut Report) -> anyho
             telemetry: ratio.map(|ratio| (endpoint.clone(), ratio)),
             node: None,
             tls: None,
+            metrics: false,
         };
         let mesh = MeshUp::start(bins, &spec).await?;
         mesh.wait_registry(FIRST_CALL_LIMIT, |found| found.len() == 1)

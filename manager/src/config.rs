@@ -81,6 +81,10 @@ pub struct Config {
     /// Where plugins' default roots live (`[mesh] data_dir`, default `$XDG_DATA_HOME/mesh`,
     /// else `~/.local/share/mesh`).
     pub data_dir: PathBuf,
+    /// The admin HTTP listener (`[admin]`): metrics, health, status page; `None`: off.
+    pub admin: Option<AdminConfig>,
+    /// Whether the router records call metrics (`[telemetry] metrics`, default off).
+    pub metrics: bool,
     /// `[telemetry]`: trace export, sampling, log format.
     pub telemetry: Telemetry,
     /// This node among many, and the registry backend (`[mesh] node`, `advertise`,
@@ -88,6 +92,16 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
+}
+
+/// The admin HTTP listener (`[admin]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where it listens (`listen`): loopback unless `allow_non_loopback = true`.
+    pub listen: SocketAddr,
+    /// Serve local users other than the owner (and root) on loopback
+    /// (`allow_other_users = true`); by default their connections are answered 403.
+    pub allow_other_users: bool,
 }
 
 /// `[mesh] node`, `[mesh] advertise` and `[registry]`: which node this is and where the
@@ -323,9 +337,21 @@ struct RawConfig {
     #[serde(default)]
     plugin: Vec<Spanned<RawPlugin>>,
     #[serde(default)]
+    admin: Option<Spanned<RawAdmin>>,
+    #[serde(default)]
     registry: Option<Spanned<RawRegistry>>,
     #[serde(default)]
     tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
+    #[serde(default)]
+    allow_non_loopback: bool,
+    #[serde(default)]
+    allow_other_users: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -504,6 +530,8 @@ impl Config {
         let allow_plaintext = mesh.allow_plaintext.clone();
         let listen_span = mesh.listen.as_ref().map(|l| l.span());
         let mut config = file.mesh(mesh)?;
+        config.admin = raw.admin.map(|admin| file.admin(admin)).transpose()?;
+        config.metrics = metrics_enabled(raw.telemetry.as_ref().map(Spanned::get_ref));
         config.telemetry = Telemetry::parse(
             raw.telemetry.map(Spanned::into_inner).unwrap_or_default(),
             &|name| std::env::var(name).ok().filter(|v| !v.is_empty()),
@@ -664,9 +692,40 @@ impl File<'_> {
             busy_poll: mesh.busy_poll,
             spin,
             max_message_size,
+            admin: None,
+            metrics: false,
             telemetry: Telemetry::default(),
             cluster: ClusterConfig::default(),
             plugins: Vec::new(),
+        })
+    }
+
+    /// `[admin]`: an address, loopback unless the table says `allow_non_loopback = true`.
+    fn admin(&self, admin: Spanned<RawAdmin>) -> Result<AdminConfig, ConfigError> {
+        let admin = admin.into_inner();
+        let listen: SocketAddr = admin.listen.get_ref().parse().map_err(|_| {
+            self.at(
+                Some(admin.listen.span()),
+                format!(
+                    "[admin] listen = {:?} is not an address; write host:port, such as \"127.0.0.1:9900\" (port 0 picks a free port)",
+                    admin.listen.get_ref()
+                ),
+            )
+        })?;
+        if !listen.ip().is_loopback() && !admin.allow_non_loopback {
+            return Err(self.at(
+                Some(admin.listen.span()),
+                format!(
+                    "[admin] listen = \"{listen}\" is not a loopback address: the admin listener \
+                     has no authentication, so anyone who reaches it sees metrics, logs and \
+                     status; use 127.0.0.1 (or ::1), or add allow_non_loopback = true to [admin] \
+                     if a firewall or proxy guards it"
+                ),
+            ));
+        }
+        Ok(AdminConfig {
+            listen,
+            allow_other_users: admin.allow_other_users,
         })
     }
 
@@ -1300,6 +1359,14 @@ fn credentials(
         uid: found.uid.as_raw(),
         gid: gid.as_raw(),
     }))
+}
+
+/// `[telemetry] metrics`: the router records call metrics only when asked (off costs nothing
+/// per call).
+fn metrics_enabled(telemetry: Option<&telemetry::RawTelemetry>) -> bool {
+    telemetry
+        .and_then(|t| t.metrics.as_ref())
+        .is_some_and(|m| *m.get_ref())
 }
 
 /// `socket_mode` and `socket_group` from `[mesh]`.
@@ -2170,6 +2237,77 @@ mod transport_tests {
             ),
             "{error}"
         );
+    }
+}
+
+#[cfg(test)]
+mod admin_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/mesh.toml"), text)
+    }
+
+    #[test]
+    fn admin_is_off_unless_configured_and_loopback_unless_allowed() {
+        let config = parse("[mesh]\n").unwrap();
+        assert_eq!((config.admin, config.metrics), (None, false));
+        let config =
+            parse("[admin]\nlisten = \"127.0.0.1:9900\"\n[telemetry]\nmetrics = true\n").unwrap();
+        assert_eq!(
+            config.admin.unwrap().listen,
+            "127.0.0.1:9900".parse().unwrap()
+        );
+        assert!(config.metrics);
+        let error = parse("[mesh]\n[admin]\nlisten = \"0.0.0.0:9900\"\n").unwrap_err();
+        assert_eq!(error.line, Some(3));
+        assert!(
+            error.to_string().contains("allow_non_loopback = true"),
+            "{error}"
+        );
+        let config =
+            parse("[admin]\nlisten = \"0.0.0.0:9900\"\nallow_non_loopback = true\n").unwrap();
+        assert_eq!(
+            config.admin.unwrap().listen,
+            "0.0.0.0:9900".parse().unwrap()
+        );
+        assert!(
+            !parse("[admin]\nlisten = \"127.0.0.1:1\"\n")
+                .unwrap()
+                .admin
+                .unwrap()
+                .allow_other_users
+        );
+        let config =
+            parse("[admin]\nlisten = \"127.0.0.1:1\"\nallow_other_users = true\n").unwrap();
+        assert!(config.admin.unwrap().allow_other_users);
+        let error = parse("[admin]\nlisten = \"localhost\"\n").unwrap_err();
+        assert!(error.to_string().contains("127.0.0.1:9900"), "{error}");
+        let error = parse("[admin]\nlisten = \"127.0.0.1:1\"\nport = 3\n").unwrap_err();
+        assert_eq!(error.line, Some(3), "{error}");
+    }
+
+    #[test]
+    fn one_telemetry_table_holds_metrics_and_traces() {
+        let config = parse(
+            "[telemetry]\nmetrics = true\notlp_endpoint = \"http://127.0.0.1:4317\"\n\
+             sample_ratio = 0.5\n",
+        )
+        .unwrap();
+        assert!(config.metrics);
+        assert_eq!(
+            config.telemetry.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(config.telemetry.sample_ratio, 0.5);
+        let config = parse("[telemetry]\nmetrics = false\nlog_format = \"json\"\n").unwrap();
+        assert!(!config.metrics);
+        // Unknown keys are still refused, naming their line.
+        let error = parse("[telemetry]\nmetrics = true\nmetric = true\n").unwrap_err();
+        assert_eq!(error.line, Some(3), "{error}");
+        assert!(error.to_string().contains("remove it"), "{error}");
+        let error = parse("[telemetry]\nmetrics = \"yes\"\n").unwrap_err();
+        assert_eq!(error.line, Some(2), "{error}");
     }
 }
 

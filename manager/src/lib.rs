@@ -2,6 +2,7 @@
 //!
 //! The `mesh` command is a thin layer over this library (see `main.rs`).
 
+pub mod admin;
 pub mod api;
 pub mod certs;
 pub mod config;
@@ -12,5 +13,5 @@ mod systemd;
 pub mod telemetry;
 pub mod up;
 
-pub use config::{Config, ConfigError, PluginConfig, Transport};
+pub use config::{AdminConfig, Config, ConfigError, PluginConfig, Transport};
 pub use supervisor::Supervisor;

@@ -50,6 +50,17 @@ pub enum UpError {
     /// The `[tls]` files could not be read or used; the message names the file.
     #[error("{0}")]
     Tls(String),
+    /// The admin listener could not be bound.
+    #[error("[admin] listen = {addr}: {error}; pick a free port, or port 0 for any")]
+    Admin {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The metrics could not be set up.
+    #[error("{0}")]
+    Metrics(crate::admin::MetricsError),
     /// The TCP listener could not be bound.
     #[error("listen = {addr}: {error}; pick a free port, or port 0 for any")]
     Listen {
@@ -79,6 +90,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .await
                 .map_err(|error| UpError::Listen { addr, error })?,
         ),
+        None => None,
+    };
+    let admin_listener = match &config.admin {
+        Some(admin) => {
+            Some(
+                crate::admin::bind(admin.listen)
+                    .await
+                    .map_err(|error| UpError::Admin {
+                        addr: admin.listen,
+                        error,
+                    })?,
+            )
+        }
         None => None,
     };
     let registry = Registry::new();
@@ -115,9 +139,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     }
     let host = HostService::new(policies, audit);
+    // Scrape-time supervisor metrics, and the router's per call when asked for.
+    let metrics = if config.admin.is_some() || config.metrics {
+        Some(
+            crate::admin::Metrics::new(supervisor.clone(), config.metrics, |b| b)
+                .map_err(UpError::Metrics)?,
+        )
+    } else {
+        None
+    };
     let identify = supervisor.clone();
     let (cluster, backend) = backend(&config);
-    let mut router = Router::builder(registry.clone()).cluster(cluster.clone());
+    let mut router = Router::builder(registry.clone())
+        .metrics(metrics.as_ref().map(|m| m.router()).unwrap_or_default())
+        .cluster(cluster.clone());
     if let Some(tls) = &config.tls {
         router = router.tls(tls.server().map_err(UpError::Tls)?);
         // The same node certificate dials the other nodes' routers (node certificates serve
@@ -172,6 +207,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         None => None,
     };
+    if let (Some(listener), Some(metrics)) = (admin_listener, &metrics) {
+        let admin_config = config.admin.clone().expect("bound from it");
+        let any_host = !admin_config.listen.ip().is_loopback();
+        if let Ok(addr) = listener.local_addr() {
+            println!(
+                "mesh: admin listening on http://{addr} (/metrics, /healthz, /readyz, status page at /)"
+            );
+        }
+        let admin = crate::admin::Admin::new(
+            supervisor.clone(),
+            metrics.clone(),
+            any_host,
+            admin_config.allow_other_users,
+        );
+        let mut stop = stop_rx.clone();
+        tokio::spawn(admin.serve(listener, async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        }));
+    }
     let listener = listener.into_std().map_err(UpError::Workers)?;
     mesh::tuning::set_linger(config.spin);
     let workers = router

@@ -13,9 +13,12 @@ use tonic::body::Body;
 
 use mesh::{ResponseBody, ServiceName, transport::BoxError};
 
-use crate::{deadline::Expiry, limit::Permit};
+use crate::{deadline::Expiry, limit::Permit, metrics::CallMetrics};
 
 /// The body of a response from the router.
+// Not boxed: a forwarded answer is the common case, and boxing it would cost an allocation
+// per call to save a few bytes on the router's own answers.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum RouterBody {
     /// Made by the router (its own services, errors).
     Local(Body),
@@ -29,6 +32,8 @@ pub(crate) struct Forwarded {
     inner: Option<ResponseBody>,
     deadline: Option<(Expiry, ServiceName)>,
     _permit: Permit,
+    /// Recorded when the answer ends or is dropped (metrics on).
+    metrics: Option<CallMetrics>,
 }
 
 impl Forwarded {
@@ -41,7 +46,19 @@ impl Forwarded {
             inner: Some(inner),
             deadline,
             _permit: permit,
+            metrics: None,
         }
+    }
+
+    /// The instance that answered, as the registry names it.
+    pub(crate) fn instance(&self) -> Option<&str> {
+        self.inner.as_ref().map(ResponseBody::instance)
+    }
+
+    /// Records `metrics` as the answer goes by: its status from the trailers, its duration
+    /// when it ends or is dropped.
+    pub(crate) fn measure(&mut self, metrics: CallMetrics) {
+        self.metrics = Some(metrics);
     }
 }
 
@@ -81,6 +98,22 @@ impl HttpBody for RouterBody {
 
 impl Forwarded {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = self.poll_inner(cx);
+        if let Some(metrics) = &mut self.metrics {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        metrics.trailers(trailers);
+                    }
+                }
+                Poll::Ready(None) => metrics.ended(),
+                _ => {}
+            }
+        }
+        polled
+    }
+
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };

@@ -4,7 +4,8 @@
 //! the upstream stream.
 //!
 //! A forwarded call costs: one header lookup for its route, one for its deadline, a lock-free
-//! map read, two counters (in flight in the router and on the instance) and hyper's own work.
+//! map read, two counters (in flight in the router and on the instance) and hyper's own work;
+//! with metrics on, what `metrics` records (a branch per hook when off).
 //! Request and response bodies pass through unboxed.
 
 use std::{
@@ -47,6 +48,7 @@ use crate::{
     grpc::{self, RequestBody},
     identity::{self, Caller, Identify},
     limit::{Admission, Gauge, Handshake, Held, Permit},
+    metrics::{Refusal, RouterMetrics},
     peers::{self, Peers, Pick},
     policy,
     registry::{Registry, RegistryService},
@@ -101,6 +103,8 @@ pub(crate) struct Inner {
     identify: Option<Arc<dyn Identify>>,
     /// Decides which calls a plugin caller may forward; none installed, every call may go.
     call_policy: Option<Arc<dyn CallPolicy>>,
+    /// Calls, durations, refusals and connections; off unless the embedder gave a meter.
+    metrics: RouterMetrics,
     /// Other nodes' routers, for names with no instance here; none on a single machine.
     peers: Option<Peers>,
     /// mTLS on the TCP listener; `None`: plaintext.
@@ -136,6 +140,7 @@ pub struct RouterBuilder {
     limits: Limits,
     identify: Option<Arc<dyn Identify>>,
     call_policy: Option<Arc<dyn CallPolicy>>,
+    metrics: RouterMetrics,
     cluster: Cluster,
     tls: Option<ServerTls>,
     peer_tls: Option<mesh::transport::ClientTls>,
@@ -157,6 +162,7 @@ impl Router {
             limits: Limits::default(),
             identify: None,
             call_policy: None,
+            metrics: RouterMetrics::off(),
             cluster: Cluster::single(),
             tls: None,
             peer_tls: None,
@@ -178,6 +184,7 @@ impl Router {
                 owner: self.inner.owner,
                 identify: self.inner.identify.clone(),
                 call_policy: self.inner.call_policy.clone(),
+                metrics: self.inner.metrics.clone(),
                 peers: self.inner.peers.as_ref().map(Peers::for_this_thread),
                 tls: self.inner.tls.clone(),
             }),
@@ -285,6 +292,7 @@ impl Router {
             let permit = match self.inner.admission.connect(class) {
                 Ok(permit) => permit,
                 Err(full) => {
+                    self.inner.metrics.refused(Refusal::Connections);
                     // Closed at once: the client sees UNAVAILABLE now rather than a hang.
                     if refused_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
                         refused_logged = Some(Instant::now());
@@ -299,6 +307,7 @@ impl Router {
                     continue;
                 }
             };
+            let counted = self.inner.metrics.connection(class);
             let connection = Arc::new(Connection {
                 inner: self.inner.clone(),
                 caller,
@@ -343,6 +352,7 @@ impl Router {
                         }
                     }
                     drop(permit);
+                    drop(counted);
                 },
                 span,
             ));
@@ -393,6 +403,7 @@ impl Inner {
             &request,
             self.admission.limits.max_header_list_size as usize,
         ) {
+            self.metrics.refused(Refusal::Invalid);
             return *refusal;
         }
         let (upstream, remote) = match route::route(&request) {
@@ -402,6 +413,7 @@ impl Inner {
                 let policy = self.call_policy.as_ref();
                 let method = request.uri().path();
                 if let Err(status) = calls::check(policy, &connection.caller, service, method) {
+                    self.metrics.refused(Refusal::Policy);
                     return status.into_http();
                 }
                 match peers::pick(
@@ -412,10 +424,14 @@ impl Inner {
                 ) {
                     Pick::Local(upstream) => (upstream, false),
                     Pick::Remote(upstream) => (upstream, true),
-                    Pick::Nowhere => return self.unknown(service, request.headers()).into_http(),
+                    Pick::Nowhere => {
+                        self.metrics.refused(Refusal::NoInstance);
+                        return self.unknown(service, request.headers()).into_http();
+                    }
                 }
             }
             Route::Invalid(error) => {
+                self.metrics.refused(Refusal::Invalid);
                 return Status::invalid_argument(format!("{SERVICE_HEADER} header: {error}"))
                     .into_http();
             }
@@ -424,13 +440,24 @@ impl Inner {
         // names the one that is full.
         let permit = match connection.calls.try_acquire() {
             Ok(permit) => permit,
-            Err(full) => return full.status().into_http(),
+            Err(full) => {
+                self.metrics.refused(Refusal::Limits);
+                return full.status().into_http();
+            }
         };
         if remote && let Some(peers) = &self.peers {
             peers.mark(request.headers_mut());
         }
+        let metered = self
+            .metrics
+            .call(upstream.name.as_str(), request.uri().path());
         let traced = crate::trace::start(&mut request, upstream.name.as_str());
         let response = self.forward(upstream, permit, request).await;
+        // Metrics first: they read the instance's body, which the span then wraps.
+        let response = match metered {
+            Some(call) => call.answered(response),
+            None => response,
+        };
         match traced {
             Some(call) => crate::trace::answer(call, response),
             None => response,
@@ -561,6 +588,13 @@ impl RouterBuilder {
         self
     }
 
+    /// Records the router's metrics ([`RouterMetrics::new`] on the embedder's meter); without
+    /// this, nothing is recorded.
+    pub fn metrics(mut self, metrics: RouterMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     /// Makes this router one node of many: calls for names with no instance here go to the
     /// other nodes in `cluster`'s view (see [`crate::cluster`]).
     pub fn cluster(mut self, cluster: Cluster) -> Self {
@@ -610,6 +644,7 @@ impl RouterBuilder {
                 owner: identity::own_uid(),
                 identify: self.identify,
                 call_policy: self.call_policy,
+                metrics: self.metrics,
                 peers: Peers::new(&self.cluster, self.peer_tls),
                 tls: self.tls,
             }),

@@ -19,6 +19,8 @@
 //! - `deadline`: `grpc-timeout` and the default call timeout;
 //! - `limit`: connections, handshakes, idle connections and calls in flight under their
 //!   [`Limits`];
+//! - `metrics`: calls, durations, refusals and connections as OpenTelemetry instruments
+//!   ([`RouterMetrics`], off unless the embedder hands in a meter);
 //! - `trace`: a span per forwarded call, child of the caller's, carried on to the instance;
 //! - `body`: the answer's body, the router's own or an instance's streamed through;
 //! - `forward`: accepting connections and forwarding calls ([`Router`]);
@@ -42,6 +44,7 @@ mod forward;
 mod grpc;
 mod identity;
 mod limit;
+mod metrics;
 mod peers;
 mod policy;
 pub mod registry;
@@ -57,6 +60,7 @@ pub use identity::{Caller, Identify, PluginIdentity};
 pub use limit::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADER_LIST_SIZE, Limits,
 };
+pub use metrics::{MAX_METHODS, RouterMetrics};
 pub use route::SERVICE_HEADER;
 pub use tls::{Grant, ServerTls, TlsError, install_default_provider};
 pub use workers::Workers;

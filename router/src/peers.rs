@@ -47,10 +47,7 @@ pub(crate) enum Pick {
 impl Peers {
     /// The peers of `cluster`'s node; none for a single machine.
     /// Their routers are dialed with `tls` when it is given.
-    pub(crate) fn new(
-        cluster: &Cluster,
-        tls: Option<mesh::transport::ClientTls>,
-    ) -> Option<Self> {
+    pub(crate) fn new(cluster: &Cluster, tls: Option<mesh::transport::ClientTls>) -> Option<Self> {
         let node = cluster.this_node()?;
         let upstreams = Arc::new(Upstreams::with_tls(cluster.remote().clone(), tls.clone()));
         upstreams.follow();

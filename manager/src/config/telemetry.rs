@@ -1,4 +1,4 @@
-//! `[telemetry]`: traces exported by OTLP/gRPC (off unless an endpoint is given, in the file
+//! `[telemetry]`: router metrics (`metrics`, read in `config.rs`), traces exported by OTLP/gRPC (off unless an endpoint is given, in the file
 //! or by `OTEL_EXPORTER_OTLP_ENDPOINT`), their sampling, the router's service name, and the
 //! log format; and what the manager hands each plugin so the SDK exports without code.
 
@@ -49,6 +49,9 @@ impl Default for Telemetry {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTelemetry {
+    /// Whether the router records call metrics (read by `metrics_enabled`, kept on
+    /// [`super::Config::metrics`]); the rest of the section is traces and logs.
+    pub(super) metrics: Option<Spanned<bool>>,
     otlp_endpoint: Option<Spanned<String>>,
     sample_ratio: Option<Spanned<RawRatio>>,
     service_name: Option<Spanned<String>>,

@@ -484,6 +484,11 @@ impl Supervisor {
                     .into(),
             );
         }
+        if config.admin != current.admin || config.metrics != current.metrics {
+            report
+                .ignored
+                .push("[admin] and [telemetry] metrics apply at the next mesh up".into());
+        }
         if config.cluster != current.cluster {
             report.ignored.push(
                 "[mesh] node and advertise, and [registry], apply at the next mesh up".into(),

@@ -78,6 +78,11 @@ fn config_errors_exit_64_with_one_line_naming_the_place_and_the_fix() {
             ),
             vec![":2:", "107-byte limit", "shorter runtime directory"],
         ),
+        (
+            "admin listener beyond loopback",
+            "[admin]\nlisten = \"0.0.0.0:9900\"\n".into(),
+            vec![":2:", "not a loopback address", "allow_non_loopback = true"],
+        ),
     ];
     for (case, text, expected) in cases {
         let config = dir.path().join("mesh.toml");

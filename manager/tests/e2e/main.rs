@@ -2,6 +2,7 @@
 
 #![allow(unreachable_pub)] // a test crate: nothing here is exported
 
+mod admin;
 mod bad_input;
 mod cancel;
 mod cluster;
@@ -18,6 +19,7 @@ mod routing;
 mod sandbox;
 mod scaffold;
 mod security;
+mod status_page;
 mod supervision;
 mod support;
 mod system_service;

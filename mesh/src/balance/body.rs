@@ -31,6 +31,13 @@ impl ResponseBody {
     }
 }
 
+impl ResponseBody {
+    /// The id of the instance that answered (`echo-0`), as the registry names it.
+    pub fn instance(&self) -> &str {
+        self.in_flight.health().id()
+    }
+}
+
 impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseBody").finish_non_exhaustive()

@@ -124,6 +124,11 @@ pub(crate) struct Health {
 }
 
 impl Health {
+    /// The instance's id.
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+
     /// Calls in flight on this instance now.
     pub(crate) fn load(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)

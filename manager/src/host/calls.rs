@@ -82,7 +82,7 @@ impl CallGate {
         else {
             return self
                 .rates
-                .check(service, &caller_key(caller))
+                .check_with(service, || caller_key(caller))
                 .map_err(Refusal::Exhausted);
         };
         let decision = match self.policies.get(plugin) {
@@ -93,7 +93,7 @@ impl CallGate {
         };
         let decision = decision.and_then(|allowed| {
             self.rates
-                .check(service, &caller_key(caller))
+                .check_with(service, || caller_key(caller))
                 .map(|()| allowed)
                 .map_err(Refusal::Exhausted)
         });

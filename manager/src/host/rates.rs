@@ -150,6 +150,12 @@ impl RateLimits {
     ///
     /// [`caller_key`]: crate::host::calls::caller_key
     pub fn check(&self, service: &str, caller: &str) -> Result<(), String> {
+        self.check_with(service, || caller.to_owned())
+    }
+
+    /// [`RateLimits::check`], naming the caller only when `service` has a per-caller limit:
+    /// a call to a service without one (most calls) allocates nothing here.
+    pub fn check_with(&self, service: &str, caller: impl FnOnce() -> String) -> Result<(), String> {
         let current = self.current.load();
         let Some(target) = current.get(service) else {
             return Ok(());
@@ -159,7 +165,8 @@ impl RateLimits {
             if limiter.len() > TRACKED_CALLERS {
                 limiter.retain_recent();
             }
-            if limiter.check_key(&caller.to_owned()).is_err() {
+            let caller = caller();
+            if limiter.check_key(&caller).is_err() {
                 return Err(format!(
                     "{caller} is over {service}'s caller_rate_limit of {rate}; raise \
                      caller_rate_limit in the [[plugin]] table of {plugin:?}, or call less often"

@@ -12,13 +12,10 @@ use std::{
 use mesh_proto::mesh::v1::{
     ListPluginsRequest, ReadFileRequest, host_client::HostClient, manager_client::ManagerClient,
 };
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::UnixStream,
-};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::{Code, Request};
 
-use crate::support::{DEADLINE, Mesh, echo_plugin, host_probe, script, short_tempdir};
+use crate::support::{DEADLINE, Mesh, Probe, echo_plugin, host_probe, script, short_tempdir};
 
 /// A mesh running plugin `files` whose command starts a probe beside echo-plugin.
 struct Setup {
@@ -29,50 +26,6 @@ struct Setup {
     audit: PathBuf,
     probe: Probe,
     _dir: tempfile::TempDir,
-}
-
-/// Talks to the probe: one line out, one line back.
-struct Probe {
-    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    write: tokio::net::unix::OwnedWriteHalf,
-}
-
-impl Probe {
-    async fn connect(path: &Path) -> Probe {
-        let stream = UnixStream::connect(path).await.expect("connect the probe");
-        let (read, write) = stream.into_split();
-        Probe {
-            lines: BufReader::new(read).lines(),
-            write,
-        }
-    }
-
-    /// Sends one call; the probe's answer: `Ok(text)` or `Err((code, message))`.
-    async fn call(&mut self, line: &str) -> Result<String, (i32, String)> {
-        self.write
-            .write_all(format!("{line}\n").as_bytes())
-            .await
-            .unwrap();
-        let answer = tokio::time::timeout(DEADLINE, self.lines.next_line())
-            .await
-            .expect("the probe answers in time")
-            .unwrap()
-            .expect("the probe is alive");
-        if let Some(ok) = answer.strip_prefix("ok ") {
-            return Ok(ok.to_owned());
-        }
-        let rest = answer.strip_prefix("err ").expect("ok or err");
-        let (code, message) = rest.split_once(' ').unwrap_or((rest, ""));
-        Err((code.parse().unwrap(), message.to_owned()))
-    }
-
-    /// A call the test expects to be refused with PERMISSION_DENIED; its message.
-    async fn denied(&mut self, line: &str) -> String {
-        match self.call(line).await {
-            Err((code, message)) if code == Code::PermissionDenied as i32 => message,
-            other => panic!("{line}: expected PERMISSION_DENIED, got {other:?}"),
-        }
-    }
 }
 
 async fn setup(capabilities: &str) -> Setup {

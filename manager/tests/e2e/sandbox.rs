@@ -5,65 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::UnixStream,
-};
-
-use crate::support::{DEADLINE, Mesh, echo_plugin, grpcurl_ok, host_probe, script, short_tempdir};
+use crate::support::{Mesh, Probe, echo_plugin, grpcurl_ok, host_probe, script, short_tempdir};
 
 const EACCES: i32 = 13;
 const ENOENT: i32 = 2;
 const EPERM: i32 = 1;
-
-/// Talks to a probe: one line out, one line back (`ok TEXT` or `err CODE MESSAGE`).
-struct Probe {
-    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    write: tokio::net::unix::OwnedWriteHalf,
-}
-
-impl Probe {
-    async fn connect(path: &Path) -> Probe {
-        let stream = UnixStream::connect(path).await.expect("connect the probe");
-        let (read, write) = stream.into_split();
-        Probe {
-            lines: BufReader::new(read).lines(),
-            write,
-        }
-    }
-
-    async fn call(&mut self, line: &str) -> Result<String, (i32, String)> {
-        self.write
-            .write_all(format!("{line}\n").as_bytes())
-            .await
-            .unwrap();
-        let answer = tokio::time::timeout(DEADLINE, self.lines.next_line())
-            .await
-            .expect("the probe answers in time")
-            .unwrap()
-            .expect("the probe is alive");
-        if let Some(ok) = answer.strip_prefix("ok ") {
-            return Ok(ok.to_owned());
-        }
-        let rest = answer.strip_prefix("err ").expect("ok or err");
-        let (code, message) = rest.split_once(' ').unwrap_or((rest, ""));
-        Err((code.parse().unwrap(), message.to_owned()))
-    }
-
-    async fn ok(&mut self, line: &str) -> String {
-        self.call(line)
-            .await
-            .unwrap_or_else(|e| panic!("{line}: expected ok, got {e:?}"))
-    }
-
-    /// The errno of a system call the test expects to fail.
-    async fn errno(&mut self, line: &str) -> i32 {
-        match self.call(line).await {
-            Err((code, _)) => code,
-            Ok(text) => panic!("{line}: expected a failure, got ok {text}"),
-        }
-    }
-}
 
 /// A `[[plugin]]` table running a probe beside echo-plugin; `extra` adds settings.
 fn probe_plugin(dir: &Path, name: &str, root: &Path, extra: &str) -> String {

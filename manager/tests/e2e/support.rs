@@ -361,3 +361,68 @@ pub fn grpcurl(args: &[&str]) -> Output {
 pub fn grpcurl_ok(args: &[&str]) -> String {
     mesh_testkit::grpcurl_ok(args).unwrap_or_else(|e| fail(e))
 }
+
+/// Talks to a `host-probe` (testkit/src/bin/host-probe.rs) over its Unix socket: one line
+/// out, one line back (`ok TEXT` or `err CODE MESSAGE`).
+pub struct Probe {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Probe {
+    pub async fn connect(path: &Path) -> Probe {
+        use tokio::io::AsyncBufReadExt;
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .expect("connect the probe");
+        let (read, write) = stream.into_split();
+        Probe {
+            lines: tokio::io::BufReader::new(read).lines(),
+            write,
+        }
+    }
+
+    /// Sends one call; the probe's answer: `Ok(text)` or `Err((code, message))` (a gRPC code,
+    /// or an errno for the probe's own system calls).
+    pub async fn call(&mut self, line: &str) -> Result<String, (i32, String)> {
+        use tokio::io::AsyncWriteExt;
+        self.write
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(DEADLINE, self.lines.next_line())
+            .await
+            .expect("the probe answers in time")
+            .unwrap()
+            .expect("the probe is alive");
+        if let Some(ok) = answer.strip_prefix("ok ") {
+            return Ok(ok.to_owned());
+        }
+        let rest = answer.strip_prefix("err ").expect("ok or err");
+        let (code, message) = rest.split_once(' ').unwrap_or((rest, ""));
+        Err((code.parse().unwrap(), message.to_owned()))
+    }
+
+    /// A call the test expects to succeed; its answer.
+    pub async fn ok(&mut self, line: &str) -> String {
+        self.call(line)
+            .await
+            .unwrap_or_else(|e| panic!("{line}: expected ok, got {e:?}"))
+    }
+
+    /// The errno of a system call the test expects to fail.
+    pub async fn errno(&mut self, line: &str) -> i32 {
+        match self.call(line).await {
+            Err((code, _)) => code,
+            Ok(text) => panic!("{line}: expected a failure, got ok {text}"),
+        }
+    }
+
+    /// A call the test expects to be refused with PERMISSION_DENIED; its message.
+    pub async fn denied(&mut self, line: &str) -> String {
+        match self.call(line).await {
+            Err((code, message)) if code == tonic::Code::PermissionDenied as i32 => message,
+            other => panic!("{line}: expected PERMISSION_DENIED, got {other:?}"),
+        }
+    }
+}

@@ -213,16 +213,20 @@ fn still_connected(stream: &UnixStream, pid: u32) -> bool {
     use nix::sys::socket::{getsockopt, sockopt::PeerPidfd};
     use std::os::fd::AsRawFd;
     match getsockopt(stream, PeerPidfd) {
-        Ok(pidfd) => std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
-            .ok()
-            .and_then(|info| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix("Pid:"))
-                    .map(|p| p.trim() == pid.to_string())
-            })
-            .unwrap_or(false),
+        Ok(pidfd) => pidfd_pid(pidfd.as_raw_fd()).is_ok_and(|p| p == i64::from(pid)),
         Err(_) => std::path::Path::new(&format!("/proc/{pid}")).exists(),
     }
+}
+
+/// The pid the pidfd `fd` names, in this process's PID namespace, from its
+/// `/proc/self/fdinfo` `Pid:` line: `-1` once the process has exited (and `0` when it lives
+/// in a namespace this one cannot see).
+pub fn pidfd_pid(fd: std::os::fd::RawFd) -> std::io::Result<i64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no Pid: line: not a pidfd"))
 }
 
 /// The router's effective uid: the owner it trusts besides root.

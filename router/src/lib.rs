@@ -56,7 +56,7 @@ mod workers;
 
 pub use calls::{CallPolicy, Refusal};
 pub use forward::{Router, RouterBuilder};
-pub use identity::{Caller, Identify, PluginIdentity};
+pub use identity::{Caller, Identify, PluginIdentity, pidfd_pid};
 pub use limit::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADER_LIST_SIZE, Limits,
 };

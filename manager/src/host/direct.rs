@@ -354,13 +354,7 @@ fn pid_of(fd: RawFd) -> Result<u32, String> {
     if !link.to_string_lossy().contains("pidfd") {
         return Err(format!("not a pidfd but {}", link.display()));
     }
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-        .map_err(|e| format!("cannot read the pidfd: {e}"))?;
-    let pid: i64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("Pid:"))
-        .and_then(|p| p.trim().parse().ok())
-        .ok_or("the pidfd names no pid")?;
+    let pid = mesh_router::pidfd_pid(fd).map_err(|e| format!("cannot read the pidfd: {e}"))?;
     u32::try_from(pid)
         .ok()
         .filter(|p| *p > 0)

@@ -4,12 +4,17 @@
 
 use std::time::Duration;
 
-use opentelemetry::{KeyValue, trace::TracerProvider as _};
+use opentelemetry::{
+    KeyValue,
+    trace::{Link, SpanKind, TraceContextExt, TraceId, TraceState, TracerProvider as _},
+};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     Resource,
-    trace::{Sampler, SdkTracerProvider},
+    trace::{Sampler, SamplingDecision, SamplingResult, SdkTracerProvider, ShouldSample},
 };
+
+use super::sampling::RootSampled;
 use tracing_subscriber::{
     EnvFilter, Layer,
     filter::{LevelFilter, Targets},
@@ -202,6 +207,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     tracing::subscriber::set_global_default(subscriber)
         .map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
     if provider.is_some() {
+        super::set_sample_ratio(Some(config.sample_ratio));
         super::set_active(true);
     }
     Ok(Telemetry { provider })
@@ -218,7 +224,43 @@ where
 {
     tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("mesh"))
+        // Source location, thread and busy/idle times on every span: a dozen allocations and
+        // two clock reads per call, for attributes that name mesh's code, not the caller's.
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
         .with_filter(export_filter())
+}
+
+/// The SDK's parent-based ratio sampler, except for a new trace that
+/// [`sample`](super::sample) already decided to record (marked in its parent context): the
+/// ratio is applied to it once, not twice.
+#[derive(Debug, Clone)]
+struct MeshSampler(Sampler);
+
+impl ShouldSample for MeshSampler {
+    fn should_sample(
+        &self,
+        parent_context: Option<&opentelemetry::Context>,
+        trace_id: TraceId,
+        name: &str,
+        span_kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        let decided = parent_context.is_some_and(|context| {
+            !context.has_active_span() && context.get::<RootSampled>().is_some()
+        });
+        if decided {
+            return SamplingResult {
+                decision: SamplingDecision::RecordAndSample,
+                attributes: Vec::new(),
+                trace_state: TraceState::default(),
+            };
+        }
+        self.0
+            .should_sample(parent_context, trace_id, name, span_kind, attributes, links)
+    }
 }
 
 type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
@@ -271,8 +313,8 @@ pub fn provider(
     }
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            config.sample_ratio,
+        .with_sampler(MeshSampler(Sampler::ParentBased(Box::new(
+            Sampler::TraceIdRatioBased(config.sample_ratio),
         ))))
         .with_resource(resource.build())
         .build())
@@ -311,5 +353,44 @@ mod tests {
         }
         assert_eq!("json".parse(), Ok(LogFormat::Json));
         assert!("xml".parse::<LogFormat>().unwrap_err().contains("\"json\""));
+    }
+
+    #[test]
+    fn a_new_trace_decided_by_sample_is_recorded_once_and_others_follow_the_ratio() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags};
+        let never = MeshSampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            0.0,
+        ))));
+        let decide = |parent: &opentelemetry::Context| {
+            never
+                .should_sample(
+                    Some(parent),
+                    TraceId::from(1u128),
+                    "echo.v1.Echo/Echo",
+                    &SpanKind::Server,
+                    &[],
+                    &[],
+                )
+                .decision
+        };
+        let marked = opentelemetry::Context::new().with_value(RootSampled);
+        assert_eq!(decide(&marked), SamplingDecision::RecordAndSample);
+        // Unmarked new traces follow the ratio (0 here).
+        assert_eq!(
+            decide(&opentelemetry::Context::new()),
+            SamplingDecision::Drop
+        );
+        // A parent's decision wins over a marker the context inherited.
+        let unsampled = SpanContext::new(
+            TraceId::from(2u128),
+            SpanId::from(3u64),
+            TraceFlags::NOT_SAMPLED,
+            true,
+            TraceState::NONE,
+        );
+        assert_eq!(
+            decide(&marked.with_remote_span_context(unsampled)),
+            SamplingDecision::Drop
+        );
     }
 }

@@ -13,6 +13,7 @@
 //! that answered).
 
 mod propagate;
+mod sampling;
 mod server;
 
 #[cfg(feature = "otlp")]
@@ -23,8 +24,9 @@ mod json;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use propagate::{TRACEPARENT, TRACESTATE, extract, inject, inject_context};
+pub use sampling::{Sampling, Unsampled, sample, set_sample_ratio};
 pub(crate) use server::TraceLayer;
-pub use server::{CallSpan, RPC_TARGET, TracedBody, rpc_span};
+pub use server::{CallSpan, RPC_TARGET, TracedBody, rpc_span, sampled_rpc_span};
 
 #[cfg(feature = "otlp")]
 pub use install::{

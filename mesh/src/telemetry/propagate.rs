@@ -69,7 +69,10 @@ pub fn inject_context(span_context: &SpanContext, headers: &mut HeaderMap) {
         span_context.span_id(),
         span_context.trace_flags() & TraceFlags::SAMPLED
     );
-    if let Ok(value) = HeaderValue::from_str(&parent) {
+    if let Ok(mut value) = HeaderValue::from_str(&parent) {
+        // New on every call: not worth a place in HPACK's table, where it would push out the
+        // headers every call repeats (path, content-type, the service).
+        value.set_sensitive(true);
         headers.insert(TRACEPARENT, value);
     }
     let state = span_context.trace_state().header();
@@ -97,6 +100,11 @@ fn inject_current(headers: &mut HeaderMap) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let span = tracing::Span::current();
     if span.is_none() {
+        // No span: a call that is not recorded (its context is the current OpenTelemetry
+        // context, unsampled), or no call at all (no context, nothing sent).
+        opentelemetry::Context::map_current(|context| {
+            inject_context(context.span().span_context(), headers);
+        });
         return;
     }
     let context = span.context();

@@ -12,10 +12,15 @@ use std::{
 use futures_util::future::{BoxFuture, Either, FutureExt};
 use http::{HeaderMap, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use opentelemetry::trace::{SpanContext, TraceContextExt};
+use opentelemetry::{
+    context::{FutureExt as _, WithContext},
+    trace::{SpanContext, TraceContextExt},
+};
 use tonic::body::Body;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::sampling::{RootSampled, Sampling, Unsampled, sample};
 
 /// The target of the spans calls open: the log filter and the exporter's filter know it.
 pub const RPC_TARGET: &str = "mesh::rpc";
@@ -25,6 +30,36 @@ pub const RPC_TARGET: &str = "mesh::rpc";
 /// attributes the conventions name. The span is a `tracing` span (target [`RPC_TARGET`],
 /// level INFO): enter it, or instrument a future with it, to make it current.
 pub fn rpc_span(path: &str, kind: &'static str, parent: Option<SpanContext>) -> tracing::Span {
+    let parent =
+        parent.map(|parent| opentelemetry::Context::new().with_remote_span_context(parent));
+    span_under(path, kind, parent)
+}
+
+/// Opens the span of one call to `path`, as [`rpc_span`] does, if the call is recorded
+/// ([`sample`]: the caller's decision, else the ratio of new traces): `Err` says what the
+/// call's onward calls carry instead. A call that is not recorded costs no span.
+pub fn sampled_rpc_span(
+    path: &str,
+    kind: &'static str,
+    parent: Option<SpanContext>,
+) -> Result<tracing::Span, Unsampled> {
+    match sample(parent) {
+        Sampling::Skip(unsampled) => Err(unsampled),
+        Sampling::Record(Some(parent)) => Ok(rpc_span(path, kind, Some(parent))),
+        // A new trace, decided here: marked so that the sampler does not apply the ratio again.
+        Sampling::Record(None) => Ok(span_under(
+            path,
+            kind,
+            Some(opentelemetry::Context::new().with_value(RootSampled)),
+        )),
+    }
+}
+
+fn span_under(
+    path: &str,
+    kind: &'static str,
+    parent: Option<opentelemetry::Context>,
+) -> tracing::Span {
     let name = path.strip_prefix('/').unwrap_or(path);
     let (service, method) = name.split_once('/').unwrap_or((name, ""));
     // A root unless the caller sent a parent: never a child of whatever span the server's task
@@ -37,7 +72,7 @@ pub fn rpc_span(path: &str, kind: &'static str, parent: Option<SpanContext>) -> 
         otel.kind = kind
     );
     if let Some(parent) = parent {
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent));
+        let _ = span.set_parent(parent);
     }
     span.set_attribute("rpc.system", "grpc");
     span.set_attribute("rpc.service", service.to_owned());
@@ -199,7 +234,10 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, Infallible>>>;
+    type Future = Either<
+        Either<S::Future, WithContext<S::Future>>,
+        BoxFuture<'static, Result<Response<Body>, Infallible>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -207,13 +245,24 @@ where
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         if !super::active() || untraced(request.uri().path()) {
-            return Either::Left(self.inner.call(request));
+            return Either::Left(Either::Left(self.inner.call(request)));
         }
-        let span = rpc_span(
+        let span = match sampled_rpc_span(
             request.uri().path(),
             "server",
             super::extract(request.headers()),
-        );
+        ) {
+            Ok(span) => span,
+            // Not recorded: no span, but the handler's own calls carry the unsampled context,
+            // so that the hops after it do not record the call either.
+            Err(unsampled) => {
+                let context =
+                    opentelemetry::Context::new().with_remote_span_context(unsampled.context);
+                return Either::Left(Either::Right(
+                    self.inner.call(request).with_context(context),
+                ));
+            }
+        };
         span.set_attribute("mesh.instance", self.instance.to_string());
         let call = CallSpan::new(span.clone());
         let answer = self.inner.call(request).instrument(span);

@@ -738,7 +738,12 @@ const METHOD: &str = r#"
   grows with every call and its throughput falls to a quarter within seconds, while each
   GOAWAY fails the calls the client had already started on the old connection. Those failures
   are counted in the errors column and not in calls/s. Every way but (h), (i) and (l) hits the same single
-  echo-plugin instance. **(l)** is (d) as a remote client with mTLS: `mesh::Connector::remote`
+  echo-plugin instance. **(h)** is (c) to a second echo plugin with `rate_limit` and
+  `caller_rate_limit` set (10⁹/s, never reached): the client is the owner, so its calls are
+  held to rate limits only, without a plugin caller's `call:` check and audit line. The
+  policy's own cost per decision, for plugin callers too, is far below what this page can
+  resolve and is measured directly: `cargo test --release -p mesh-manager --lib -- --ignored
+  --nocapture cost_per` (figures in `docs/security.md`, "What a check costs"). **(l)** is (d) as a remote client with mTLS: `mesh::Connector::remote`
   with `ClientTls` (a `mesh certs` client certificate) to a second `mesh up` whose listener
   has `[tls]` (its own echo instance, the same binaries and settings); (l) − (d) is what TLS
   adds. TLS connections are read only as Tokio wakes them (no direct socket reads while

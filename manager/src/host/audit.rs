@@ -18,6 +18,9 @@ use tokio::sync::broadcast;
 /// The default bound of `audit.log` before it is rotated.
 pub const DEFAULT_MAX_SIZE: u64 = 10 << 20;
 
+/// The room made for one line: more than a line with the longest refusal takes.
+const LINE: usize = 512;
+
 /// One decision.
 #[derive(Debug, Serialize)]
 pub struct Decision<'a> {
@@ -80,15 +83,21 @@ impl Audit {
     /// Writes `decision` as one line. A failure to write is logged, never hidden from the
     /// operator, and never fails the call it records.
     pub fn record(&self, decision: &Decision<'_>) {
-        let Ok(mut line) = serde_json::to_string(decision) else {
+        // Room for a line with a long reason at once: no growing on the way.
+        let mut line = Vec::with_capacity(LINE);
+        if serde_json::to_writer(&mut line, decision).is_err() {
             return;
-        };
-        line.push('\n');
-        if let Err(error) = self.write(line.as_bytes()) {
+        }
+        line.push(b'\n');
+        if let Err(error) = self.write(&line) {
             tracing::error!(path = %self.path.display(), %error, "cannot write the audit log");
         }
         line.pop();
-        let _ = self.lines.send(line);
+        if self.lines.receiver_count() > 0
+            && let Ok(line) = String::from_utf8(line)
+        {
+            let _ = self.lines.send(line);
+        }
     }
 
     fn write(&self, line: &[u8]) -> io::Result<()> {
@@ -216,9 +225,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let audit = Audit::open(path.clone(), 300).unwrap();
-        for i in 0..10 {
+        audit.record(&decision("file-0"));
+        // Followers get the lines written after they subscribe, as written.
+        let mut follower = audit.subscribe();
+        for i in 1..10 {
             audit.record(&decision(&format!("file-{i}")));
         }
+        let followed: serde_json::Value =
+            serde_json::from_str(&follower.try_recv().unwrap()).unwrap();
+        assert_eq!(followed["resource"], "file-1");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert!(rotated(&path).exists());

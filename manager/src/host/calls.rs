@@ -106,14 +106,17 @@ impl CallGate {
         };
         let method = method.strip_prefix('/').unwrap_or(method);
         let resource = format!("{service}/{method}");
+        let counted;
         let (allowed, reason) = match &decision {
-            Ok(reason) => (true, reason.clone()),
-            Err(Refusal::Denied(reason)) => (false, reason.clone()),
-            Err(Refusal::Exhausted(reason)) if suppressed > 0 => (
-                false,
-                format!("{reason} ({suppressed} more refused by this limit since the last line)"),
-            ),
-            Err(Refusal::Exhausted(reason)) => (false, reason.clone()),
+            Ok(reason) => (true, reason.as_str()),
+            Err(Refusal::Denied(reason)) => (false, reason.as_str()),
+            Err(Refusal::Exhausted(reason)) if suppressed > 0 => {
+                counted = format!(
+                    "{reason} ({suppressed} more refused by this limit since the last line)"
+                );
+                (false, counted.as_str())
+            }
+            Err(Refusal::Exhausted(reason)) => (false, reason.as_str()),
         };
         self.audit.record(&Decision {
             time: Decision::now(),
@@ -123,7 +126,7 @@ impl CallGate {
             action: "call",
             resource: &resource,
             allowed,
-            reason: &reason,
+            reason,
             via: Some(via),
         });
         decision.map(drop)
@@ -154,5 +157,263 @@ impl CallGate {
 impl CallPolicy for CallGate {
     fn check(&self, caller: &Caller, service: &str, method: &str) -> Result<(), Refusal> {
         self.decide(caller, service, method, "router")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::host::{Capability, cost::per_call};
+
+    /// A plugin caller, as the router names it at accept time.
+    fn plugin(name: &str) -> Caller {
+        Caller::Plugin {
+            plugin: name.into(),
+            instance: format!("{name}-0").into(),
+            pid: 4242,
+            uid: 1000,
+        }
+    }
+
+    /// Ten capabilities of the kinds a plugin declares; the one that allows `plugin.echo`'s
+    /// Echo is the last, and names the method (so both lookups, by service and by method, run).
+    const CAPS: [&str; 10] = [
+        "read:data/**",
+        "write:out/*.txt",
+        "env:HOME",
+        "env:LANG",
+        "call:plugin.a",
+        "call:plugin.b",
+        "call:plugin.c/c.v1.C/Get",
+        "call:plugin.d",
+        "call:plugin.e/e.v1.E/Put",
+        "call:plugin.echo/echo.v1.Echo/Echo",
+    ];
+
+    const ECHO: &str = "/echo.v1.Echo/Echo";
+    /// A rate no loop here reaches: checked every call, never refused.
+    const UNREACHED: &str = "1000000000/s";
+
+    /// A gate over [`CAPS`] for plugin `files`, the given limits on `plugin.echo`, and its own
+    /// audit log in `dir`.
+    fn gate(dir: &std::path::Path, all: Option<&str>, each: Option<&str>) -> CallGate {
+        let policies = Policies::default();
+        let caps: Vec<Capability> = CAPS.iter().map(|c| c.parse().unwrap()).collect();
+        policies.configure([("files", PathBuf::from("/r"), &caps[..])]);
+        let rates = RateLimits::default();
+        let rate = |r: Option<&str>| r.map(|r| r.parse().unwrap());
+        rates.configure([("echo", "plugin.echo", rate(all), rate(each))]);
+        let dir = tempfile::tempdir_in(dir).unwrap().keep();
+        let audit = Audit::open(dir.join("audit.log"), super::super::audit::DEFAULT_MAX_SIZE);
+        CallGate::new(
+            Arc::new(policies),
+            Arc::new(rates),
+            Arc::new(audit.unwrap()),
+        )
+    }
+
+    #[test]
+    fn a_plugin_is_allowed_by_its_call_capability_refused_without_and_each_is_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = gate(dir.path(), None, Some("2/h"));
+        let files = plugin("files");
+        assert_eq!(gate.decide(&files, "plugin.echo", ECHO, "router"), Ok(()));
+        let denied = gate.decide(&files, "plugin.echo", "/echo.v1.Echo/Expand", "direct");
+        assert!(
+            matches!(&denied, Err(Refusal::Denied(why)) if why.contains("lacks call:plugin.echo")),
+            "{denied:?}"
+        );
+        let stranger = gate.decide(&plugin("other"), "plugin.echo", ECHO, "router");
+        assert!(
+            matches!(&stranger, Err(Refusal::Denied(why)) if why.contains("no capabilities")),
+            "{stranger:?}"
+        );
+        // The second allowed call uses the caller's burst of 2; the third is over it.
+        assert_eq!(gate.decide(&files, "plugin.echo", ECHO, "router"), Ok(()));
+        let over = gate.decide(&files, "plugin.echo", ECHO, "router");
+        assert!(matches!(over, Err(Refusal::Exhausted(_))), "{over:?}");
+        // An owner is held to rate limits only, and not logged: its own burst of 2.
+        let owner = Caller::Owner {
+            uid: 1000,
+            pid: None,
+        };
+        assert_eq!(gate.decide(&owner, "plugin.echo", ECHO, "router"), Ok(()));
+        let lines: Vec<serde_json::Value> = gate
+            .audit
+            .lines()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let seen: Vec<_> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l["plugin"].as_str().unwrap(),
+                    l["resource"].as_str().unwrap(),
+                    l["allowed"].as_bool().unwrap(),
+                    l["via"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("files", "plugin.echo/echo.v1.Echo/Echo", true, "router"),
+                ("files", "plugin.echo/echo.v1.Echo/Expand", false, "direct"),
+                ("other", "plugin.echo/echo.v1.Echo/Echo", false, "router"),
+                ("files", "plugin.echo/echo.v1.Echo/Echo", true, "router"),
+                ("files", "plugin.echo/echo.v1.Echo/Echo", false, "router"),
+            ]
+        );
+        assert_eq!(
+            lines[0]["reason"],
+            "allowed by call:plugin.echo/echo.v1.Echo/Echo"
+        );
+    }
+
+    /// What the call policy costs one call, by part and whole (`cargo test --release -p
+    /// mesh-manager --lib -- --ignored --nocapture cost_per_call`): prints, asserts nothing.
+    /// docs/performance-layers.md has the figures of a run.
+    #[test]
+    #[ignore]
+    fn cost_per_call() {
+        const CALLS: u32 = 200_000;
+        let dir = tempfile::tempdir().unwrap();
+        let files = plugin("files");
+        let owner = Caller::Owner {
+            uid: 1000,
+            pid: Some(4243),
+        };
+        println!("the call policy, per decision (median of 5 batches):");
+
+        let plain = gate(dir.path(), None, None);
+        let policy = plain.policies.get("files").unwrap();
+        per_call(
+            "capability match: allowed by the last of 10 (call:S/M)",
+            CALLS,
+            |_| {
+                assert!(policy.check_call("plugin.echo", ECHO).is_ok());
+            },
+        );
+        per_call(
+            "capability match: denied (10 held, none matches)",
+            CALLS,
+            |_| {
+                assert!(policy.check_call("plugin.z", ECHO).is_err());
+            },
+        );
+        per_call(
+            "policy lookup: the caller's Policy, one atomic load",
+            CALLS,
+            |_| {
+                assert!(plain.policies.get("files").is_some());
+            },
+        );
+
+        let limited = gate(dir.path(), Some(UNREACHED), Some(UNREACHED));
+        let global = gate(dir.path(), Some(UNREACHED), None);
+        per_call("rate limit: service without limits", CALLS, |_| {
+            assert!(
+                plain
+                    .rates
+                    .check_with("plugin.echo", || unreachable!())
+                    .is_ok()
+            );
+        });
+        per_call("rate limit: under rate_limit (all callers)", CALLS, |_| {
+            assert!(
+                global
+                    .rates
+                    .check_with("plugin.echo", || unreachable!())
+                    .is_ok()
+            );
+        });
+        per_call(
+            "rate limit: under both (caller_rate_limit keyed by caller)",
+            CALLS,
+            |_| {
+                let key = || caller_key(&files);
+                assert!(limited.rates.check_with("plugin.echo", key).is_ok());
+            },
+        );
+
+        let audit = &plain.audit;
+        let decision = |resource| Decision {
+            time: Decision::now(),
+            plugin: "files",
+            instance: "files-0",
+            pid: 4242,
+            action: "call",
+            resource,
+            allowed: true,
+            reason: "allowed by call:plugin.echo/echo.v1.Echo/Echo",
+            via: Some("router"),
+        };
+        per_call(
+            "audit: the line as JSON (time, serde_json), not written",
+            CALLS,
+            |_| {
+                let line = serde_json::to_string(&decision("plugin.echo/echo.v1.Echo/Echo"));
+                assert!(line.is_ok());
+            },
+        );
+        per_call("audit: Audit::record, one line to the file", CALLS, |_| {
+            audit.record(&decision("plugin.echo/echo.v1.Echo/Echo"));
+        });
+
+        per_call("whole gate: plugin allowed, audit on", CALLS, |_| {
+            assert!(plain.decide(&files, "plugin.echo", ECHO, "router").is_ok());
+        });
+        per_call(
+            "whole gate: plugin allowed under both limits, audit on",
+            CALLS,
+            |_| {
+                assert!(
+                    limited
+                        .decide(&files, "plugin.echo", ECHO, "router")
+                        .is_ok()
+                );
+            },
+        );
+        per_call("whole gate: plugin denied, audit on", CALLS, |_| {
+            assert!(plain.decide(&files, "plugin.z", ECHO, "router").is_err());
+        });
+        per_call(
+            "whole gate: owner, service without limits (not audited)",
+            CALLS,
+            |_| {
+                assert!(plain.decide(&owner, "plugin.echo", ECHO, "router").is_ok());
+            },
+        );
+        per_call(
+            "whole gate: owner under both limits (mesh-bench (h))",
+            CALLS,
+            |_| {
+                assert!(
+                    limited
+                        .decide(&owner, "plugin.echo", ECHO, "router")
+                        .is_ok()
+                );
+            },
+        );
+        let exhausted = gate(dir.path(), Some("1/h"), None);
+        assert!(
+            exhausted
+                .decide(&files, "plugin.echo", ECHO, "router")
+                .is_ok()
+        );
+        per_call(
+            "whole gate: plugin over rate_limit (refused, not logged)",
+            CALLS,
+            |_| {
+                assert!(
+                    exhausted
+                        .decide(&files, "plugin.echo", ECHO, "router")
+                        .is_err()
+                );
+            },
+        );
     }
 }

@@ -187,8 +187,18 @@ pub struct Policy {
     read: Globs,
     write: Globs,
     env: BTreeSet<String>,
-    /// `call:` capabilities in force: (service, one method or every one).
-    calls: BTreeSet<(String, Option<String>)>,
+    /// `call:` capabilities in force, by service: looked up by the call's `&str`s, so a check
+    /// allocates nothing but the reason it returns.
+    calls: BTreeMap<String, CallsTo>,
+}
+
+/// The `call:` capabilities for one service.
+#[derive(Debug, Default)]
+struct CallsTo {
+    /// `call:SERVICE`: every method.
+    every: bool,
+    /// `call:SERVICE/pkg.Svc/Method`: these (`pkg.Svc/Method`).
+    methods: BTreeSet<String>,
 }
 
 /// Compiled globs and the capabilities they came from, to name the one that allowed a call.
@@ -233,7 +243,7 @@ impl Policy {
     ) -> Self {
         let (mut read, mut write) = (Vec::new(), Vec::new());
         let mut env = BTreeSet::new();
-        let mut calls = BTreeSet::new();
+        let mut calls = BTreeMap::<String, CallsTo>::new();
         for cap in config.difference(&revoked).chain(granted.iter()) {
             match cap {
                 Capability::Read(g) => read.push(g.as_str()),
@@ -242,7 +252,13 @@ impl Policy {
                     env.insert(name.clone());
                 }
                 Capability::Call { service, method } => {
-                    calls.insert((service.clone(), method.clone()));
+                    let to = calls.entry(service.clone()).or_default();
+                    match method {
+                        Some(method) => {
+                            to.methods.insert(method.clone());
+                        }
+                        None => to.every = true,
+                    }
                 }
             }
         }
@@ -299,12 +315,13 @@ impl Policy {
     /// and how to grant one.
     pub fn check_call(&self, service: &str, method: &str) -> Result<String, String> {
         let method = method.strip_prefix('/').unwrap_or(method);
-        let key = |m: Option<&str>| (service.to_owned(), m.map(str::to_owned));
-        if self.calls.contains(&key(None)) {
-            return Ok(format!("allowed by call:{service}"));
-        }
-        if self.calls.contains(&key(Some(method))) {
-            return Ok(format!("allowed by call:{service}/{method}"));
+        if let Some(to) = self.calls.get(service) {
+            if to.every {
+                return Ok(format!("allowed by call:{service}"));
+            }
+            if to.methods.contains(method) {
+                return Ok(format!("allowed by call:{service}/{method}"));
+            }
         }
         let plugin = &self.plugin;
         Err(format!(

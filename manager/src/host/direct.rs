@@ -22,7 +22,7 @@ use std::{
 };
 
 use mesh::plugin::callers_wire::{self as wire, Reply, Request};
-use mesh_router::{Caller, Refusal};
+use mesh_router::{Caller, PluginIdentity, Refusal};
 use nix::sys::socket::{
     AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, send, socketpair,
 };
@@ -250,36 +250,8 @@ impl Channel {
     }
 
     fn identify(&self, pidfd: &OwnedFd) -> Result<Caller, String> {
-        let pid = pid_of(pidfd.as_raw_fd())?;
-        if pid == std::process::id() {
-            // The router itself (forwarding, health checks): the owner.
-            return Ok(Caller::Owner {
-                uid: self.owner,
-                pid: Some(pid),
-            });
-        }
-        let uid = uid_of(pid)?;
-        let found = self.supervisor.upgrade().and_then(|s| s.identify(pid));
-        // The lookups read /proc by number: the pidfd must still name that process, else the
-        // number may be someone else's by now.
-        if pid_of(pidfd.as_raw_fd())? != pid {
-            return Err("the caller exited".into());
-        }
-        Ok(match found {
-            Some(found) => Caller::Plugin {
-                plugin: found.plugin,
-                instance: found.instance,
-                pid,
-                uid,
-            },
-            None if uid == self.owner || uid == 0 => Caller::Owner {
-                uid,
-                pid: Some(pid),
-            },
-            None => Caller::Local {
-                uid,
-                pid: Some(pid),
-            },
+        identify(pidfd, self.owner, |pid| {
+            self.supervisor.upgrade().and_then(|s| s.identify(pid))
         })
     }
 
@@ -299,6 +271,46 @@ impl Channel {
             message,
         }
     }
+}
+
+/// Who the process behind `pidfd` is: the manager itself (the router), a plugin as `find`
+/// names its pid, else the owner or another local uid.
+fn identify(
+    pidfd: &OwnedFd,
+    owner: u32,
+    find: impl FnOnce(u32) -> Option<PluginIdentity>,
+) -> Result<Caller, String> {
+    let pid = pid_of(pidfd.as_raw_fd())?;
+    if pid == std::process::id() {
+        // The router itself (forwarding, health checks): the owner.
+        return Ok(Caller::Owner {
+            uid: owner,
+            pid: Some(pid),
+        });
+    }
+    let uid = uid_of(pid)?;
+    let found = find(pid);
+    // The lookups read /proc by number: the pidfd must still name that process, else the
+    // number may be someone else's by now.
+    if pid_of(pidfd.as_raw_fd())? != pid {
+        return Err("the caller exited".into());
+    }
+    Ok(match found {
+        Some(found) => Caller::Plugin {
+            plugin: found.plugin,
+            instance: found.instance,
+            pid,
+            uid,
+        },
+        None if uid == owner || uid == 0 => Caller::Owner {
+            uid,
+            pid: Some(pid),
+        },
+        None => Caller::Local {
+            uid,
+            pid: Some(pid),
+        },
+    })
 }
 
 fn denied(id: u64, message: String) -> Reply {
@@ -380,7 +392,135 @@ mod tests {
     use nix::sys::socket::{ControlMessage, getsockopt, sendmsg, setsockopt, sockopt};
 
     use super::*;
-    use crate::host::{Audit, Policies, RateLimits};
+    use crate::{
+        host::{Audit, Policies, RateLimits, cost::per_call},
+        supervisor::{Process, ancestor_in},
+    };
+
+    /// A child process to be a caller, and a pidfd for it (`pidfd_open(2)`).
+    fn child() -> (std::process::Child, OwnedFd) {
+        let child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = nix::libc::pid_t::try_from(child.id()).unwrap();
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd (or -1), which is ours.
+        #[allow(unsafe_code)]
+        let pidfd = unsafe {
+            let fd = nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0);
+            assert!(fd >= 0, "pidfd_open: {}", io::Error::last_os_error());
+            OwnedFd::from_raw_fd(RawFd::try_from(fd).unwrap())
+        };
+        (child, pidfd)
+    }
+
+    /// `find` as the supervisor answers it: the plugin whose instance process is `anchor`.
+    fn plugin_at(anchor: Process) -> impl Fn(u32) -> Option<PluginIdentity> {
+        let anchors = [(anchor, ())];
+        move |pid| {
+            ancestor_in(pid, &anchors).map(|()| PluginIdentity {
+                plugin: "files".into(),
+                instance: "files-0".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn a_pidfd_names_its_process_a_plugin_when_it_descends_from_one_and_not_once_it_exits() {
+        let me = nix::unistd::geteuid().as_raw();
+        let (mut child, pidfd) = child();
+        let pid = child.id();
+        let caller = identify(&pidfd, me, plugin_at(Process::of(pid).unwrap())).unwrap();
+        assert!(
+            matches!(&caller, Caller::Plugin { plugin, pid: p, .. } if &**plugin == "files" && *p == pid),
+            "{caller:?}"
+        );
+        // A descendant of the instance's process (here: the child of this one) is that plugin too.
+        let parent = Process::of(std::process::id()).unwrap();
+        let caller = identify(&pidfd, me, plugin_at(parent)).unwrap();
+        assert!(matches!(caller, Caller::Plugin { .. }), "{caller:?}");
+        // Nobody's: known by its uid (this one's, so the owner); another uid is not the owner.
+        let nobody = Process {
+            pid: u32::MAX,
+            start: 0,
+        };
+        let caller = identify(&pidfd, me, plugin_at(nobody)).unwrap();
+        assert!(
+            matches!(caller, Caller::Owner { uid, .. } if uid == me),
+            "{caller:?}"
+        );
+        let caller = identify(&pidfd, me.wrapping_add(1), plugin_at(nobody)).unwrap();
+        assert_eq!(
+            matches!(caller, Caller::Local { .. }),
+            me != 0,
+            "{caller:?}"
+        );
+        // Once it has exited, its pidfd names nobody, even if its pid is reused.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let error = identify(&pidfd, me, plugin_at(nobody)).unwrap_err();
+        assert!(error.contains("exited"), "{error}");
+    }
+
+    /// What the direct path costs once per connection, naming the caller from its pidfd
+    /// (`cargo test --release -p mesh-manager --lib -- --ignored --nocapture cost_per_call`):
+    /// prints, asserts nothing. Each call on the connection then costs one `CallGate::decide`
+    /// (`calls.rs`'s `cost_per_call`) plus the round trip to the manager on the channel.
+    #[test]
+    #[ignore]
+    fn cost_per_connection() {
+        const CALLS: u32 = 2_000;
+        let me = nix::unistd::geteuid().as_raw();
+        let (mut child, pidfd) = child();
+        let pid = child.id();
+        let mut depth = 0;
+        let mut up = pid;
+        while let Some(p) = Process::of(up) {
+            depth += 1;
+            up = std::fs::read_to_string(format!("/proc/{}/stat", p.pid))
+                .ok()
+                .and_then(|s| s[s.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok())
+                .unwrap_or(0);
+            if up <= 1 {
+                break;
+            }
+        }
+        println!("the direct path, per connection (median of 5 batches):");
+        per_call(
+            "pid_of: the host pid a pidfd names (readlink, fdinfo)",
+            CALLS,
+            |_| {
+                assert_eq!(pid_of(pidfd.as_raw_fd()), Ok(pid));
+            },
+        );
+        per_call("uid_of: the caller's uid (/proc/PID/status)", CALLS, |_| {
+            assert_eq!(uid_of(pid), Ok(me));
+        });
+        let find = plugin_at(Process::of(pid).unwrap());
+        per_call(
+            "identify: an instance's own process (found at once)",
+            CALLS,
+            |_| {
+                assert!(matches!(
+                    identify(&pidfd, me, &find),
+                    Ok(Caller::Plugin { .. })
+                ));
+            },
+        );
+        let find = plugin_at(Process {
+            pid: u32::MAX,
+            start: 0,
+        });
+        let what = format!("identify: not a plugin ({depth} processes up to init)");
+        per_call(&what, CALLS, |_| {
+            assert!(matches!(
+                identify(&pidfd, me, &find),
+                Ok(Caller::Owner { .. })
+            ));
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 
     /// The plugin's end, as a hostile plugin would use it.
     struct PluginEnd(OwnedFd);

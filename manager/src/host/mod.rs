@@ -14,6 +14,8 @@
 pub mod audit;
 pub mod calls;
 pub mod caps;
+#[cfg(test)]
+mod cost;
 pub mod direct;
 pub mod fs;
 pub mod rates;

@@ -50,32 +50,39 @@ impl Supervisor {
             for instance in &run.instances {
                 let status = instance.status.borrow();
                 if let Some(process) = status.process {
-                    anchors.push((process, run.config.name.clone(), status.id.clone()));
+                    anchors.push((process, (run.config.name.clone(), status.id.clone())));
                 }
             }
         }
-        if anchors.is_empty() {
+        let (plugin, instance) = ancestor_in(pid, &anchors)?;
+        Some(PluginIdentity {
+            plugin: plugin.as_str().into(),
+            instance: instance.as_str().into(),
+        })
+    }
+}
+
+/// What `anchors` pairs with the process `pid` is or descends from (following its parent chain
+/// by `/proc/<pid>/stat`, each step matched by pid and start time); `None` for any other.
+pub(crate) fn ancestor_in<T>(pid: u32, anchors: &[(Process, T)]) -> Option<&T> {
+    if anchors.is_empty() {
+        return None;
+    }
+    let mut current = pid;
+    for _ in 0..MAX_DEPTH {
+        let (ppid, start) = stat(current)?;
+        if let Some((_, found)) = anchors
+            .iter()
+            .find(|(p, _)| p.pid == current && p.start == start)
+        {
+            return Some(found);
+        }
+        if ppid <= 1 {
             return None;
         }
-        let mut current = pid;
-        for _ in 0..MAX_DEPTH {
-            let (ppid, start) = stat(current)?;
-            if let Some((_, plugin, instance)) = anchors
-                .iter()
-                .find(|(p, _, _)| p.pid == current && p.start == start)
-            {
-                return Some(PluginIdentity {
-                    plugin: plugin.as_str().into(),
-                    instance: instance.as_str().into(),
-                });
-            }
-            if ppid <= 1 {
-                return None;
-            }
-            current = ppid;
-        }
-        None
+        current = ppid;
     }
+    None
 }
 
 #[cfg(test)]

@@ -25,6 +25,8 @@ use std::{
     time::Duration,
 };
 
+#[cfg(test)]
+pub(crate) use identify::{Process, ancestor_in};
 pub use instance::{InstanceStatus, State};
 use logs::LogBook;
 use mesh_router::registry::Registry;

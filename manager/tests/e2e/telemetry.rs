@@ -29,7 +29,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 
-use crate::support::{DEADLINE, Mesh, short_tempdir, write_config};
+use crate::support::{DEADLINE, Mesh, grpcurl_ok, short_tempdir, write_config};
 
 /// A span as the collector received it, with its resource's service.
 #[derive(Debug, Clone)]
@@ -666,4 +666,85 @@ async fn a_collector_that_never_answers_does_not_hold_up_the_exit() {
     let status = mesh.stop_with(nix::sys::signal::Signal::SIGTERM).await;
     assert!(status.success(), "{status:?}: {}", mesh.output());
     drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_calling_a_plugin_carries_the_trace_on() {
+    let (endpoint, mut received) = collector().await;
+    let dir = short_tempdir();
+    let root = dir.path().join("files");
+    // The demo's file lister, whose Survey calls plugin.echo through mesh::connect. Its
+    // kernel sandbox denies TCP, the collector's transport, so it runs unsandboxed here.
+    let plugins =
+        crate::files_plugin::demo_plugins(&root).replace("sandbox = true", "sandbox = false");
+    write_config(
+        &dir,
+        "",
+        &format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\nsample_ratio = 0\n\n{plugins}"),
+    );
+    let config = dir.path().join("mesh.toml");
+    let socket = dir.path().join("run/mesh.sock");
+    let mesh = Mesh::launch_with(dir, config, socket.clone(), |command| {
+        command.env("OTEL_BSP_SCHEDULE_DELAY", "50");
+    })
+    .await;
+    mesh.wait_state("files", "files-0", "ready").await;
+    mesh.wait_state("echo", "echo-0", "ready").await;
+    mesh.wait_state("echo", "echo-1", "ready").await;
+
+    // The caller: a sampled trace of its own, given as W3C traceparent (ratio 0 elsewhere, so
+    // only this trace is recorded).
+    let trace = "5e1f0c2a9b7d4e6f8a0b1c2d3e4f5a6b";
+    let caller = "1a2b3c4d5e6f7081";
+    let socket_text = socket.display().to_string();
+    let traceparent = format!("traceparent: 00-{trace}-{caller}-01");
+    let reply = grpcurl_ok(&[
+        "-unix",
+        "-authority",
+        "plugin.files",
+        "-H",
+        &traceparent,
+        "-d",
+        r#"{"dir":"docs"}"#,
+        &socket_text,
+        "files.v1.Files/Survey",
+    ]);
+    let reply: Value = serde_json::from_str(&reply).unwrap();
+    let echo_instance = reply["echoInstance"].as_str().unwrap().to_owned();
+    assert!(echo_instance.starts_with("echo-"), "{reply}");
+
+    let spans = wait_spans(&mut received, "router, files and echo spans", |spans| {
+        find(spans, "mesh-router", trace, "files.v1.Files/Survey").is_some()
+            && find(spans, "plugin.files", trace, "files.v1.Files/Survey").is_some()
+            && find(spans, "plugin.echo", trace, "echo.v1.Echo/Echo").is_some()
+    })
+    .await;
+    // caller -> router -> files
+    let router = find(&spans, "mesh-router", trace, "files.v1.Files/Survey").unwrap();
+    assert_eq!(hex(&router.span.parent_span_id), caller, "{router:#?}");
+    let files = find(&spans, "plugin.files", trace, "files.v1.Files/Survey").unwrap();
+    assert_eq!(
+        files.span.parent_span_id, router.span.span_id,
+        "the router's span is files' parent: {files:#?}"
+    );
+    assert_eq!(files.instance, "files-0");
+    // files -> (the router, if its call took that path) -> echo
+    let echo = find(&spans, "plugin.echo", trace, "echo.v1.Echo/Echo").unwrap();
+    assert_eq!(echo.instance, echo_instance, "{echo:#?}");
+    assert_rpc(echo, &echo_instance);
+    match find(&spans, "mesh-router", trace, "echo.v1.Echo/Echo") {
+        Some(hop) => {
+            assert_eq!(hop.span.parent_span_id, files.span.span_id, "{hop:#?}");
+            assert_eq!(echo.span.parent_span_id, hop.span.span_id, "{echo:#?}");
+        }
+        None => assert_eq!(
+            echo.span.parent_span_id, files.span.span_id,
+            "files' span is echo's parent on the direct path: {echo:#?}"
+        ),
+    }
+    // One trace, nothing else: the host calls files made on the way (list, read, write) go
+    // to the router's own API, which is not traced.
+    for span in spans.iter() {
+        assert_eq!(hex(&span.span.trace_id), trace, "{span:#?}");
+    }
 }

@@ -61,6 +61,9 @@ pub enum UpError {
     /// The metrics could not be set up.
     #[error("{0}")]
     Metrics(crate::admin::MetricsError),
+    /// The OTLP metrics exporter could not be built.
+    #[error("metrics export: {0}")]
+    MetricsExport(mesh::telemetry::TelemetryError),
     /// The TCP listener could not be bound.
     #[error("listen = {addr}: {error}; pick a free port, or port 0 for any")]
     Listen {
@@ -139,11 +142,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     }
     let host = HostService::new(policies, audit);
-    // Scrape-time supervisor metrics, and the router's per call when asked for.
+    // Scrape-time supervisor metrics, and the router's per call when asked for; exported by
+    // OTLP too with an endpoint.
     let metrics = if config.admin.is_some() || config.metrics {
+        let export = crate::telemetry::metrics_export(&config).map_err(UpError::MetricsExport)?;
         Some(
-            crate::admin::Metrics::new(supervisor.clone(), config.metrics, |b| b)
-                .map_err(UpError::Metrics)?,
+            crate::admin::Metrics::new(
+                supervisor.clone(),
+                config.metrics,
+                |builder| match export {
+                    Some(export) => export.install(builder),
+                    None => builder,
+                },
+            )
+            .map_err(UpError::Metrics)?,
         )
     } else {
         None
@@ -283,12 +295,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!(%error, "router workers");
     }
     let _ = std::fs::remove_file(&config.socket);
+    // The last OTLP export (the calls since the previous one), bounded: a collector that
+    // does not answer delays the exit by at most this.
+    if let Some(metrics) = &metrics {
+        metrics.shutdown(METRICS_FLUSH_WITHIN).await;
+    }
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long `mesh up` waits at exit for the last OTLP metrics export.
+const METRICS_FLUSH_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The router's hook, answered by the gate the direct path shares.
 struct CallPolicyOf(Arc<CallGate>);

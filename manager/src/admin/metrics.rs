@@ -65,8 +65,9 @@ impl Metrics {
     /// A provider with a Prometheus reader, the supervisor's instruments, and the router's
     /// when `router_calls` (`[telemetry] metrics = true`).
     ///
-    /// `configure` may add to the provider before it is built (an OTLP periodic reader, a
-    /// resource): OTLP export of these metrics plugs in there.
+    /// `configure` may add to the provider before it is built: `mesh up` adds the OTLP
+    /// periodic reader and the router's resource there (see
+    /// [`crate::telemetry::metrics_export`]); without it, the resource is `service.name=mesh`.
     pub fn new(
         supervisor: Arc<Supervisor>,
         router_calls: bool,
@@ -107,6 +108,29 @@ impl Metrics {
     /// The meter provider every instrument is on.
     pub fn provider(&self) -> &SdkMeterProvider {
         &self.provider
+    }
+
+    /// Shuts the provider down: a push reader (OTLP) makes its last export. Waits at most
+    /// `within`, on a thread of its own (the SDK blocks, and the exporter needs the runtime's
+    /// threads free); past that the exit goes on without it.
+    pub async fn shutdown(&self, within: Duration) {
+        let provider = self.provider.clone();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-shutdown".into())
+            .spawn(move || {
+                let _ = done.send(provider.shutdown());
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot flush the metrics");
+            return;
+        }
+        match tokio::time::timeout(within, finished).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "flushing the metrics"),
+            Ok(Err(_)) => tracing::warn!("flushing the metrics: the exporter stopped"),
+            Err(_) => tracing::warn!("flushing the metrics: no answer within {within:?}, exiting"),
+        }
     }
 
     /// Everything, as Prometheus text (format 0.0.4).

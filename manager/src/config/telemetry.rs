@@ -1,8 +1,10 @@
-//! `[telemetry]`: router metrics (`metrics`, read in `config.rs`), traces exported by OTLP/gRPC (off unless an endpoint is given, in the file
-//! or by `OTEL_EXPORTER_OTLP_ENDPOINT`), their sampling, the router's service name, and the
-//! log format; and what the manager hands each plugin so the SDK exports without code.
+//! `[telemetry]`: router metrics (`metrics`, read in `config.rs`), traces and metrics exported
+//! by OTLP/gRPC (off unless an endpoint is given, in the file or by
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`), the traces' sampling, the metrics' export interval, the
+//! router's service name, and the log format; and what the manager hands each plugin so the SDK
+//! exports without code.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use mesh::telemetry::{
     LogFormat, MESH_LOG_FORMAT, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME,
@@ -10,6 +12,15 @@ use mesh::telemetry::{
 };
 use serde::Deserialize;
 use toml::Spanned;
+
+/// How often metrics are exported by OTLP unless `metrics_interval` (or
+/// `OTEL_METRIC_EXPORT_INTERVAL`) says otherwise.
+pub(super) const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(10);
+/// The shortest and longest export interval accepted.
+const METRICS_INTERVALS: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(24 * 3600);
+/// The standard variable for the metrics' export interval, in milliseconds.
+pub(super) const OTEL_METRIC_EXPORT_INTERVAL: &str = "OTEL_METRIC_EXPORT_INTERVAL";
 
 /// The router's `service.name` unless `service_name` (or `OTEL_SERVICE_NAME`) says otherwise.
 pub const DEFAULT_SERVICE_NAME: &str = "mesh-router";
@@ -23,6 +34,10 @@ pub struct Telemetry {
     /// The share of new traces recorded (`sample_ratio`, else `OTEL_TRACES_SAMPLER_ARG`,
     /// else 1): parent-based, so a call whose caller's trace is sampled is always recorded.
     pub sample_ratio: f64,
+    /// How often the manager's metrics are exported by OTLP, when `metrics = true` and an
+    /// endpoint is set (`metrics_interval`, else `OTEL_METRIC_EXPORT_INTERVAL` in
+    /// milliseconds, else 10 s).
+    pub metrics_interval: Duration,
     /// The router's `service.name` (`service_name`, else `OTEL_SERVICE_NAME`, else
     /// `mesh-router`); plugins are `plugin.<name>`.
     pub service_name: String,
@@ -38,6 +53,7 @@ impl Default for Telemetry {
         Self {
             otlp_endpoint: None,
             sample_ratio: 1.0,
+            metrics_interval: DEFAULT_METRICS_INTERVAL,
             service_name: DEFAULT_SERVICE_NAME.to_owned(),
             log_format: LogFormat::Text,
             log_format_overridden: false,
@@ -54,6 +70,7 @@ pub(super) struct RawTelemetry {
     pub(super) metrics: Option<Spanned<bool>>,
     otlp_endpoint: Option<Spanned<String>>,
     sample_ratio: Option<Spanned<RawRatio>>,
+    metrics_interval: Option<Spanned<String>>,
     service_name: Option<Spanned<String>>,
     log_format: Option<Spanned<String>>,
 }
@@ -132,6 +149,7 @@ impl Telemetry {
                 None => 1.0,
             },
         };
+        telemetry.metrics_interval = metrics_interval(raw.metrics_interval.as_ref(), env, at)?;
         telemetry.service_name = match &raw.service_name {
             Some(name) => {
                 let text = name.get_ref();
@@ -176,6 +194,54 @@ impl Telemetry {
             env.entry(key.to_owned()).or_insert(value);
         }
     }
+}
+
+/// `metrics_interval` (`"10s"`), else `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds), else
+/// [`DEFAULT_METRICS_INTERVAL`]; either must lie in [`METRICS_INTERVALS`].
+fn metrics_interval(
+    raw: Option<&Spanned<String>>,
+    env: &dyn Fn(&str) -> Option<String>,
+    at: At<'_>,
+) -> Result<Duration, super::ConfigError> {
+    let bounds = || {
+        format!(
+            "from {} to {}",
+            humantime::format_duration(*METRICS_INTERVALS.start()),
+            humantime::format_duration(*METRICS_INTERVALS.end())
+        )
+    };
+    if let Some(text) = raw {
+        let interval = humantime::parse_duration(text.get_ref().trim())
+            .ok()
+            .filter(|i| METRICS_INTERVALS.contains(i));
+        return interval.ok_or_else(|| {
+            at(
+                Some(text.span()),
+                format!(
+                    "metrics_interval = {:?}: write a duration {}, such as \"10s\" (the default)",
+                    text.get_ref(),
+                    bounds()
+                ),
+            )
+        });
+    }
+    let Some(text) = env(OTEL_METRIC_EXPORT_INTERVAL) else {
+        return Ok(DEFAULT_METRICS_INTERVAL);
+    };
+    text.trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_millis)
+        .filter(|i| METRICS_INTERVALS.contains(i))
+        .ok_or_else(|| {
+            at(
+                None,
+                format!(
+                    "{OTEL_METRIC_EXPORT_INTERVAL}={text:?}: give milliseconds {} (10000 is 10 s), or unset it",
+                    bounds()
+                ),
+            )
+        })
 }
 
 /// `http://host:port` or `https://host:port`, no user info, no spaces.
@@ -231,6 +297,13 @@ mod tests {
         // An integer ratio is a ratio.
         let config = parse("[telemetry]\nsample_ratio = 0\n").unwrap();
         assert_eq!(config.telemetry.sample_ratio, 0.0);
+        // The metrics' export interval: 10 s unless said.
+        assert_eq!(config.telemetry.metrics_interval, DEFAULT_METRICS_INTERVAL);
+        let config = parse("[telemetry]\nmetrics_interval = \"1500ms\"\n").unwrap();
+        assert_eq!(
+            config.telemetry.metrics_interval,
+            Duration::from_millis(1500)
+        );
     }
 
     #[test]
@@ -249,6 +322,17 @@ mod tests {
             ("[telemetry]\n\nsample_ratio = 1.5\n", 3, "from 0 to 1"),
             ("[telemetry]\nsample_ratio = \"all\"\n", 2, ""),
             ("[telemetry]\nservice_name = \"\"\n", 2, "printable"),
+            (
+                "[telemetry]\nmetrics_interval = \"often\"\n",
+                2,
+                "such as \"10s\"",
+            ),
+            (
+                "[telemetry]\n\nmetrics_interval = \"1ms\"\n",
+                3,
+                "from 100ms to 1day",
+            ),
+            ("[telemetry]\nmetrics_interval = 10\n", 2, ""),
             ("[telemetry]\nlog_format = \"xml\"\n", 2, "\"json\""),
             ("[telemetry]\nendpoint = \"http://h:1\"\n", 2, "remove it"),
         ] {
@@ -269,11 +353,23 @@ mod tests {
             OTEL_EXPORTER_OTLP_ENDPOINT => Some("http://collector:4317".to_owned()),
             OTEL_SERVICE_NAME => Some("router-a".to_owned()),
             OTEL_TRACES_SAMPLER_ARG => Some("0.5".to_owned()),
+            OTEL_METRIC_EXPORT_INTERVAL => Some("2500".to_owned()),
             _ => None,
         };
         let t = Telemetry::parse(RawTelemetry::default(), &env, &at).unwrap();
         assert_eq!(t.otlp_endpoint.as_deref(), Some("http://collector:4317"));
         assert_eq!((t.service_name.as_str(), t.sample_ratio), ("router-a", 0.5));
+        assert_eq!(t.metrics_interval, Duration::from_millis(2500));
+        for text in ["10s", "0", "-1"] {
+            let bad = |name: &str| (name == OTEL_METRIC_EXPORT_INTERVAL).then(|| text.to_owned());
+            let error = Telemetry::parse(RawTelemetry::default(), &bad, &at).unwrap_err();
+            assert!(
+                error
+                    .message
+                    .contains(&format!("OTEL_METRIC_EXPORT_INTERVAL={text:?}")),
+                "{error}"
+            );
+        }
         let bad = |name: &str| (name == OTEL_EXPORTER_OTLP_ENDPOINT).then(|| "nope".to_owned());
         let error = Telemetry::parse(RawTelemetry::default(), &bad, &at).unwrap_err();
         assert!(

@@ -27,15 +27,14 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-#[tokio::test]
-async fn the_file_lister_of_the_demo_is_allowed_and_denied_as_its_capabilities_say() {
-    let dir = short_tempdir();
-    let root = dir.path().join("files");
-    copy_tree(&repo().join("deploy/files"), &root);
+/// The demo's plugin tables (`deploy/local.toml`: echo and the file lister), with this build's
+/// binaries and `root` a fresh copy of `deploy/files` (without its report).
+pub(crate) fn demo_plugins(root: &Path) -> String {
+    copy_tree(&repo().join("deploy/files"), root);
     let _ = std::fs::remove_file(root.join("reports/docs.txt"));
     let demo = std::fs::read_to_string(repo().join("deploy/local.toml")).unwrap();
     let plugins = &demo[demo.find("[[plugin]]").expect("the demo has plugins")..];
-    let plugins = plugins
+    plugins
         .replace(
             "\"../target/debug/echo-plugin\"",
             &format!("{:?}", echo_plugin().display().to_string()),
@@ -47,7 +46,14 @@ async fn the_file_lister_of_the_demo_is_allowed_and_denied_as_its_capabilities_s
         .replace(
             "root = \"files\"",
             &format!("root = {:?}", root.display().to_string()),
-        );
+        )
+}
+
+#[tokio::test]
+async fn the_file_lister_of_the_demo_is_allowed_and_denied_as_its_capabilities_say() {
+    let dir = short_tempdir();
+    let root = dir.path().join("files");
+    let plugins = demo_plugins(&root);
     assert!(plugins.contains("sandbox = true"), "{plugins}");
     let mesh = Mesh::start(&plugins).await;
     mesh.wait_state("files", "files-0", "ready").await;

@@ -232,6 +232,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.line, Some(5), "{error}");
         assert!(error.to_string().contains("spiffe://"), "{error}");
+        let error = parse(
+            "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nregistry_writers = [\"billing\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(error.line, Some(5), "{error}");
+        assert!(
+            error.to_string().contains("registry_writers: \"billing\"")
+                && error.to_string().contains("spiffe://"),
+            "{error}"
+        );
     }
 
     #[test]

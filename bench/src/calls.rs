@@ -64,6 +64,9 @@ pub(crate) enum Variant {
     /// A remote client through the router on TCP with mTLS (`mesh::Connector::tls`), to a
     /// second `mesh up` configured with `[tls]` (and its own echo instance): (d) with TLS.
     L,
+    /// As (i), with both nodes configured with `[tls]`: node a's router forwards to node b's
+    /// over mTLS, with its own node certificate. (m) − (i) is what TLS adds to the hop.
+    M,
 }
 
 /// The second echo plugin variant (h) calls, the same binary under a policy.
@@ -74,7 +77,7 @@ pub(crate) const OPT_IN_SPIN: Duration = mesh::tuning::DEFAULT_SPIN;
 
 impl Variant {
     /// Every variant, in table order.
-    pub(crate) const ALL: [Self; 12] = [
+    pub(crate) const ALL: [Self; 13] = [
         Self::A,
         Self::B,
         Self::C,
@@ -87,6 +90,7 @@ impl Variant {
         Self::J,
         Self::K,
         Self::L,
+        Self::M,
     ];
 
     /// Whether the variant runs against the `mesh up` with call metrics on.
@@ -94,7 +98,7 @@ impl Variant {
         matches!(self, Self::J | Self::K)
     }
 
-    /// `a` to `l`.
+    /// `a` to `m`.
     pub(crate) fn letter(self) -> &'static str {
         match self {
             Self::A => "a",
@@ -109,6 +113,7 @@ impl Variant {
             Self::J => "j",
             Self::K => "k",
             Self::L => "l",
+            Self::M => "m",
         }
     }
 
@@ -127,6 +132,7 @@ impl Variant {
             Self::J => "router, Unix socket, metrics on",
             Self::K => "mesh::connect, direct, metrics on",
             Self::L => "router, TCP, mTLS (remote client)",
+            Self::M => "router a → router b (TCP, mTLS), Unix socket",
         }
     }
 }

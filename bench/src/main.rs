@@ -70,7 +70,8 @@ struct Cli {
     /// spinning (100 µs), g mesh::connect to an echo service in this process, h router Unix to a
     /// plugin with rate limits in force, i router a → router b (two nodes and an etcd), j router
     /// Unix and k mesh::connect on a second mesh up with call metrics on, l router TCP with
-    /// mTLS (a second mesh up with [tls]).
+    /// mTLS (a second mesh up with [tls]), m router a → router b over mTLS (two more nodes with
+    /// [tls] and their etcd).
     #[arg(
         long,
         value_enum,

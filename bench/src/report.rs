@@ -737,7 +737,7 @@ const METHOD: &str = r#"
   calls (`keepalive_requests`; its default is 1000): without a limit its per-connection memory
   grows with every call and its throughput falls to a quarter within seconds, while each
   GOAWAY fails the calls the client had already started on the old connection. Those failures
-  are counted in the errors column and not in calls/s. Every way but (h), (i) and (l) hits the same single
+  are counted in the errors column and not in calls/s. Every way but (h), (i), (l) and (m) hits the same single
   echo-plugin instance. **(h)** is (c) to a second echo plugin with `rate_limit` and
   `caller_rate_limit` set (10⁹/s, never reached): the client is the owner, so its calls are
   held to rate limits only, without a plugin caller's `call:` check and audit line. The
@@ -747,7 +747,10 @@ const METHOD: &str = r#"
   with `ClientTls` (a `mesh certs` client certificate) to a second `mesh up` whose listener
   has `[tls]` (its own echo instance, the same binaries and settings); (l) − (d) is what TLS
   adds. TLS connections are read only as Tokio wakes them (no direct socket reads while
-  spinning: the socket carries ciphertext).
+  spinning: the socket carries ciphertext). **(i)** goes through node a's router (Unix socket,
+  no plugin) which forwards over TCP to node b's router and its echo instance, the two nodes
+  sharing a local etcd; **(m)** is (i) with `[tls]` on both nodes, so the hop is mTLS (both nodes
+  hold the same node certificate); (m) − (i) is what TLS adds to the hop.
 - Sequential calls run in a Tokio task (as a server's handler would), one at a time, with the
   variants interleaved round by round so that drifting background load hits them alike.
 - Throughput keeps N calls in flight (N tasks sharing one channel, each calling again as soon as

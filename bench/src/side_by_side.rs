@@ -109,8 +109,12 @@ pub(crate) async fn run(
     let mut nginx = None;
     // Held for the whole run: dropping it takes the name away.
     let mut _in_process = None;
-    // Two more nodes and their etcd, for (i): held for the whole run.
+    // Two more nodes and their etcd, for (i), and two more with [tls], for (m): held for the
+    // whole run.
     let mut _hop = None;
+    let mut _tls_hop = None;
+    // Their routers (a, b) and b's echo instance.
+    let mut hop_pids: Vec<(u32, u32, Option<u32>)> = Vec::new();
     let mut clients = Vec::new();
     for &variant in &s.variants {
         let client = match variant {
@@ -169,13 +173,26 @@ pub(crate) async fn run(
                     .await
                     .context("mesh::connect on the metered mesh")?,
             ),
-            Variant::I => match start_hop(bins, report).await {
+            Variant::I => match start_hop(bins, report, Variant::I, None).await {
                 Some((nodes, client)) => {
+                    hop_pids.push(nodes.pids());
                     _hop = Some(nodes);
                     client
                 }
                 None => continue,
             },
+            Variant::M => {
+                let dir = certs.path().join("hop-certs");
+                crate::mesh_up::make_certs(&dir)?;
+                match start_hop(bins, report, Variant::M, Some(dir)).await {
+                    Some((nodes, client)) => {
+                        hop_pids.push(nodes.pids());
+                        _tls_hop = Some(nodes);
+                        client
+                    }
+                    None => continue,
+                }
+            }
             Variant::L => {
                 let dir = certs.path().join("certs");
                 crate::mesh_up::make_certs(&dir)?;
@@ -241,12 +258,14 @@ pub(crate) async fn run(
         plugin_pids.extend(pid_of(&policy[0]));
     }
     plugin_pids.extend(tls_plugin);
+    plugin_pids.extend(hop_pids.iter().filter_map(|(_, _, plugin)| *plugin));
     let processes = Processes {
         client: vec![std::process::id()],
         // Every router and plugin: the idle ones add next to nothing to a variant's costs.
         router: std::iter::once(mesh.pid())
             .chain(tls_mesh.as_ref().map(MeshUp::pid))
             .chain(metered.as_ref().map(|(m, _)| m.pid()))
+            .chain(hop_pids.iter().flat_map(|(a, b, _)| [*a, *b]))
             .collect(),
         plugin: plugin_pids
             .into_iter()
@@ -372,21 +391,41 @@ pub(crate) async fn run(
     mesh.stop().await
 }
 
-/// Starts nginx in front of the plugin socket and checks one call through it; on any trouble
-/// notes why (e) is skipped and returns `None`, so a machine without nginx still gets a report.
+/// The two nodes of (i) or (m) and their etcd, stopped when dropped.
+struct Hop {
+    a: MeshUp,
+    b: MeshUp,
+    /// Node b's echo instance.
+    plugin: Option<u32>,
+    _etcd: crate::etcd::LocalEtcd,
+}
+
+impl Hop {
+    /// Node a's router, node b's, node b's echo instance.
+    fn pids(&self) -> (u32, u32, Option<u32>) {
+        (self.a.pid(), self.b.pid(), self.plugin)
+    }
+}
+
 /// etcd, node b (one echo instance, its router on TCP) and node a (no plugin): a client on
-/// node a's socket reaches node b's instance through both routers. Skipped (with a note)
-/// where etcd is not installed.
+/// node a's socket reaches node b's instance through both routers. With `tls` (the directory
+/// [`crate::mesh_up::make_certs`] wrote), both nodes have `[tls]` with the same node
+/// certificate, so the hop is mTLS (variant m); without, plaintext (variant i). Skipped (with
+/// a note naming `variant`) where etcd is not installed.
 async fn start_hop(
     bins: &Bins,
     report: &mut Report,
-) -> Option<((MeshUp, MeshUp, crate::etcd::LocalEtcd), Client)> {
+    variant: Variant,
+    tls: Option<std::path::PathBuf>,
+) -> Option<(Hop, Client)> {
+    let letter = variant.letter();
     if !crate::etcd::installed() {
-        report.notes.push(
-            "(i) skipped: etcd is not installed (on Debian: apt-get install -y etcd-server)".into(),
-        );
+        report.notes.push(format!(
+            "({letter}) skipped: etcd is not installed (on Debian: apt-get install -y etcd-server)"
+        ));
         return None;
     }
+    progress(format!("starting etcd and two nodes for ({letter})"));
     let started = async {
         let etcd = crate::etcd::start().await?;
         let node = |name: &str| -> anyhow::Result<(String, String)> {
@@ -403,12 +442,14 @@ async fn start_hop(
             policy_plugin: false,
             telemetry: None,
             node: Some(node),
-            tls: None,
+            tls: tls.clone(),
             metrics: false,
         };
         let b = MeshUp::start(bins, &spec(1, node("b")?)).await?;
-        b.wait_registry(READY_DEADLINE, |found| found.len() == 1)
+        let (_, found) = b
+            .wait_registry(READY_DEADLINE, |found| found.len() == 1)
             .await?;
+        let plugin = pid_of(&found[0]);
         let a = MeshUp::start(bins, &spec(0, node("a")?)).await?;
         // Node a shows b's service once it learned it from etcd.
         a.wait_registry(READY_DEADLINE, |found| found.len() == 1)
@@ -420,19 +461,29 @@ async fn start_hop(
         calls::first_success(&client, FIRST_CALL_LIMIT)
             .await
             .context("first call through two routers")?;
-        anyhow::Ok(((a, b, etcd), client))
+        anyhow::Ok((
+            Hop {
+                a,
+                b,
+                plugin,
+                _etcd: etcd,
+            },
+            client,
+        ))
     };
     match started.await {
         Ok(started) => Some(started),
         Err(error) => {
-            report
-                .notes
-                .push(format!("(i) skipped: two nodes did not start: {error:#}"));
+            report.notes.push(format!(
+                "({letter}) skipped: two nodes did not start: {error:#}"
+            ));
             None
         }
     }
 }
 
+/// Starts nginx in front of the plugin socket and checks one call through it; on any trouble
+/// notes why (e) is skipped and returns `None`, so a machine without nginx still gets a report.
 async fn start_nginx(plugin: &Path, report: &mut Report) -> Option<(nginx::Nginx, Client)> {
     let Some(binary) = nginx::find() else {
         report.notes.push(

@@ -348,6 +348,7 @@ mod tests {
             cert: node.cert.clone(),
             key: node.key.clone(),
             admins: Vec::new(),
+            registry_writers: Vec::new(),
         };
         assert!(node_tls.server().is_ok() && node_tls.client().is_ok());
         let client = issue(&certs, Kind::Client, "ops", &[], Validity::days(1), false).unwrap();

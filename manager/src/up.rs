@@ -162,6 +162,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let identify = supervisor.clone();
     let (cluster, backend) = backend(&config);
+    if let Some(metrics) = &metrics {
+        metrics.observe_cluster(&cluster);
+    }
     let mut router = Router::builder(registry.clone())
         .metrics(metrics.as_ref().map(|m| m.router()).unwrap_or_default())
         .cluster(cluster.clone());

@@ -138,6 +138,19 @@ impl Caller {
         )
     }
 
+    /// Whether this caller may write the registry (register, keep alive, deregister): those
+    /// who may control, and a TCP client granted registry writes alone.
+    pub fn may_write_registry(&self) -> bool {
+        self.may_control()
+            || matches!(
+                self,
+                Self::Remote {
+                    grant: Grant::RegistryWriter,
+                    ..
+                }
+            )
+    }
+
     /// The class whose connection and in-flight limits this caller counts against.
     pub(crate) fn class(&self) -> Class {
         match self {

@@ -60,7 +60,7 @@ pub use identity::{Caller, Identify, PluginIdentity, pidfd_pid};
 pub use limit::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADER_LIST_SIZE, Limits,
 };
-pub use metrics::{MAX_METHODS, RouterMetrics};
+pub use metrics::{MAX_METHODS, RouterMetrics, observe_cluster};
 pub use route::SERVICE_HEADER;
 pub use tls::{Grant, ServerTls, TlsError, install_default_provider};
 pub use workers::Workers;

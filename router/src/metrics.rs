@@ -31,7 +31,11 @@ use opentelemetry::{
     metrics::{Counter, Histogram, Meter, UpDownCounter},
 };
 
-use crate::{body::RouterBody, identity::Class};
+use crate::{
+    body::RouterBody,
+    cluster::{Cluster, State},
+    identity::Class,
+};
 
 /// Distinct methods counted per service; calls to more are counted as method `_other`, so
 /// that a caller sending made-up paths cannot grow the metrics without bound.
@@ -530,6 +534,93 @@ impl Drop for CallMetrics {
         self.inner.duration.record(elapsed, &cell.labels);
         self.method.active.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The cluster's state as observable instruments on `meter`, read when a reader collects
+/// (nothing between scrapes); for a node of many (the embedded registry has nothing to show):
+///
+/// - `mesh.registry.reachable` (gauge): 1 while the backend is connected to its store (this
+///   node's instances published, the others' followed), 0 while connecting or unreachable;
+/// - `mesh.registry.since_contact` (gauge, seconds): since the store last answered; absent
+///   before its first answer;
+/// - `mesh.registry.reregistrations` (counter): times this node's instances were registered
+///   again under a new lease (an expired or revoked lease, a store that lost its data);
+/// - `mesh.registry.remote_services` (gauge, per `node`): services each other node serves
+///   in this node's view;
+/// - `mesh.registry.remote_nodes` (gauge, per `service`): other nodes serving each service.
+///
+/// Every series carries `backend` (`etcd`). Node and service names come from the view, whose
+/// keys the backend checked (and bounded) as it read them.
+pub fn observe_cluster(meter: &Meter, cluster: &Cluster) {
+    if cluster.this_node().is_none() {
+        return;
+    }
+    let backend = || [KeyValue::new("backend", cluster.status().kind)];
+    let reachable = cluster.clone();
+    let labels = backend();
+    meter
+        .u64_observable_gauge("mesh.registry.reachable")
+        .with_description("1 while the registry backend is connected to its store, else 0")
+        .with_callback(move |observer| {
+            let connected = reachable.status().state == State::Connected;
+            observer.observe(u64::from(connected), &labels);
+        })
+        .build();
+    let contact = cluster.clone();
+    let labels = backend();
+    meter
+        .f64_observable_gauge("mesh.registry.since_contact")
+        .with_unit("s")
+        .with_description("Seconds since the registry's store last answered")
+        .with_callback(move |observer| {
+            if let Some(since) = contact.since_contact() {
+                observer.observe(since.as_secs_f64(), &labels);
+            }
+        })
+        .build();
+    let again = cluster.clone();
+    let labels = backend();
+    meter
+        .u64_observable_counter("mesh.registry.reregistrations")
+        .with_description("Times this node's instances were registered again under a new lease")
+        .with_callback(move |observer| observer.observe(again.status().reregistrations, &labels))
+        .build();
+    let view = cluster.clone();
+    let kind = cluster.status().kind;
+    meter
+        .u64_observable_gauge("mesh.registry.remote_services")
+        .with_description("Services each other node serves, in this node's view")
+        .with_callback(move |observer| {
+            let mut per_node: HashMap<String, u64> = HashMap::new();
+            for (_, nodes) in view.remote().list() {
+                for node in nodes.iter() {
+                    *per_node.entry(node.id.clone()).or_default() += 1;
+                }
+            }
+            for (node, services) in per_node {
+                observer.observe(
+                    services,
+                    &[KeyValue::new("backend", kind), KeyValue::new("node", node)],
+                );
+            }
+        })
+        .build();
+    let view = cluster.clone();
+    meter
+        .u64_observable_gauge("mesh.registry.remote_nodes")
+        .with_description("Other nodes serving each service, in this node's view")
+        .with_callback(move |observer| {
+            for (service, nodes) in view.remote().list() {
+                observer.observe(
+                    nodes.len() as u64,
+                    &[
+                        KeyValue::new("backend", kind),
+                        KeyValue::new("service", service.to_string()),
+                    ],
+                );
+            }
+        })
+        .build();
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ pub(crate) enum Access {
     Read,
     /// Changes the mesh, or reads what only its owner may see (logs).
     Control,
+    /// Writes the registry: control, or granted alone (`[tls] registry_writers`).
+    RegistryWrite,
     /// Host services (`mesh.v1.Host`): for plugin callers only, whose capabilities the
     /// service checks per call.
     Host,
@@ -38,10 +40,19 @@ const READ: &[&str] = &[
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
+/// The registry's writes: control, which a certificate identity may also be granted alone.
+const REGISTRY_WRITE: &[&str] = &[
+    "/mesh.v1.Registry/Register",
+    "/mesh.v1.Registry/KeepAlive",
+    "/mesh.v1.Registry/Deregister",
+];
+
 /// What calling `path` on the router does.
 pub(crate) fn access(path: &str) -> Access {
     if READ.contains(&path) {
         Access::Read
+    } else if REGISTRY_WRITE.contains(&path) {
+        Access::RegistryWrite
     } else if path.starts_with(HOST) {
         Access::Host
     } else {
@@ -54,13 +65,14 @@ pub(crate) fn check(caller: &Caller, path: &str) -> Result<(), Status> {
     match (access(path), caller) {
         (Access::Read, _) | (Access::Host, Caller::Plugin { .. }) => return Ok(()),
         (Access::Control, caller) if caller.may_control() => return Ok(()),
+        (Access::RegistryWrite, caller) if caller.may_write_registry() => return Ok(()),
         (Access::Host, _) => {
             return Err(Status::permission_denied(format!(
                 "{path} is refused to {caller}: host services are served to managed plugin \
                  instances (and processes they start) only, known by their kernel credentials"
             )));
         }
-        (Access::Control, _) => {}
+        (Access::Control | Access::RegistryWrite, _) => {}
     }
     Err(Status::permission_denied(match caller {
         Caller::Remote { identity: None, .. } => format!(
@@ -73,7 +85,8 @@ pub(crate) fn check(caller: &Caller, path: &str) -> Result<(), Status> {
             ..
         } => format!(
             "{path} is refused to {identity}: the Manager API and registry writes over TCP are \
-             for the certificate identities in the router's [tls] admins, and it is not one"
+             for the certificate identities in the router's [tls] admins (registry writes \
+             alone: [tls] registry_writers), and it is not one"
         ),
         Caller::Plugin { .. } => format!(
             "{path} is refused to {caller}: plugins may call other plugins, host services and \
@@ -158,7 +171,33 @@ mod tests {
             assert!(denied.message().contains("plugins may"), "{denied}");
         }
         assert!(check(&plugin, "/mesh.v1.Host/ReadFile").is_ok());
-        for caller in [&owner, &local, &remote, &admin] {
+        // Registry writes alone: the three write methods, nothing else that is control.
+        let writer = Caller::Remote {
+            addr: "127.0.0.1:5003".parse().unwrap(),
+            identity: Some("spiffe://mesh/client/billing".into()),
+            grant: crate::Grant::RegistryWriter,
+        };
+        for path in REGISTRY_WRITE {
+            assert!(check(&writer, path).is_ok(), "{path}");
+            assert!(check(&admin, path).is_ok(), "{path}");
+            assert!(
+                check(&node, path)
+                    .unwrap_err()
+                    .message()
+                    .contains("registry_writers")
+            );
+        }
+        for path in [
+            "/mesh.v1.Manager/Stop",
+            "/mesh.v1.Manager/Logs",
+            "/mesh.v1.Something/New",
+            "/mesh.v1.Registry/List/../Register",
+            "/mesh.v1.Registry/Register/",
+        ] {
+            let denied = check(&writer, path).unwrap_err();
+            assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{path}");
+        }
+        for caller in [&owner, &local, &remote, &admin, &writer] {
             let denied = check(caller, "/mesh.v1.Host/ReadFile").unwrap_err();
             assert_eq!(denied.code(), tonic::Code::PermissionDenied);
             assert!(denied.message().contains("plugin"), "{denied}");

@@ -35,6 +35,10 @@ pub enum Grant {
     /// The Manager API and registry writes, as the owner has them (host services stay the
     /// plugins'): `[tls] admins` lists the identities.
     Admin,
+    /// Registry writes only (`Register`, `KeepAlive`, `Deregister`), not the Manager API:
+    /// `[tls] registry_writers` lists the identities (a service on another machine that
+    /// registers itself).
+    RegistryWriter,
 }
 
 /// The router's TLS server: its certificate, the CA its clients' certificates must chain to,
@@ -43,12 +47,14 @@ pub enum Grant {
 pub struct ServerTls {
     acceptor: TlsAcceptor,
     admins: Arc<BTreeSet<String>>,
+    registry_writers: Arc<BTreeSet<String>>,
 }
 
 impl fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerTls")
             .field("admins", &self.admins)
+            .field("registry_writers", &self.registry_writers)
             .finish_non_exhaustive()
     }
 }
@@ -119,13 +125,23 @@ impl ServerTls {
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             admins: Arc::new(admins.into_iter().collect()),
+            registry_writers: Arc::default(),
         })
+    }
+
+    /// The same server, with the identities (URI SANs) granted [`Grant::RegistryWriter`]; an
+    /// identity that is also an admin keeps [`Grant::Admin`].
+    pub fn with_registry_writers(mut self, writers: impl IntoIterator<Item = String>) -> Self {
+        self.registry_writers = Arc::new(writers.into_iter().collect());
+        self
     }
 
     /// The grant of `identity`.
     pub fn grant(&self, identity: &str) -> Grant {
         if self.admins.contains(identity) {
             Grant::Admin
+        } else if self.registry_writers.contains(identity) {
+            Grant::RegistryWriter
         } else {
             Grant::None
         }

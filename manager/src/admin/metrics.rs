@@ -105,6 +105,12 @@ impl Metrics {
         self.router.clone()
     }
 
+    /// Adds the cluster's state (`mesh.registry.*`, see [`mesh_router::observe_cluster`]):
+    /// nothing for a single machine.
+    pub fn observe_cluster(&self, cluster: &mesh_router::cluster::Cluster) {
+        mesh_router::observe_cluster(&self.provider.meter(SCOPE), cluster);
+    }
+
     /// The meter provider every instrument is on.
     pub fn provider(&self) -> &SdkMeterProvider {
         &self.provider

@@ -6,6 +6,7 @@
 //! cert = "certs/node-a.pem"      # this router's certificate (mesh certs node a)
 //! key = "certs/node-a.key"
 //! admins = ["spiffe://mesh/client/ops"]   # may use the Manager API and registry writes
+//! registry_writers = ["spiffe://mesh/client/billing"]   # registry writes only
 //! ```
 //!
 //! Paths are relative to the config file. Without `[tls]`, `listen` must be a loopback
@@ -30,6 +31,8 @@ pub(super) struct RawTls {
     key: Option<Spanned<PathBuf>>,
     #[serde(default)]
     admins: Vec<Spanned<String>>,
+    #[serde(default)]
+    registry_writers: Vec<Spanned<String>>,
 }
 
 /// `[tls]`, validated: the files exist and make a usable TLS server.
@@ -43,6 +46,9 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// Certificate identities (URI SANs) granted the Manager API and registry writes.
     pub admins: Vec<String>,
+    /// Certificate identities granted registry writes alone (register, keep alive,
+    /// deregister their own instances), not the Manager API.
+    pub registry_writers: Vec<String>,
 }
 
 impl TlsConfig {
@@ -62,16 +68,16 @@ impl TlsConfig {
             read("cert", &self.cert)?,
             read("key", &self.key)?,
         );
-        mesh_router::ServerTls::from_pem(&ca, &cert, &key, self.admins.iter().cloned()).map_err(
-            |e| {
+        mesh_router::ServerTls::from_pem(&ca, &cert, &key, self.admins.iter().cloned())
+            .map(|server| server.with_registry_writers(self.registry_writers.iter().cloned()))
+            .map_err(|e| {
                 let path = match e.part {
                     "ca" => &self.ca,
                     "cert" => &self.cert,
                     _ => &self.key,
                 };
                 format!("[tls] {} = {}: {}", e.part, path.display(), e.message)
-            },
-        )
+            })
     }
 }
 
@@ -112,22 +118,30 @@ impl File<'_> {
             cert: path("cert", &raw.cert)?,
             key: path("key", &raw.key)?,
             admins: Vec::new(),
+            registry_writers: Vec::new(),
         };
-        let mut admins = Vec::with_capacity(raw.admins.len());
-        for admin in &raw.admins {
-            let id = admin.get_ref();
-            if !valid_identity(id) {
-                return Err(self.at(
-                    Some(admin.span()),
-                    format!(
-                        "admins: {id:?} is not a certificate identity; write the URI SAN of a \
-                         client certificate, such as \"spiffe://mesh/client/ops\""
-                    ),
-                ));
+        let identities = |field: &str, list: &[Spanned<String>]| {
+            let mut ids = Vec::with_capacity(list.len());
+            for entry in list {
+                let id = entry.get_ref();
+                if !valid_identity(id) {
+                    return Err(self.at(
+                        Some(entry.span()),
+                        format!(
+                            "{field}: {id:?} is not a certificate identity; write the URI SAN \
+                             of a client certificate, such as \"spiffe://mesh/client/ops\""
+                        ),
+                    ));
+                }
+                ids.push(id.clone());
             }
-            admins.push(id.clone());
-        }
-        let tls = TlsConfig { admins, ..tls };
+            Ok(ids)
+        };
+        let tls = TlsConfig {
+            admins: identities("admins", &raw.admins)?,
+            registry_writers: identities("registry_writers", &raw.registry_writers)?,
+            ..tls
+        };
         // Which field to point at: the one the error names.
         let span_of = |message: &str| -> Option<Range<usize>> {
             let field = [("[tls] ca", &raw.ca), ("[tls] cert", &raw.cert)]
@@ -218,6 +232,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.line, Some(5), "{error}");
         assert!(error.to_string().contains("spiffe://"), "{error}");
+        let error = parse(
+            "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nregistry_writers = [\"billing\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(error.line, Some(5), "{error}");
+        assert!(
+            error.to_string().contains("registry_writers: \"billing\"")
+                && error.to_string().contains("spiffe://"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -158,7 +158,7 @@ pub fn sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-async fn metrics(addr: &str) -> Vec<Sample> {
+pub async fn metrics(addr: &str) -> Vec<Sample> {
     let answer = get(addr, "/metrics").await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert!(
@@ -169,7 +169,11 @@ async fn metrics(addr: &str) -> Vec<Sample> {
 }
 
 /// Asks `/metrics` until `done` holds of it; returns that page.
-async fn metrics_until(addr: &str, what: &str, done: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
+pub async fn metrics_until(
+    addr: &str,
+    what: &str,
+    done: impl Fn(&[Sample]) -> bool,
+) -> Vec<Sample> {
     let asking = async {
         loop {
             let samples = metrics(addr).await;

@@ -13,9 +13,15 @@ use std::{
 
 use mesh::{Address, Channel};
 use mesh_proto::echo::v1::echo_client::EchoClient;
+use mesh_router::cluster::etcd::pb;
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use tonic::Code;
 
 use crate::{
+    admin::{ADMIN, admin_address, metrics_until, sum},
     routing::{all_four_kinds, echo},
     support::{DEADLINE, Mesh, grpcurl_ok, short_tempdir},
 };
@@ -111,6 +117,41 @@ impl Etcd {
             .args(args)
             .output()
             .expect("run etcdctl (Debian's etcd-client)")
+    }
+
+    /// A KV client on etcd's gRPC API, for writes etcdctl would make slow (many, large).
+    fn kv(&self) -> pb::kv_client::KvClient<Channel> {
+        let address = Address::Tcp(format!("127.0.0.1:{}", self.client));
+        pb::kv_client::KvClient::new(Channel::to_server(address))
+    }
+
+    /// etcd's revision now.
+    async fn revision(&self) -> i64 {
+        let request = pb::RangeRequest {
+            key: b"/".to_vec(),
+            count_only: true,
+            ..Default::default()
+        };
+        let answer = self.kv().range(request).await.unwrap().into_inner();
+        answer.header.expect("a response header").revision
+    }
+
+    /// etcd's own count of slow watchers (`etcd_debugging_mvcc_slow_watcher_total` on its
+    /// `/metrics`): watchers whose client does not take their events as fast as they come.
+    async fn slow_watchers(&self) -> f64 {
+        // HTTP/1.0: the page comes whole, not in chunks.
+        let addr = format!("127.0.0.1:{}", self.client);
+        let page = crate::admin::raw(&addr, b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .expect("etcd answers GET /metrics");
+        assert_eq!(page.status, 200, "{page:?}");
+        let name = "etcd_debugging_mvcc_slow_watcher_total ";
+        let line = page
+            .body
+            .lines()
+            .find(|line| line.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name}in etcd's /metrics"));
+        line[name.len()..].trim().parse().unwrap()
     }
 
     /// The leases (decimal) of node `node`'s keys of `service`.
@@ -410,4 +451,193 @@ async fn a_revoked_lease_and_an_etcd_restart_end_with_every_instance_registered_
     wait_registry_state(&a, "connected").await;
     wait_routed(&a, true, DEADLINE).await;
     all_four_kinds(&mut EchoClient::new(a.connect("plugin.echo").await)).await;
+}
+
+/// A process stopped with SIGSTOP, continued (SIGCONT) when dropped: a failing test never
+/// leaves it stopped.
+struct Stopped(Pid);
+
+impl Stopped {
+    fn new(pid: u32) -> Self {
+        let pid = Pid::from_raw(pid as i32);
+        kill(pid, Signal::SIGSTOP).unwrap();
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
+}
+
+/// A second echo plugin under another name: a service that only node C serves.
+const LATE: &str = r#"
+[[plugin]]
+name = "late"
+command = "{echo}"
+"#;
+
+#[tokio::test]
+async fn a_node_whose_watch_was_compacted_lists_again_and_learns_what_it_missed() {
+    let etcd = Etcd::start().await;
+    // A's lease outlives the seconds it is stopped below: what ends its session must be the
+    // compacted watch, not a lost lease.
+    let (settings, _) = node("a", free_port(), &etcd);
+    let registry = format!(
+        "[registry]\netcd = [\"{}\"]\nlease_ttl = \"60s\"\n",
+        etcd.endpoint()
+    );
+    let a = Mesh::start_with(&settings, &registry).await;
+    let mut b = start_node("b", &etcd, ECHO).await;
+    b.wait_instances("plugin.echo", 1).await;
+    wait_routed(&a, true, DEADLINE).await;
+    wait_registry_state(&a, "connected").await;
+
+    let mut kv = etcd.kv();
+    let c;
+    {
+        // A stopped, etcd goes on sending A's watch its events, until the connection to A is
+        // full and etcd sets the watcher aside as slow: it then keeps no events for it, only
+        // the revision it must resume from.
+        let _stopped = Stopped::new(a.pid());
+        // 64 KiB each: etcd holds 128 responses for a watcher, the connection a few MiB.
+        let value = vec![b'x'; 64 << 10];
+        let flooding = Instant::now();
+        let mut puts = 0;
+        while etcd.slow_watchers().await < 1.0 {
+            assert!(puts < 2000, "etcd never marked node a's watcher slow");
+            let request = pb::PutRequest {
+                key: format!("/mesh/v1/flood/{puts}").into_bytes(),
+                value: value.clone(),
+                ..Default::default()
+            };
+            kv.put(request).await.unwrap();
+            puts += 1;
+        }
+        eprintln!(
+            "etcd marked node a's watcher slow after {puts} puts of 64 KiB in {:?}",
+            flooding.elapsed()
+        );
+        // What A misses: the flood goes, B's instance goes, C's service comes.
+        let flood = pb::DeleteRangeRequest {
+            key: b"/mesh/v1/flood/".to_vec(),
+            range_end: b"/mesh/v1/flood0".to_vec(),
+            prev_kv: false,
+        };
+        kv.delete_range(flood).await.unwrap();
+        b.stop_with(Signal::SIGTERM).await;
+        c = start_node("c", &etcd, LATE).await;
+        c.wait_instances("plugin.late", 1).await;
+        let deadline = Instant::now() + DEADLINE;
+        while etcd.leases("plugin.late", "c").len() != 1 {
+            assert!(
+                Instant::now() < deadline,
+                "c's key not in etcd\n{}",
+                c.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            etcd.leases("plugin.echo", "b").is_empty(),
+            "b's key still in etcd after it stopped"
+        );
+        // Compacted to now: the revisions A's watch would resume from are gone.
+        let revision = etcd.revision().await.to_string();
+        let out = etcd.ctl(&["compact", &revision]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A goes on: etcd tells its watch it was compacted, and A lists again.
+    let resumed = Instant::now();
+    let line = a.wait_line("watch revision compacted").await;
+    assert!(line.contains("listing again"), "{line}");
+    eprintln!(
+        "node a listed again {:?} after it went on",
+        resumed.elapsed()
+    );
+    // What the list shows: B's instance gone, C's service there.
+    wait_routed(&a, false, DEADLINE).await;
+    a.wait_instances("plugin.late", 1).await;
+    let reply = through_router(&a, "plugin.late")
+        .echo(echo("after the compaction"))
+        .await
+        .unwrap();
+    assert_eq!(reply.into_inner().message, "after the compaction");
+    // And the new watch follows: B back, routed again.
+    let b = b.relaunch().await;
+    b.wait_instances("plugin.echo", 1).await;
+    wait_routed(&a, true, DEADLINE).await;
+    assert_eq!(registry_status(&a).await["state"], "connected");
+}
+
+#[tokio::test]
+async fn metrics_say_whether_etcd_is_reachable_and_what_the_other_nodes_serve() {
+    let mut etcd = Etcd::start().await;
+    let b = start_node("b", &etcd, ECHO).await;
+    b.wait_instances("plugin.echo", 1).await;
+    let (settings, registry) = node("a", free_port(), &etcd);
+    let a = Mesh::start_with(&settings, &format!("{registry}{ADMIN}")).await;
+    let addr = admin_address(&a).await;
+
+    let page = metrics_until(&addr, "etcd reachable and b serving plugin.echo", |page| {
+        sum(page, "mesh_registry_reachable", &[("backend", "etcd")]) == 1.0
+            && sum(
+                page,
+                "mesh_registry_remote_nodes",
+                &[("service", "plugin.echo")],
+            ) == 1.0
+            && sum(page, "mesh_registry_remote_services", &[("node", "b")]) == 1.0
+    })
+    .await;
+    let since = sum(&page, "mesh_registry_since_contact_seconds", &[]);
+    assert!(
+        (0.0..TTL.as_secs_f64()).contains(&since),
+        "last contact {since} s ago while connected"
+    );
+    assert_eq!(sum(&page, "mesh_registry_reregistrations_total", &[]), 0.0);
+
+    // etcd stops: not reachable, the last contact ages, the last view stays.
+    let stopped = Instant::now();
+    etcd.stop();
+    let page = metrics_until(&addr, "etcd unreachable", |page| {
+        sum(page, "mesh_registry_reachable", &[]) == 0.0
+            && sum(page, "mesh_registry_since_contact_seconds", &[]) > since
+    })
+    .await;
+    assert_eq!(
+        sum(
+            &page,
+            "mesh_registry_remote_nodes",
+            &[("service", "plugin.echo")]
+        ),
+        1.0,
+        "the last view is kept while etcd is away"
+    );
+    eprintln!(
+        "/metrics said unreachable {:?} after etcd stopped",
+        stopped.elapsed()
+    );
+
+    // etcd back, empty: reachable again, and A's own lease was granted anew.
+    etcd.spawn().await;
+    let back = Instant::now();
+    metrics_until(&addr, "etcd reachable again", |page| {
+        sum(page, "mesh_registry_reachable", &[]) == 1.0
+            && sum(page, "mesh_registry_reregistrations_total", &[]) >= 1.0
+            && sum(
+                page,
+                "mesh_registry_remote_nodes",
+                &[("service", "plugin.echo")],
+            ) == 1.0
+    })
+    .await;
+    eprintln!(
+        "/metrics said reachable {:?} after etcd answered",
+        back.elapsed()
+    );
 }

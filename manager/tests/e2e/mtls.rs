@@ -14,8 +14,8 @@ use mesh_manager::certs::{self, Kind, Validity};
 use mesh_proto::{
     echo::v1::echo_client::EchoClient,
     mesh::v1::{
-        Instance, ListPluginsRequest, RegisterRequest, manager_client::ManagerClient,
-        registry_client::RegistryClient,
+        DeregisterRequest, Instance, KeepAliveRequest, ListPluginsRequest, RegisterRequest,
+        manager_client::ManagerClient, registry_client::RegistryClient,
     },
 };
 use tokio::{
@@ -353,6 +353,83 @@ async fn the_manager_api_over_mtls_needs_a_grant() {
     );
     RegistryClient::new(ops).register(register).await.unwrap();
     assert!(mesh.output().contains("router listening on https://"));
+}
+
+#[tokio::test]
+async fn a_registry_writer_writes_only_its_own_registrations_and_nothing_else() {
+    let certs = Certs::make();
+    // Client ops may write the registry, and is no admin; node b is neither.
+    let table = format!("{}registry_writers = [{OPS:?}]\n", certs.table(&[]));
+    let settings = "listen = \"127.0.0.1:0\"\n";
+    let mesh = Mesh::start_with(settings, &format!("{ONE_ECHO}{table}")).await;
+    let owned = mesh.wait_instances("plugin.echo", 1).await;
+    let address = mesh_testkit_tls_address(&mesh).await;
+    let register = |service: &str, id: &str| RegisterRequest {
+        instance: Some(Instance {
+            service: service.into(),
+            id: id.into(),
+            endpoint: "unix:/tmp/fake.sock".into(),
+            ..Default::default()
+        }),
+        ttl_seconds: 30,
+    };
+
+    // Node b's certificate is valid but not listed: refused, and told which grant would do.
+    let node_b = channel(&address, certs.client("node-b"), "localhost").await;
+    let status = RegistryClient::new(node_b)
+        .register(register("plugin.fake", "fake-0"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("spiffe://mesh/node/b")
+            && status.message().contains("registry_writers"),
+        "{status:?}"
+    );
+
+    // The writer registers, keeps alive and deregisters its own instance.
+    let ops = channel(&address, certs.client("client-ops"), "localhost").await;
+    let mut registry = RegistryClient::new(ops.clone());
+    let lease = registry
+        .register(register("plugin.fake", "fake-0"))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease;
+    let shown = mesh.wait_instances("plugin.fake", 1).await;
+    assert_eq!(shown[0].id, "fake-0");
+    registry
+        .keep_alive(KeepAliveRequest { lease })
+        .await
+        .unwrap();
+
+    // ... but cannot take over the manager's instance, whose id it knows from the registry.
+    let status = registry
+        .register(register("plugin.echo", &owned[0].id))
+        .await
+        .unwrap_err();
+    assert_ne!(status.code(), Code::Ok);
+    assert!(status.message().contains("held by"), "{status:?}");
+    let reply = EchoClient::new(channel(&address, certs.client("client-ops"), "plugin.echo").await)
+        .echo(echo("still the manager's"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.instance, owned[0].id);
+
+    // Nor use the Manager API: registry writes are all it was granted.
+    let status = ManagerClient::new(ops)
+        .list(ListPluginsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains(OPS), "{status:?}");
+
+    registry
+        .deregister(DeregisterRequest { lease })
+        .await
+        .unwrap();
+    mesh.wait_instances("plugin.fake", 0).await;
 }
 
 #[tokio::test]

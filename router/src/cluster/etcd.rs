@@ -339,7 +339,10 @@ impl Session<'_> {
         call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, End> {
         match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Ok(response)) => {
+                self.cluster.contacted();
+                Ok(response.into_inner())
+            }
             Ok(Err(status)) => Err(failed(what)(status)),
             Err(_) => Err(End::Failed(format!(
                 "{what}: no answer in {:?}",
@@ -380,7 +383,10 @@ impl Session<'_> {
             prev_kv: false,
         };
         match tokio::time::timeout(self.timeout, kv.put(request)).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                self.cluster.contacted();
+                Ok(())
+            }
             Ok(Err(status)) if status.message().contains("lease not found") => Err(End::LeaseLost(
                 format!("lease {lease:x} is gone ({})", status.message()),
             )),
@@ -631,7 +637,10 @@ impl Session<'_> {
                     }
                 }
                 answer = answers.message() => match answer {
-                    Ok(Some(answer)) if answer.ttl > 0 => answered = Instant::now(),
+                    Ok(Some(answer)) if answer.ttl > 0 => {
+                        answered = Instant::now();
+                        self.cluster.contacted();
+                    }
                     Ok(Some(_)) => {
                         return Err(End::LeaseLost(format!("lease {id:x} expired or was revoked")))
                     }
@@ -639,7 +648,10 @@ impl Session<'_> {
                     Err(status) => return Err(failed("keep-alive")(status)),
                 },
                 event = events.message() => match event {
-                    Ok(Some(response)) => self.apply(response, view, &mut published, id).await?,
+                    Ok(Some(response)) => {
+                        self.cluster.contacted();
+                        self.apply(response, view, &mut published, id).await?;
+                    }
                     Ok(None) => return Err(End::Failed("watch ended".into())),
                     Err(status) => return Err(failed("watch")(status)),
                 },

@@ -144,6 +144,9 @@ struct ClusterInner {
     node: Option<Node>,
     remote: Registry,
     status: watch::Sender<Status>,
+    /// When the backend last had an answer from its store (kept apart from `status`, whose
+    /// watchers need not wake on every keep-alive).
+    contact: std::sync::Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for Cluster {
@@ -177,6 +180,7 @@ impl Cluster {
                     since: Instant::now(),
                     reregistrations: 0,
                 }),
+                contact: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -231,6 +235,18 @@ impl Cluster {
             status.since = Instant::now();
             true
         });
+    }
+
+    /// How long since the backend last had an answer from its store; `None` before the first
+    /// (and always for the embedded registry, which has no store to reach).
+    pub fn since_contact(&self) -> Option<std::time::Duration> {
+        let at = *self.inner.contact.lock().unwrap_or_else(|e| e.into_inner());
+        at.map(|at| at.elapsed())
+    }
+
+    /// Notes an answer from the store.
+    pub(crate) fn contacted(&self) {
+        *self.inner.contact.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 
     /// Counts a registration from scratch under a new lease.

@@ -39,6 +39,20 @@ pub enum Holder {
     Manager,
     /// A local process of this uid, over the router socket.
     Uid(u32),
+    /// A TCP client granted registry writes alone (`[tls] registry_writers`), by a hash of
+    /// its certificate identity: its leases are its own, apart from the owner's and every
+    /// other writer's.
+    Writer(u64),
+}
+
+impl Holder {
+    /// The holder a registry writer's certificate `identity` stands for.
+    pub fn writer(identity: &str) -> Self {
+        use std::hash::{BuildHasher as _, BuildHasherDefault};
+        // Fixed keys: the same identity is the same holder for the life of the process.
+        let hasher = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+        Self::Writer(hasher.hash_one(identity))
+    }
 }
 
 impl std::fmt::Display for Holder {
@@ -46,6 +60,7 @@ impl std::fmt::Display for Holder {
         match self {
             Self::Manager => f.write_str("the manager"),
             Self::Uid(uid) => write!(f, "uid {uid}"),
+            Self::Writer(_) => f.write_str("a registry writer's certificate identity"),
         }
     }
 }

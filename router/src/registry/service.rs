@@ -67,8 +67,15 @@ fn holder<T>(request: &Request<T>) -> Result<Holder, Status> {
         Some(caller @ Caller::Remote { .. }) if caller.may_control() => {
             Ok(Holder::Uid(crate::identity::own_uid()))
         }
+        // Granted registry writes alone: its own leases, never the owner's.
+        Some(Caller::Remote {
+            identity: Some(identity),
+            grant: crate::Grant::RegistryWriter,
+            ..
+        }) => Ok(Holder::writer(identity)),
         Some(caller) => Err(Status::permission_denied(format!(
-            "registry writes are for the mesh's owner and root only, not {caller}"
+            "registry writes are for the mesh's owner and root (and certificate identities in \
+             [tls] admins or registry_writers) only, not {caller}"
         ))),
         None => Err(Status::permission_denied(
             "registry writes need a caller the router identified; none was",

@@ -52,6 +52,8 @@ struct Inner {
     collector: TraceServiceClient<Channel>,
     runtime: Handle,
     in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    timeout: Duration,
     dropped: AtomicU64,
 }
 
@@ -59,15 +61,26 @@ impl TraceRelay {
     /// A relay to the OTLP/gRPC collector at `endpoint` (`http://host:port`), dialled on
     /// first use; call it on the runtime the exports should wait on (the manager's).
     pub fn new(endpoint: &str) -> Result<Self, tonic::transport::Error> {
+        Self::bounded(endpoint, MAX_EXPORTS_IN_FLIGHT, EXPORT_TIMEOUT)
+    }
+
+    /// [`TraceRelay::new`] with other bounds.
+    fn bounded(
+        endpoint: &str,
+        max_in_flight: usize,
+        timeout: Duration,
+    ) -> Result<Self, tonic::transport::Error> {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
-            .connect_timeout(EXPORT_TIMEOUT)
-            .timeout(EXPORT_TIMEOUT)
+            .connect_timeout(timeout)
+            .timeout(timeout)
             .connect_lazy();
         Ok(Self {
             inner: Arc::new(Inner {
                 collector: TraceServiceClient::new(channel),
                 runtime: Handle::current(),
-                in_flight: Arc::new(Semaphore::new(MAX_EXPORTS_IN_FLIGHT)),
+                in_flight: Arc::new(Semaphore::new(max_in_flight)),
+                max_in_flight,
+                timeout,
                 dropped: AtomicU64::new(0),
             }),
         })
@@ -90,8 +103,9 @@ impl TraceRelay {
         if dropped.is_power_of_two() {
             tracing::warn!(
                 dropped,
-                "trace relay: {MAX_EXPORTS_IN_FLIGHT} exports already wait on the collector; \
-                 an export of {spans} spans was dropped ({dropped} so far)"
+                "trace relay: {} exports already wait on the collector; an export of {spans} \
+                 spans was dropped ({dropped} so far)",
+                self.inner.max_in_flight
             );
         }
         ExportTraceServiceResponse {
@@ -161,9 +175,10 @@ impl TraceService for TraceRelay {
             return Ok(Response::new(self.drop_export(span_count(&export))));
         };
         let mut collector = self.inner.collector.clone();
+        let timeout = self.inner.timeout;
         let sent = self.inner.runtime.spawn(async move {
             let _permit = permit;
-            tokio::time::timeout(EXPORT_TIMEOUT, collector.export(export)).await
+            tokio::time::timeout(timeout, collector.export(export)).await
         });
         match sent.await {
             Ok(Ok(Ok(response))) => Ok(Response::new(response.into_inner())),
@@ -172,7 +187,8 @@ impl TraceService for TraceRelay {
                 status.message()
             ))),
             Ok(Err(_elapsed)) => Err(Status::unavailable(format!(
-                "the collector did not answer within {EXPORT_TIMEOUT:?}"
+                "the collector did not answer within {:?}",
+                self.inner.timeout
             ))),
             Err(join) => Err(Status::internal(format!(
                 "the relay's export failed: {join}"
@@ -235,5 +251,63 @@ mod tests {
             },
         );
         assert!(resource.attributes.is_empty(), "{resource:?}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_collector_times_out_and_exports_past_the_bound_are_dropped() {
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+        // Accepts connections (the kernel's backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", silent.local_addr().unwrap());
+        let relay = TraceRelay::bounded(&endpoint, 1, Duration::from_millis(300)).unwrap();
+        let export = |spans: usize| {
+            let mut request = Request::new(ExportTraceServiceRequest {
+                resource_spans: vec![ResourceSpans {
+                    scope_spans: vec![ScopeSpans {
+                        spans: vec![Span::default(); spans],
+                        ..ScopeSpans::default()
+                    }],
+                    ..ResourceSpans::default()
+                }],
+            });
+            request.extensions_mut().insert(Caller::Plugin {
+                plugin: "files".into(),
+                instance: "files-0".into(),
+                pid: 7,
+                uid: 1000,
+            });
+            request
+        };
+        let waiting = tokio::spawn({
+            let relay = relay.clone();
+            async move { relay.export(export(1)).await }
+        });
+        // Wait until the first export holds the one slot.
+        let held = tokio::time::timeout(Duration::from_secs(10), async {
+            while relay.inner.in_flight.available_permits() > 0 {
+                tokio::task::yield_now().await;
+            }
+        });
+        held.await.expect("the first export takes the slot");
+        let dropped = relay.export(export(3)).await.unwrap().into_inner();
+        let partial = dropped.partial_success.expect("answered as rejected");
+        assert_eq!(partial.rejected_spans, 3);
+        assert!(partial.error_message.contains("overloaded"), "{partial:?}");
+        assert_eq!(relay.dropped(), 1);
+        let timed_out = waiting.await.unwrap().unwrap_err();
+        assert_eq!(timed_out.code(), tonic::Code::Unavailable, "{timed_out}");
+        // The slot is free again once the export gave up.
+        assert_eq!(relay.inner.in_flight.available_permits(), 1);
+        drop(silent);
+    }
+
+    #[tokio::test]
+    async fn an_export_without_a_caller_is_refused() {
+        let relay = TraceRelay::new("http://127.0.0.1:9").unwrap();
+        let refused = relay
+            .export(Request::new(ExportTraceServiceRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     }
 }

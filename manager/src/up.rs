@@ -178,7 +178,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(endpoint) = &config.telemetry.otlp_endpoint {
         let relay = crate::telemetry::relay::TraceRelay::new(endpoint)
             .map_err(|error| UpError::TraceRelay(endpoint.clone(), error))?;
-        router = router.add_service(relay.into_server(config.max_message_size));
+        router = router
+            .add_service(relay.into_server(config.max_message_size))
+            .describe(opentelemetry_proto::DESCRIPTORS);
     }
     let router = router
         .limits(config.limits.clone())

@@ -795,7 +795,8 @@ async fn a_plugin_calling_a_plugin_carries_the_trace_on() {
 }
 
 /// Just enough of OTLP's trace service for grpcurl to send an export with a named span and a
-/// resource attribute (the router's reflection does not describe the relay).
+/// resource attribute the same way for every caller (uid 65534 included), whatever the
+/// router's reflection answers it.
 const TRACE_PROTO: &str = r#"syntax = "proto3";
 package opentelemetry.proto.collector.trace.v1;
 message AnyValue { oneof value { string string_value = 1; } }
@@ -856,6 +857,17 @@ async fn the_trace_relay_refuses_other_users_and_strips_claimed_identities() {
         .map(str::to_owned)
         .to_vec()
     };
+
+    // The router's reflection describes the relay.
+    let described = crate::support::grpcurl_ok(&[
+        "-unix",
+        "-authority",
+        "localhost",
+        &sock,
+        "describe",
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+    ]);
+    assert!(described.contains("rpc Export"), "{described}");
 
     // Another uid, whom the socket's mode lets connect: refused, nothing reaches the collector.
     let args = export("sent-by-nobody");

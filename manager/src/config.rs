@@ -483,6 +483,20 @@ impl Config {
         })?;
         runtime::check_socket_path(&socket)
             .map_err(|e| error(format!("--socket/MESH_SOCKET: {e}")))?;
+        // Plugins export traces to the relay on the router's socket: follow it.
+        let (old, new) = (
+            telemetry::relay_endpoint(&self.socket),
+            telemetry::relay_endpoint(&socket),
+        );
+        for plugin in &mut self.plugins {
+            if let Some(endpoint) = plugin
+                .env
+                .get_mut(mesh::telemetry::OTEL_EXPORTER_OTLP_ENDPOINT)
+                .filter(|e| **e == old)
+            {
+                endpoint.clone_from(&new);
+            }
+        }
         self.socket = socket;
         self.socket_overridden = true;
         Ok(())
@@ -1000,7 +1014,7 @@ impl File<'_> {
         let mut env = environment(p.env).map_err(|(span, message)| plugin_error(span, message))?;
         env.entry(MAX_MESSAGE_SIZE_VAR.to_owned())
             .or_insert_with(|| config.max_message_size.to_string());
-        config.telemetry.plugin_env(&name, &mut env);
+        config.telemetry.plugin_env(&name, &config.socket, &mut env);
         let plugin = PluginConfig {
             health_interval: duration(
                 "health_interval",

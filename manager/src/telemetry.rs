@@ -3,6 +3,8 @@
 //! `service_name` (`mesh-router`), instance `<hostname>-<pid>`; so are its metrics, by OTLP,
 //! when `metrics = true` (see [`metrics_export`]).
 
+pub mod relay;
+
 use mesh::telemetry::{Telemetry, TelemetryConfig, TelemetryError};
 
 use crate::Config;

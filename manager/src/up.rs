@@ -64,6 +64,9 @@ pub enum UpError {
     /// The OTLP metrics exporter could not be built.
     #[error("metrics export: {0}")]
     MetricsExport(mesh::telemetry::TelemetryError),
+    /// The trace relay's collector address is not one tonic can dial.
+    #[error("[telemetry] otlp_endpoint = {0:?}: the trace relay cannot dial it: {1}")]
+    TraceRelay(String, tonic::transport::Error),
     /// The TCP listener could not be bound.
     #[error("listen = {addr}: {error}; pick a free port, or port 0 for any")]
     Listen {
@@ -173,6 +176,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         // The same node certificate dials the other nodes' routers (node certificates serve
         // and dial).
         router = router.peer_tls(tls.client().map_err(UpError::Tls)?);
+    }
+    // Plugins' traces, relayed to the collector (they export to the router's socket).
+    if let Some(endpoint) = &config.telemetry.otlp_endpoint {
+        let relay = crate::telemetry::relay::TraceRelay::new(endpoint)
+            .map_err(|error| UpError::TraceRelay(endpoint.clone(), error))?;
+        router = router
+            .add_service(relay.into_server(config.max_message_size))
+            .describe(opentelemetry_proto::DESCRIPTORS);
     }
     let router = router
         .limits(config.limits.clone())

@@ -137,6 +137,7 @@ pub struct RouterBuilder {
     registry: Registry,
     routes: RoutesBuilder,
     names: Vec<&'static str>,
+    descriptors: Vec<&'static [u8]>,
     limits: Limits,
     identify: Option<Arc<dyn Identify>>,
     call_policy: Option<Arc<dyn CallPolicy>>,
@@ -159,6 +160,7 @@ impl Router {
             registry,
             routes: RoutesBuilder::default(),
             names: Vec::new(),
+            descriptors: Vec::new(),
             limits: Limits::default(),
             identify: None,
             call_policy: None,
@@ -574,6 +576,13 @@ impl RouterBuilder {
         self
     }
 
+    /// Describes services added with [`RouterBuilder::add_service`] that `mesh.v1`'s
+    /// descriptors do not (an encoded `FileDescriptorSet`), for reflection.
+    pub fn describe(mut self, encoded: &'static [u8]) -> Self {
+        self.descriptors.push(encoded);
+        self
+    }
+
     /// Installs the lookup that names managed plugin instances by pid: a Unix peer it names is
     /// a [`Caller::Plugin`], asked once when its connection is accepted.
     pub fn identify(mut self, identify: impl Identify) -> Self {
@@ -622,8 +631,12 @@ impl RouterBuilder {
         let registry_server = RegistryService::new(self.registry.clone())
             .with_cluster(self.cluster.clone())
             .into_server();
-        let introspection = mesh::introspection::Introspection::new()
-            .file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+        let introspection = self.descriptors.iter().fold(
+            mesh::introspection::Introspection::new()
+                .file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET),
+            |introspection, encoded| introspection.file_descriptor_set(encoded),
+        );
+        let introspection = introspection
             .services(self.names.iter().copied())
             .service(<mesh_proto::mesh::v1::registry_server::RegistryServer<RegistryService> as NamedService>::NAME);
         self.routes.add_service(registry_server);

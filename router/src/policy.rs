@@ -3,7 +3,9 @@
 //! Every caller may read: the registry's Resolve, List and Watch, health, reflection. Everything
 //! else the router serves — the Manager API, registry writes, and any method not listed here —
 //! is control, for the [`Caller::Owner`] and TCP clients whose certificate identity is granted
-//! it ([`Grant::Admin`](crate::Grant), `[tls] admins`). Forwarded calls are not checked here
+//! it ([`Grant::Admin`](crate::Grant), `[tls] admins`). The OTLP trace relay (`TraceService/
+//! Export`, served where the manager installs it) is for managed plugin instances and those
+//! who may control. Forwarded calls are not checked here
 //! (a plugin's `call:` capabilities are `calls`'s). The check reads the caller fixed at accept
 //! time and the path; nothing else from the request.
 
@@ -23,10 +25,16 @@ pub(crate) enum Access {
     /// Host services (`mesh.v1.Host`): for plugin callers only, whose capabilities the
     /// service checks per call.
     Host,
+    /// The OTLP trace relay: for plugin callers (whose spans the relay stamps with their
+    /// identity) and callers who may control; never other users.
+    Telemetry,
 }
 
 /// The prefix of every host-service method.
 const HOST: &str = "/mesh.v1.Host/";
+
+/// The OTLP trace export the manager relays to the configured collector.
+pub(crate) const TRACE_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 /// Methods every caller may use. Anything not here is [`Access::Control`].
 const READ: &[&str] = &[
@@ -55,6 +63,8 @@ pub(crate) fn access(path: &str) -> Access {
         Access::RegistryWrite
     } else if path.starts_with(HOST) {
         Access::Host
+    } else if path == TRACE_EXPORT {
+        Access::Telemetry
     } else {
         Access::Control
     }
@@ -63,9 +73,18 @@ pub(crate) fn access(path: &str) -> Access {
 /// Whether `caller` may call `path` on the router; the refusal says why and what would do.
 pub(crate) fn check(caller: &Caller, path: &str) -> Result<(), Status> {
     match (access(path), caller) {
-        (Access::Read, _) | (Access::Host, Caller::Plugin { .. }) => return Ok(()),
-        (Access::Control, caller) if caller.may_control() => return Ok(()),
+        (Access::Read, _) | (Access::Host | Access::Telemetry, Caller::Plugin { .. }) => {
+            return Ok(());
+        }
+        (Access::Control | Access::Telemetry, caller) if caller.may_control() => return Ok(()),
         (Access::RegistryWrite, caller) if caller.may_write_registry() => return Ok(()),
+        (Access::Telemetry, _) => {
+            return Err(Status::permission_denied(format!(
+                "{path} is refused to {caller}: the mesh relays traces of its managed plugin \
+                 instances (known by their kernel credentials) and of its owner only; export \
+                 to your own collector instead"
+            )));
+        }
         (Access::Host, _) => {
             return Err(Status::permission_denied(format!(
                 "{path} is refused to {caller}: host services are served to managed plugin \
@@ -201,6 +220,15 @@ mod tests {
             let denied = check(caller, "/mesh.v1.Host/ReadFile").unwrap_err();
             assert_eq!(denied.code(), tonic::Code::PermissionDenied);
             assert!(denied.message().contains("plugin"), "{denied}");
+        }
+        // The trace relay: plugins and those who control, never other users.
+        for caller in [&plugin, &owner, &admin] {
+            assert!(check(caller, TRACE_EXPORT).is_ok(), "{caller}");
+        }
+        for caller in [&local, &remote, &node] {
+            let denied = check(caller, TRACE_EXPORT).unwrap_err();
+            assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+            assert!(denied.message().contains("relays traces"), "{denied}");
         }
     }
 }

@@ -176,17 +176,25 @@ impl Telemetry {
     }
 
     /// Adds what an SDK plugin needs to export as `plugin.<name>` and to log in the same
-    /// format to a plugin's environment; what the plugin's own `env` table sets wins.
-    pub(super) fn plugin_env(&self, plugin: &str, env: &mut BTreeMap<String, String>) {
+    /// format to a plugin's environment; what the plugin's own `env` table sets wins. Plugins
+    /// export to the router's trace relay on `socket` ([`relay_endpoint`]), never to the
+    /// collector itself: a sandboxed plugin may not open TCP, and no plugin needs the
+    /// collector's address.
+    pub(super) fn plugin_env(
+        &self,
+        plugin: &str,
+        socket: &std::path::Path,
+        env: &mut BTreeMap<String, String>,
+    ) {
         if self.log_format == LogFormat::Json {
             env.entry(MESH_LOG_FORMAT.to_owned())
                 .or_insert_with(|| "json".to_owned());
         }
-        let Some(endpoint) = &self.otlp_endpoint else {
+        if self.otlp_endpoint.is_none() {
             return;
-        };
+        }
         for (key, value) in [
-            (OTEL_EXPORTER_OTLP_ENDPOINT, endpoint.clone()),
+            (OTEL_EXPORTER_OTLP_ENDPOINT, relay_endpoint(socket)),
             (OTEL_SERVICE_NAME, format!("plugin.{plugin}")),
             ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".to_owned()),
             (OTEL_TRACES_SAMPLER_ARG, self.sample_ratio.to_string()),
@@ -194,6 +202,11 @@ impl Telemetry {
             env.entry(key.to_owned()).or_insert(value);
         }
     }
+}
+
+/// The OTLP endpoint of the trace relay on the router's socket: `unix:<socket>`.
+pub(crate) fn relay_endpoint(socket: &std::path::Path) -> String {
+    format!("{}{}", mesh::telemetry::UNIX_ENDPOINT, socket.display())
 }
 
 /// `metrics_interval` (`"10s"`), else `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds), else
@@ -289,7 +302,19 @@ mod tests {
         assert_eq!((t.sample_ratio, t.service_name.as_str()), (0.25, "edge"));
         assert_eq!(t.log_format, LogFormat::Json);
         let env = &config.plugins[0].env;
-        assert_eq!(env[OTEL_EXPORTER_OTLP_ENDPOINT], "http://127.0.0.1:4317");
+        // Plugins export to the trace relay on the router's socket, which follows --socket.
+        assert_eq!(
+            env[OTEL_EXPORTER_OTLP_ENDPOINT],
+            format!("unix:{}", config.socket.display())
+        );
+        let mut moved = config.clone();
+        moved
+            .override_socket("/tmp/elsewhere/mesh.sock".into())
+            .unwrap();
+        assert_eq!(
+            moved.plugins[0].env[OTEL_EXPORTER_OTLP_ENDPOINT],
+            "unix:/tmp/elsewhere/mesh.sock"
+        );
         assert_eq!(env[OTEL_SERVICE_NAME], "plugin.echo");
         assert_eq!(env[MESH_LOG_FORMAT], "json");
         // The plugin's own env wins.

@@ -37,14 +37,14 @@ const TCP: &str = "listen = \"127.0.0.1:0\"\n";
 const NOBODY: &str = "65534";
 
 /// A directory others may enter (the router socket and a grpcurl they can run go there).
-fn public_dir() -> tempfile::TempDir {
+pub(crate) fn public_dir() -> tempfile::TempDir {
     let dir = short_tempdir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
 }
 
 /// Runs `program` as uid and gid 65534 with no supplementary groups.
-fn as_nobody(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
+pub(crate) fn as_nobody(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
     let mut command = Command::new("setpriv");
     command
         .args([
@@ -62,7 +62,7 @@ fn as_nobody(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
 
 /// A copy of the grpcurl executable in `dir`, which another uid can run (the one on PATH
 /// may be a wrapper script under root's home).
-fn grpcurl_for_others(dir: &Path) -> PathBuf {
+pub(crate) fn grpcurl_for_others(dir: &Path) -> PathBuf {
     let located = Command::new("python3")
         .args([
             "-c",

@@ -36,12 +36,23 @@ use crate::support::{DEADLINE, Mesh, grpcurl_ok, short_tempdir, write_config};
 struct Received {
     service: String,
     instance: String,
+    /// Its resource's attributes.
+    resource: Vec<KeyValue>,
     span: Span,
 }
 
 impl Received {
     fn attribute(&self, key: &str) -> Option<String> {
         attribute(&self.span.attributes, key)
+    }
+
+    /// Every value of the resource attribute `key` (the relay's stamp is one).
+    fn resource_values(&self, key: &str) -> Vec<String> {
+        self.resource
+            .iter()
+            .filter(|kv| kv.key == key)
+            .map(|kv| attribute(std::slice::from_ref(kv), key).unwrap_or_default())
+            .collect()
     }
 }
 
@@ -77,6 +88,7 @@ impl TraceService for Collector {
                     received.push(Received {
                         service: service.clone(),
                         instance: instance.clone(),
+                        resource: resource.attributes.clone(),
                         span,
                     });
                 }
@@ -213,10 +225,15 @@ async fn a_call_is_traced_from_the_client_through_the_router_to_the_plugin() {
     .await;
     let instance = &mesh.wait_instances("plugin.echo", 1).await[0];
     let environ = plugin_env(instance.pid);
+    // Plugins export to the trace relay on the router's socket, not to the collector.
     assert_eq!(
         environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
-        Some(&endpoint),
+        Some(&format!("unix:{}", mesh.socket.display())),
         "{environ:?}"
+    );
+    assert!(
+        !environ.values().any(|v| v.contains(&endpoint)),
+        "the collector's address stays out of plugins: {environ:?}"
     );
     assert_eq!(
         environ.get("OTEL_SERVICE_NAME").map(String::as_str),
@@ -673,10 +690,15 @@ async fn a_plugin_calling_a_plugin_carries_the_trace_on() {
     let (endpoint, mut received) = collector().await;
     let dir = short_tempdir();
     let root = dir.path().join("files");
-    // The demo's file lister, whose Survey calls plugin.echo through mesh::connect. Its
-    // kernel sandbox denies TCP, the collector's transport, so it runs unsandboxed here.
-    let plugins =
-        crate::files_plugin::demo_plugins(&root).replace("sandbox = true", "sandbox = false");
+    // The demo's file lister, whose Survey calls plugin.echo through mesh::connect, in its
+    // kernel sandbox (no TCP: it exports through the router's trace relay), claiming in its
+    // resource to be echo-0 (the SDK reads OTEL_RESOURCE_ATTRIBUTES).
+    let plugins = crate::files_plugin::demo_plugins(&root);
+    assert!(plugins.contains("sandbox = true"), "{plugins}");
+    let plugins = plugins.replace(
+        "sandbox = true",
+        "sandbox = true\nenv = { OTEL_RESOURCE_ATTRIBUTES = \"mesh.plugin=echo,mesh.instance=echo-0\" }",
+    );
     write_config(
         &dir,
         "",
@@ -728,10 +750,33 @@ async fn a_plugin_calling_a_plugin_carries_the_trace_on() {
         "the router's span is files' parent: {files:#?}"
     );
     assert_eq!(files.instance, "files-0");
+    // The relay stamped files' spans with the kernel's word for who sent them, over the
+    // forged claim.
+    assert_eq!(
+        files.resource_values("mesh.plugin"),
+        ["files"],
+        "{files:#?}"
+    );
+    assert_eq!(
+        files.resource_values("mesh.instance"),
+        ["files-0"],
+        "{files:#?}"
+    );
     // files -> (the router, if its call took that path) -> echo
     let echo = find(&spans, "plugin.echo", trace, "echo.v1.Echo/Echo").unwrap();
     assert_eq!(echo.instance, echo_instance, "{echo:#?}");
     assert_rpc(echo, &echo_instance);
+    assert_eq!(echo.resource_values("mesh.plugin"), ["echo"], "{echo:#?}");
+    assert_eq!(
+        echo.resource_values("mesh.instance"),
+        [echo_instance.as_str()],
+        "{echo:#?}"
+    );
+    // The router's own spans go to the collector directly, unstamped.
+    assert!(
+        router.resource_values("mesh.plugin").is_empty(),
+        "{router:#?}"
+    );
     match find(&spans, "mesh-router", trace, "echo.v1.Echo/Echo") {
         Some(hop) => {
             assert_eq!(hop.span.parent_span_id, files.span.span_id, "{hop:#?}");
@@ -747,4 +792,120 @@ async fn a_plugin_calling_a_plugin_carries_the_trace_on() {
     for span in spans.iter() {
         assert_eq!(hex(&span.span.trace_id), trace, "{span:#?}");
     }
+}
+
+/// Just enough of OTLP's trace service for grpcurl to send an export with a named span and a
+/// resource attribute the same way for every caller (uid 65534 included), whatever the
+/// router's reflection answers it.
+const TRACE_PROTO: &str = r#"syntax = "proto3";
+package opentelemetry.proto.collector.trace.v1;
+message AnyValue { oneof value { string string_value = 1; } }
+message KeyValue { string key = 1; AnyValue value = 2; }
+message Resource { repeated KeyValue attributes = 1; }
+message Span { bytes trace_id = 1; bytes span_id = 2; string name = 5; }
+message ScopeSpans { repeated Span spans = 2; }
+message ResourceSpans { Resource resource = 1; repeated ScopeSpans scope_spans = 2; }
+message ExportTraceServiceRequest { repeated ResourceSpans resource_spans = 1; }
+message ExportTraceServiceResponse {}
+service TraceService { rpc Export(ExportTraceServiceRequest) returns (ExportTraceServiceResponse); }
+"#;
+
+/// An export of one span named `name` whose resource claims to be plugin echo's.
+fn forged_export(name: &str) -> String {
+    // Trace and span ids as proto3 JSON bytes (base64).
+    format!(
+        r#"{{"resourceSpans":[{{"resource":{{"attributes":[{{"key":"mesh.plugin","value":{{"stringValue":"echo"}}}}]}},"scopeSpans":[{{"spans":[{{"traceId":"AAECAwQFBgcICQoLDA0ODw==","spanId":"AAECAwQFBgc=","name":"{name}"}}]}}]}}]}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_relay_refuses_other_users_and_strips_claimed_identities() {
+    let (endpoint, mut received) = collector().await;
+    let public = crate::security::public_dir();
+    let socket = public.path().join("mesh.sock");
+    let mut mesh = crate::support::Mesh::start_with(
+        &format!(
+            "socket = \"{}\"\nsocket_mode = \"0666\"\n",
+            socket.display()
+        ),
+        &format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\n\n{ECHO}"),
+    )
+    .await;
+    mesh.socket = socket.clone();
+    mesh.wait_instances("plugin.echo", 1).await;
+    let proto = public.path().join("trace.proto");
+    std::fs::write(&proto, TRACE_PROTO).unwrap();
+    std::fs::set_permissions(&proto, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let grpcurl = crate::security::grpcurl_for_others(public.path());
+    let import = public.path().display().to_string();
+    let sock = socket.display().to_string();
+    let export = |name: &str| -> Vec<String> {
+        [
+            "-plaintext",
+            "-unix",
+            "-authority",
+            "localhost",
+            "-import-path",
+            &import,
+            "-proto",
+            "trace.proto",
+            "-d",
+            &forged_export(name),
+            &sock,
+            "opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+
+    // The router's reflection describes the relay.
+    let described = crate::support::grpcurl_ok(&[
+        "-unix",
+        "-authority",
+        "localhost",
+        &sock,
+        "describe",
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+    ]);
+    assert!(described.contains("rpc Export"), "{described}");
+
+    // Another uid, whom the socket's mode lets connect: refused, nothing reaches the collector.
+    let args = export("sent-by-nobody");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = crate::security::as_nobody(&grpcurl, &args, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an export as uid 65534 was accepted");
+    assert!(
+        err.contains("PermissionDenied") && err.contains("relays traces"),
+        "{err}"
+    );
+
+    // The owner may export through the relay; its claim to be plugin echo is removed.
+    let args = export("sent-by-owner");
+    let out = std::process::Command::new(&grpcurl)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spans = wait_spans(&mut received, "the owner's span", |spans| {
+        spans.iter().any(|r| r.span.name == "sent-by-owner")
+    })
+    .await;
+    let owners = spans
+        .iter()
+        .find(|r| r.span.name == "sent-by-owner")
+        .unwrap();
+    assert!(
+        owners.resource_values("mesh.plugin").is_empty(),
+        "{owners:#?}"
+    );
+    // The refused export came before the owner's on the same path: it never arrived.
+    assert!(
+        !spans.iter().any(|r| r.span.name == "sent-by-nobody"),
+        "{spans:#?}"
+    );
 }

@@ -8,7 +8,7 @@ use opentelemetry::{
     KeyValue,
     trace::{Link, SpanKind, TraceContextExt, TraceId, TraceState, TracerProvider as _},
 };
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::{
     Resource,
     trace::{Sampler, SamplingDecision, SamplingResult, SdkTracerProvider, ShouldSample},
@@ -21,8 +21,13 @@ use tracing_subscriber::{
     layer::SubscriberExt,
 };
 
-/// The standard variable naming the collector (`http://127.0.0.1:4317`).
+/// The standard variable naming the collector (`http://127.0.0.1:4317`), or a Unix socket
+/// that serves OTLP/gRPC ([`UNIX_ENDPOINT`]`/path`: the router's trace relay, which the
+/// manager hands its plugins).
 pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+/// The scheme of an OTLP endpoint that is a Unix socket: `unix:/run/mesh/mesh.sock` (gRPC's
+/// own name for one; `unix:///run/mesh/mesh.sock` is read the same).
+pub const UNIX_ENDPOINT: &str = "unix:";
 /// The standard variable naming this service (`plugin.echo`).
 pub const OTEL_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
 /// The standard variable giving the sampler's ratio (with `OTEL_TRACES_SAMPLER =
@@ -127,7 +132,9 @@ pub fn parse_ratio(text: &str) -> Option<f64> {
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     /// The OTLP exporter could not be built (a malformed endpoint).
-    #[error("OTLP endpoint {endpoint:?}: {message}; give an address such as http://127.0.0.1:4317")]
+    #[error(
+        "OTLP endpoint {endpoint:?}: {message}; give an address such as http://127.0.0.1:4317 or unix:/path/to/socket"
+    )]
     Exporter {
         /// The endpoint.
         endpoint: String,
@@ -298,15 +305,18 @@ pub fn provider(
     config: &TelemetryConfig,
     endpoint: &str,
 ) -> Result<SdkTracerProvider, TelemetryError> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint)
-        .with_timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|e| TelemetryError::Exporter {
-            endpoint: endpoint.to_owned(),
-            message: e.to_string(),
-        })?;
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    let exporter = match unix_endpoint(endpoint) {
+        Some(path) => exporter
+            .with_channel(unix_channel(endpoint, path, TIMEOUT)?)
+            .with_timeout(TIMEOUT),
+        None => exporter.with_endpoint(endpoint).with_timeout(TIMEOUT),
+    };
+    let exporter = exporter.build().map_err(|e| TelemetryError::Exporter {
+        endpoint: endpoint.to_owned(),
+        message: e.to_string(),
+    })?;
     let mut resource = Resource::builder().with_service_name(config.service_name.clone());
     if let Some(id) = &config.instance_id {
         resource = resource.with_attribute(KeyValue::new("service.instance.id", id.clone()));
@@ -318,6 +328,40 @@ pub fn provider(
         ))))
         .with_resource(resource.build())
         .build())
+}
+
+/// The socket path of a [`UNIX_ENDPOINT`] endpoint; `None` for any other.
+fn unix_endpoint(endpoint: &str) -> Option<&str> {
+    let path = endpoint.strip_prefix(UNIX_ENDPOINT)?;
+    Some(path.strip_prefix("//").unwrap_or(path))
+}
+
+/// A channel to the OTLP/gRPC server on the Unix socket `path`, dialled when the first batch
+/// is sent (and again after the server goes away). The authority is `localhost`: a mesh
+/// router serves the relay itself and routes `localhost` to its own services.
+fn unix_channel(
+    endpoint: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<tonic::transport::Channel, TelemetryError> {
+    if !path.starts_with('/') {
+        return Err(TelemetryError::Exporter {
+            endpoint: endpoint.to_owned(),
+            message: "a Unix socket endpoint needs an absolute path, such as \
+                      unix:/run/mesh/mesh.sock"
+                .to_owned(),
+        });
+    }
+    let path = std::path::PathBuf::from(path);
+    Ok(tonic::transport::Endpoint::from_static("http://localhost")
+        .timeout(timeout)
+        .connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        })))
 }
 
 #[cfg(test)]
@@ -342,6 +386,21 @@ mod tests {
             // Debug spans (the router's per connection) stay out.
             assert!(!filter.would_enable(ours, &Level::DEBUG), "{ours}");
         }
+    }
+
+    #[test]
+    fn unix_endpoints_are_told_from_network_ones() {
+        assert_eq!(unix_endpoint("unix:/run/mesh.sock"), Some("/run/mesh.sock"));
+        assert_eq!(
+            unix_endpoint("unix:///run/mesh.sock"),
+            Some("/run/mesh.sock")
+        );
+        assert_eq!(unix_endpoint("http://127.0.0.1:4317"), None);
+        let relative = unix_channel("unix:mesh.sock", "mesh.sock", Duration::from_secs(1));
+        assert!(
+            relative.unwrap_err().to_string().contains("absolute path"),
+            "relative socket paths are refused"
+        );
     }
 
     #[test]

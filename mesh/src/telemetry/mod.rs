@@ -31,8 +31,8 @@ pub use server::{CallSpan, RPC_TARGET, TracedBody, rpc_span, sampled_rpc_span};
 #[cfg(feature = "otlp")]
 pub use install::{
     LogFormat, MESH_LOG_FORMAT, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME,
-    OTEL_TRACES_SAMPLER_ARG, Telemetry, TelemetryConfig, TelemetryError, init, layer, parse_ratio,
-    provider,
+    OTEL_TRACES_SAMPLER_ARG, Telemetry, TelemetryConfig, TelemetryError, UNIX_ENDPOINT, init,
+    layer, parse_ratio, provider,
 };
 
 /// Whether a tracer is installed, so calls open spans and carry their context.

@@ -1,7 +1,8 @@
 //! Many machines: `mesh up` processes sharing one etcd (Debian `etcd-server`, started here on
 //! loopback with free ports and a temporary data directory). A client on node A reaches a
 //! plugin that runs only on node B through A's router; B's death, return, a revoked lease and
-//! an etcd that restarts empty are each followed within the bounds docs/multi-node.md states.
+//! an etcd that restarts empty are each followed within the bounds docs/multi-node.md states,
+//! and so is a partition: a relay between node A and etcd that stops forwarding, closing nothing.
 //! Nodes with `[tls]` forward to each other over mTLS with their `mesh certs` certificates.
 
 use std::{
@@ -17,6 +18,10 @@ use mesh_router::cluster::etcd::pb;
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::watch,
 };
 use tonic::Code;
 
@@ -203,11 +208,24 @@ fn through_router(mesh: &Mesh, service: &str) -> EchoClient<Channel> {
     EchoClient::new(Channel::to_address(Address::Unix(mesh.socket.clone()), service).unwrap())
 }
 
-/// Waits until an echo call through `mesh`'s router answers `Ok` (`true`) or fails with
-/// UNAVAILABLE naming the service as known nowhere (`false`); returns how long it took.
+/// Waits until an echo call for plugin.echo through node a's router answers `Ok` (`true`) or
+/// fails with UNAVAILABLE naming the service as known nowhere (`false`); returns how long it
+/// took.
 async fn wait_routed(mesh: &Mesh, routed: bool, within: Duration) -> Duration {
+    wait_routed_on(mesh, "a", "plugin.echo", routed, within).await
+}
+
+/// [`wait_routed`] for `service` through the router of `mesh`, node `node`.
+async fn wait_routed_on(
+    mesh: &Mesh,
+    node: &str,
+    service: &str,
+    routed: bool,
+    within: Duration,
+) -> Duration {
     let started = Instant::now();
-    let mut client = through_router(mesh, "plugin.echo");
+    let mut client = through_router(mesh, service);
+    let nowhere = format!("\"{service}\" has no instance on node {node} nor on any other node");
     let mut last = String::new();
     while started.elapsed() < within {
         match client.echo(echo("ping")).await {
@@ -215,9 +233,7 @@ async fn wait_routed(mesh: &Mesh, routed: bool, within: Duration) -> Duration {
             Err(status)
                 if !routed
                     && status.code() == Code::Unavailable
-                    && status.message().contains(
-                        "\"plugin.echo\" has no instance on node a nor on any other node",
-                    ) =>
+                    && status.message().contains(&nowhere) =>
             {
                 return started.elapsed();
             }
@@ -227,7 +243,7 @@ async fn wait_routed(mesh: &Mesh, routed: bool, within: Duration) -> Duration {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!(
-        "plugin.echo not {} through node a within {within:?}; last: {last}\n{}",
+        "{service} not {} through node {node} within {within:?}; last: {last}\n{}",
         if routed { "routed" } else { "unroutable" },
         mesh.output()
     );
@@ -640,4 +656,200 @@ async fn metrics_say_whether_etcd_is_reachable_and_what_the_other_nodes_serve() 
         "/metrics said reachable {:?} after etcd answered",
         back.elapsed()
     );
+}
+
+/// A TCP relay on loopback between one node and etcd that the test can cut: while cut it
+/// neither reads nor writes on its connections and closes none of them (no FIN, no RST), and
+/// the connections it accepts meanwhile carry nothing: packets that vanish, as in a network
+/// partition, where only the node's own timeouts can tell. Healed, it forwards again.
+struct Relay {
+    port: u16,
+    cut: watch::Sender<bool>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, gate) = watch::channel(false);
+        let accepting = tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (down_read, down_write) = down.into_split();
+                    let (up_read, up_write) = up.into_split();
+                    tokio::join!(
+                        relay_one_way(down_read, up_write, gate.clone()),
+                        relay_one_way(up_read, down_write, gate),
+                    );
+                });
+            }
+        });
+        Relay {
+            port,
+            cut,
+            accepting,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops (`true`) or resumes (`false`) forwarding on every connection, old and new.
+    fn cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // The connections end with the sender: every gate then reports it closed.
+        self.accepting.abort();
+    }
+}
+
+/// Waits until the gate is `cut` (or not); `false` once the relay is gone.
+async fn until(gate: &mut watch::Receiver<bool>, cut: bool) -> bool {
+    gate.wait_for(|now| *now == cut).await.is_ok()
+}
+
+/// Copies `from` to `to` while the gate is open; a cut stops the reading where it is and holds
+/// what was read until the gate opens again.
+async fn relay_one_way(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut gate: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0; 16 << 10];
+    loop {
+        if !until(&mut gate, false).await {
+            return;
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            open = until(&mut gate, true) => if open { continue } else { return },
+        };
+        if !until(&mut gate, false).await || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_etcd_routes_from_its_last_view_and_registers_again_when_healed() {
+    // What docs/multi-node.md states for a partition from etcd.
+    let noticed_within = TTL + Duration::from_secs(2);
+    let expired_within = TTL + Duration::from_secs(1);
+    let registered_within = TTL + Duration::from_secs(2);
+
+    let etcd = Etcd::start().await;
+    let relay = Relay::start(etcd.client).await;
+    let b = start_node("b", &etcd, ECHO).await;
+    b.wait_instances("plugin.echo", 1).await;
+    // A reaches etcd only through the relay, and serves plugin.late, which B has not.
+    let (settings, _) = node("a", free_port(), &etcd);
+    let registry = format!(
+        "[registry]\netcd = [\"{}\"]\nlease_ttl = \"{}s\"\n",
+        relay.endpoint(),
+        TTL.as_secs()
+    );
+    let a = Mesh::start_with(&settings, &format!("{registry}{ADMIN}{LATE}")).await;
+    a.wait_instances("plugin.late", 1).await;
+    let addr = admin_address(&a).await;
+    wait_registry_state(&a, "connected").await;
+    wait_routed(&a, true, DEADLINE).await;
+    wait_routed_on(&b, "b", "plugin.late", true, DEADLINE).await;
+
+    relay.cut(true);
+    let cut = Instant::now();
+    // B still reads etcd: A's lease expires there, and B stops routing to A's plugin.
+    // A hears nothing, and must notice by its own timeouts that etcd is gone.
+    let a_noticed = async {
+        loop {
+            let status = registry_status(&a).await;
+            if status["state"] == "unreachable" {
+                return (cut.elapsed(), status);
+            }
+            assert!(
+                cut.elapsed() < noticed_within,
+                "node a still says {status} {noticed_within:?} after the partition\n{}",
+                a.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (expired, (noticed, status)) = tokio::join!(
+        wait_routed_on(&b, "b", "plugin.late", false, expired_within),
+        a_noticed
+    );
+    eprintln!(
+        "after the partition: node a said unreachable after {noticed:?}; \
+         node b stopped routing to node a after {expired:?}"
+    );
+    let relay_address = format!("127.0.0.1:{}", relay.port);
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&relay_address),
+        "{status}"
+    );
+    let table = a.cli_ok(&["status"]).await;
+    assert!(
+        table.contains("UNREACHABLE") && table.contains("last view"),
+        "{table}"
+    );
+    let line = a.wait_line("registry backend etcd unreachable").await;
+    assert!(line.contains("from the last view"), "{line}");
+    let page = metrics_until(&addr, "etcd unreachable", |page| {
+        sum(page, "mesh_registry_reachable", &[("backend", "etcd")]) == 0.0
+    })
+    .await;
+    assert_eq!(
+        sum(
+            &page,
+            "mesh_registry_remote_nodes",
+            &[("service", "plugin.echo")]
+        ),
+        1.0,
+        "the last view is kept while etcd is cut off"
+    );
+    // A routes from its last view: B's plugin, directly, while etcd stays cut off.
+    let mut client = through_router(&a, "plugin.echo");
+    for i in 0..5 {
+        let reply = client.echo(echo(&format!("cut off {i}"))).await.unwrap();
+        assert_eq!(reply.into_inner().message, format!("cut off {i}"));
+    }
+    assert_eq!(registry_status(&a).await["state"], "unreachable");
+
+    relay.cut(false);
+    let healed = Instant::now();
+    let took = wait_routed_on(&b, "b", "plugin.late", true, registered_within).await;
+    wait_registry_state(&a, "connected").await;
+    let connected = healed.elapsed();
+    eprintln!(
+        "after the heal: node b routed to node a again after {took:?}; \
+         node a said connected after {connected:?}"
+    );
+    assert!(
+        connected < registered_within,
+        "node a connected again only {connected:?} after the heal"
+    );
+    assert!(registry_status(&a).await["reregistrations"].as_u64() >= Some(1));
+    metrics_until(&addr, "etcd reachable again", |page| {
+        sum(page, "mesh_registry_reachable", &[("backend", "etcd")]) == 1.0
+            && sum(page, "mesh_registry_reregistrations_total", &[]) >= 1.0
+    })
+    .await;
+    wait_routed(&a, true, DEADLINE).await;
 }

@@ -70,9 +70,10 @@ impl TraceRelay {
         max_in_flight: usize,
         timeout: Duration,
     ) -> Result<Self, tonic::transport::Error> {
+        // The export's whole time is bounded once, in `export` (with its own message); the
+        // channel only bounds the dial.
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
             .connect_timeout(timeout)
-            .timeout(timeout)
             .connect_lazy();
         Ok(Self {
             inner: Arc::new(Inner {

@@ -372,8 +372,13 @@ impl Router {
 }
 
 /// The header list h2 itself accepts, at least: past it, h2 answers HTTP 431 before the
-/// router sees the call.
-const HARD_HEADER_LIST_SIZE: u32 = 64 << 10;
+/// router sees the call, and past a quarter more its CONTINUATION guard closes the whole
+/// connection (ENHANCE_YOUR_CALM). Everything between the router's own limit and this one is
+/// answered per call with `RESOURCE_EXHAUSTED` (see `grpc`). 16 times the default limit, and
+/// far above what real clients send (grpc-java refuses more than 8 KiB of metadata, grpc-go's
+/// and hyper's defaults are 16 KiB): what a stream may hold in memory until the router refuses
+/// it is bounded by this times `max_concurrent_streams`.
+const HARD_HEADER_LIST_SIZE: u32 = 256 << 10;
 
 impl Inner {
     async fn handle(

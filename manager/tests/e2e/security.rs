@@ -778,3 +778,134 @@ async fn what_is_not_grpc_is_answered_as_the_spec_says_and_never_forwarded() {
     assert_eq!(grpc_status(&headers).0, "0");
     both_echoes_still_serve(&mesh).await;
 }
+
+/// Sends a unary Echo with `metadata` bytes in one header on the connection `send` belongs to,
+/// and returns the HTTP status and the gRPC status with its message.
+async fn call_with_metadata(
+    send: &h2::client::SendRequest<Bytes>,
+    metadata: usize,
+) -> (u16, String, String) {
+    let big = "m".repeat(metadata);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://plugin.echo/echo.v1.Echo/Echo")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-big", big.as_str())
+        .body(())
+        .unwrap();
+    let (response, mut stream) = send
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    let _ = stream.send_data(
+        grpc_frame(&EchoRequest {
+            message: "big".into(),
+        }),
+        true,
+    );
+    let response = tokio::time::timeout(DEADLINE, response)
+        .await
+        .expect("an answer within the deadline")
+        .expect("an answer on the stream, not a reset or a closed connection");
+    let status = response.status().as_u16();
+    let mut all = response.headers().clone();
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+    }
+    if let Some(trailers) = body.trailers().await.unwrap() {
+        all.extend(trailers);
+    }
+    let (code, message) = grpc_status(&all);
+    (status, code.to_owned(), message)
+}
+
+#[tokio::test]
+async fn oversized_metadata_is_refused_per_call_and_the_connections_other_calls_go_on() {
+    let mesh = Mesh::start_with(TCP, TWO_ECHOES).await;
+    mesh.wait_instances("plugin.echo", 2).await;
+    let tcp = mesh.tcp_address().await;
+    let (send, connection) = h2_client(&tcp).await;
+
+    // A bidi call held open on the same connection across the oversized ones.
+    let chat = http::Request::builder()
+        .method("POST")
+        .uri("http://plugin.echo/echo.v1.Echo/Chat")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (chat_response, mut chat_stream) = send
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(chat, false)
+        .unwrap();
+    chat_stream
+        .send_data(
+            grpc_frame(&EchoRequest {
+                message: "before".into(),
+            }),
+            false,
+        )
+        .unwrap();
+    let chat_response = tokio::time::timeout(DEADLINE, chat_response)
+        .await
+        .expect("the chat's headers")
+        .unwrap();
+    assert_eq!(chat_response.status(), 200);
+    let mut chat_body = chat_response.into_body();
+    let first = tokio::time::timeout(DEADLINE, chat_body.data())
+        .await
+        .expect("the chat's first reply")
+        .unwrap()
+        .unwrap();
+    chat_body
+        .flow_control()
+        .release_capacity(first.len())
+        .unwrap();
+
+    // From just over the router's limit (16 KiB) to just under h2's hard one (256 KiB): each
+    // is its own RESOURCE_EXHAUSTED, never h2's bare 431 (which clients see as UNKNOWN).
+    for size in [20 << 10, 70 << 10, 120 << 10, 250 << 10] {
+        let (http, code, message) = call_with_metadata(&send, size).await;
+        assert_eq!((http, code.as_str()), (200, "8"), "{size} bytes: {message}");
+        assert!(message.contains("max_header_list_size"), "{message}");
+    }
+
+    // The call held open meanwhile goes on, on the same connection.
+    chat_stream
+        .send_data(
+            grpc_frame(&EchoRequest {
+                message: "after".into(),
+            }),
+            true,
+        )
+        .unwrap();
+    let second = tokio::time::timeout(DEADLINE, chat_body.data())
+        .await
+        .expect("the chat's second reply")
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&second).contains("after"),
+        "{second:?}"
+    );
+    let trailers = tokio::time::timeout(DEADLINE, chat_body.trailers())
+        .await
+        .expect("the chat's trailers")
+        .unwrap()
+        .unwrap();
+    assert_eq!(grpc_status(&trailers).0, "0", "{trailers:?}");
+    // And an ordinary call after them all, still on the same connection.
+    let (http, code, message) = call_with_metadata(&send, 100).await;
+    assert_eq!((http, code.as_str()), (200, "0"), "{message}");
+    assert!(!connection.is_finished(), "the connection stays open");
+    both_echoes_still_serve(&mesh).await;
+}

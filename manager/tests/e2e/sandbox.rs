@@ -1,8 +1,7 @@
 //! The kernel sandbox (`sandbox = true`), through a real `mesh up`: a `host-probe` under a
 //! sandboxed plugin makes its own system calls — open files, dial sockets, connect over TCP,
-//! open a packet socket, add a route —
-//! and the same probe under a plugin without the sandbox makes the same calls, which succeed
-//! there: what fails in the sandbox fails because of it.
+//! open a packet socket, add a route — and the same probe under a plugin without the sandbox
+//! makes the same calls, which succeed there: what fails in the sandbox fails because of it.
 
 use std::path::{Path, PathBuf};
 

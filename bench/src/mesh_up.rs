@@ -158,6 +158,11 @@ pub(crate) fn socket_of(instance: &Instance) -> anyhow::Result<PathBuf> {
 /// The `[mesh]` settings and the echo plugin's table.
 fn config_text(bins: &Bins, spec: &MeshSpec) -> (String, String) {
     let mut settings = String::from("# Written by mesh-bench.\n");
+    // The plugin polls and spins as the bench's own environment says (MESH_BUSY_POLL=1,
+    // MESH_SPIN_US), as the client and the router do: mesh up hands plugins only what this names.
+    settings.push_str(
+        "env_allow = [\"PATH\", \"LANG\", \"LC_*\", \"TZ\", \"MESH_BUSY_POLL\", \"MESH_SPIN_US\"]\n",
+    );
     if spec.tcp && spec.node.is_none() {
         settings.push_str("listen = \"127.0.0.1:0\"\n");
     }

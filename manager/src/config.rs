@@ -90,6 +90,9 @@ pub struct Config {
     /// This node among many, and the registry backend (`[mesh] node`, `advertise`,
     /// `[registry]`).
     pub cluster: ClusterConfig,
+    /// The manager's own environment variables every plugin is handed (`[mesh] env_allow`,
+    /// default [`DEFAULT_ENV_ALLOW`]): names, or prefixes ending in `*` (`LC_*`).
+    pub env_allow: Vec<String>,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
 }
@@ -130,6 +133,10 @@ pub struct PluginConfig {
     pub args: Vec<String>,
     /// Extra environment variables (with `MESH_MAX_MESSAGE_SIZE` unless the file sets it).
     pub env: BTreeMap<String, String>,
+    /// The manager's variables its instances are handed: `[mesh] env_allow` and then the
+    /// plugin's own `env_allow` (names, or prefixes ending in `*`). Nothing else of the
+    /// manager's environment reaches a plugin.
+    pub env_allow: Vec<String>,
     /// Methods that may be sent twice (`echo.v1.Echo/Echo`): a call to one is retried on
     /// another instance even after it may have reached the first. Its answer is handed on
     /// once its first message is there, so mark unary and server-streaming methods, not ones
@@ -186,6 +193,11 @@ pub struct Sandbox {
     pub paths: Vec<PathBuf>,
     /// `FILE:LINE` of the `sandbox` setting, for messages that refuse it.
     pub origin: String,
+    /// Directories that no rule the sandbox adds by itself may reach: the data directory
+    /// (every plugin's default root), the runtime directory, the config file's directory and
+    /// `$HOME` (`supervisor::sandbox`, "a command's prefix"). `sandbox_paths` may still name
+    /// them.
+    pub protected: Vec<PathBuf>,
 }
 
 /// A change of `origin` alone (lines moved) is no change of the sandbox.
@@ -389,6 +401,7 @@ struct RawMesh {
     audit_max_size: Option<Spanned<RawSize>>,
     node: Option<Spanned<String>>,
     advertise: Option<Spanned<String>>,
+    env_allow: Option<Vec<Spanned<String>>>,
 }
 
 /// A size in bytes, or text with a unit (`"16MiB"`).
@@ -408,6 +421,8 @@ struct RawPlugin {
     args: Vec<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    env_allow: Vec<Spanned<String>>,
     #[serde(default)]
     idempotent: Vec<Spanned<String>>,
     instances: Option<Spanned<u32>>,
@@ -689,8 +704,13 @@ impl File<'_> {
                     )
                 })?,
         };
+        let env_allow = match &mesh.env_allow {
+            None => DEFAULT_ENV_ALLOW.iter().map(|&n| n.to_owned()).collect(),
+            Some(list) => env_allow(list).map_err(|(span, message)| at(Some(span), message))?,
+        };
         Ok(Config {
             path: self.path.to_owned(),
+            env_allow,
             data_dir,
             audit_log,
             audit_max_size,
@@ -1010,8 +1030,26 @@ impl File<'_> {
             Some(root) => self.path_value("root", root)?,
             None => config.data_dir.join(&name),
         };
-        let sandbox = self.sandbox(&name, p.sandbox.as_ref(), &p.sandbox_paths)?;
+        let mut sandbox = self.sandbox(&name, p.sandbox.as_ref(), &p.sandbox_paths)?;
+        // What the sandbox's widening for a `PREFIX/bin/NAME` command must not reach.
+        sandbox.protected = [config.data_dir.as_path(), &config.runtime_dir, self.base]
+            .into_iter()
+            .map(|dir| dir.to_owned())
+            .chain(
+                std::env::var_os("HOME")
+                    .filter(|home| !home.is_empty())
+                    .map(PathBuf::from),
+            )
+            .collect();
         let mut env = environment(p.env).map_err(|(span, message)| plugin_error(span, message))?;
+        let mut allow = config.env_allow.clone();
+        for name in
+            env_allow(&p.env_allow).map_err(|(span, message)| plugin_error(span, message))?
+        {
+            if !allow.contains(&name) {
+                allow.push(name);
+            }
+        }
         env.entry(MAX_MESSAGE_SIZE_VAR.to_owned())
             .or_insert_with(|| config.max_message_size.to_string());
         config.telemetry.plugin_env(&name, &config.socket, &mut env);
@@ -1065,6 +1103,7 @@ impl File<'_> {
             command,
             args,
             env,
+            env_allow: allow,
             idempotent,
             capabilities,
             root,
@@ -1123,6 +1162,7 @@ impl File<'_> {
         Ok(Sandbox {
             mode,
             paths,
+            protected: Vec::new(),
             origin: match line {
                 Some(line) => format!("{}:{line}", self.path.display()),
                 None => self.path.display().to_string(),
@@ -1196,14 +1236,64 @@ fn default_data_dir(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("data")
 }
 
-/// Variables the manager sets for every instance (the plugin contract): a config cannot.
-const CONTRACT_VARIABLES: [&str; 5] = [
+/// The plugin contract's variables: what the manager sets for every instance from the instance
+/// itself (docs/plugin-guide.md). The spawn sets them last, over anything else; a config's
+/// `env` or `env_allow` naming one is an error. (`MESH_MAX_MESSAGE_SIZE`, `MESH_LOG_FORMAT`
+/// and the `OTEL_*` variables are the manager's defaults for the config's `env` instead: a
+/// plugin's table may set its own.)
+pub(crate) const CONTRACT_VARIABLES: [&str; 7] = [
     plugin::PLUGIN_SOCKET,
+    plugin::PLUGIN_ADDRESS,
     plugin::PLUGIN_NAME,
     plugin::PLUGIN_INSTANCE,
     runtime::MESH_SOCKET,
-    "PLUGIN_ADDRESS",
+    mesh::MESH_DIRECT,
+    plugin::CALLERS_FD,
 ];
+
+/// The manager's variables handed to every plugin unless `[mesh] env_allow` says otherwise:
+/// what a program needs to find programs and speak the user's language, nothing that could
+/// hold a secret.
+pub const DEFAULT_ENV_ALLOW: [&str; 4] = ["PATH", "LANG", "LC_*", "TZ"];
+
+/// Whether `name` is one of the manager's variables that `allow` (names, or prefixes ending
+/// in `*`) hands to a plugin.
+pub(crate) fn env_allowed(allow: &[String], name: &str) -> bool {
+    allow.iter().any(|entry| match entry.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == entry,
+    })
+}
+
+/// An `env_allow` list: variable names, or prefixes ending in `*`; never a contract variable,
+/// which the manager sets itself.
+fn env_allow(list: &[Spanned<String>]) -> Result<Vec<String>, (Range<usize>, String)> {
+    list.iter()
+        .map(|entry| {
+            let text = entry.get_ref();
+            let name = text.strip_suffix('*').unwrap_or(text);
+            let problem = if name.is_empty() && text.is_empty() {
+                Some("env_allow has an empty entry; name a variable, or a prefix such as \"LC_*\"".to_owned())
+            } else if name.is_empty() {
+                Some("env_allow = [\"*\"] would hand plugins the manager's whole environment, secrets included; name the variables (or prefixes such as \"LC_*\") they need".to_owned())
+            } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                Some(format!(
+                    "env_allow entry {text:?}: write a variable name (letters, digits, '_'), or a prefix ending in '*' such as \"LC_*\""
+                ))
+            } else if CONTRACT_VARIABLES.contains(&text.as_str()) {
+                Some(format!(
+                    "env_allow entry {text:?} is set by the manager for every instance (the plugin contract); remove it"
+                ))
+            } else {
+                None
+            };
+            match problem {
+                Some(problem) => Err((entry.span(), problem)),
+                None => Ok(text.clone()),
+            }
+        })
+        .collect()
+}
 
 /// A plugin's `env`: names a process environment can hold, values without NUL.
 fn environment(
@@ -1786,6 +1876,28 @@ mod tests {
             "handed to plugins"
         );
         assert!(plugin.idempotent.is_empty());
+        assert_eq!(plugin.env_allow, DEFAULT_ENV_ALLOW);
+    }
+
+    #[test]
+    fn env_allow_replaces_the_default_in_mesh_and_adds_to_it_per_plugin() {
+        let config = parse(
+            "[mesh]\nenv_allow = [\"PATH\", \"OTEL_BSP_*\"]\n\
+             [[plugin]]\nname = \"a\"\ncommand = \"sh\"\nenv_allow = [\"HOME\", \"PATH\"]\n\
+             [[plugin]]\nname = \"b\"\ncommand = \"sh\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.env_allow, ["PATH", "OTEL_BSP_*"]);
+        assert_eq!(config.plugins[0].env_allow, ["PATH", "OTEL_BSP_*", "HOME"]);
+        assert_eq!(config.plugins[1].env_allow, ["PATH", "OTEL_BSP_*"]);
+        let allow = &config.plugins[0].env_allow;
+        assert!(env_allowed(allow, "OTEL_BSP_SCHEDULE_DELAY"));
+        assert!(env_allowed(allow, "HOME"));
+        assert!(!env_allowed(allow, "HOMEDIR"));
+        assert!(!env_allowed(allow, "SECRET_TOKEN"));
+        let error = parse("[mesh]\nenv_allow = [\"PATH\",\n  \"MESH_SOCKET\"]\n").unwrap_err();
+        assert_eq!(error.line, Some(3), "{error}");
+        assert!(error.to_string().contains("plugin contract"), "{error}");
     }
 
     #[test]
@@ -1981,6 +2093,26 @@ mod tests {
                 "env = { PLUGIN_SOCKET = \"/tmp/x\" }",
                 "env PLUGIN_SOCKET is set by the manager",
             ),
+            (
+                "env = { MESH_DIRECT = \"1\" }",
+                "env MESH_DIRECT is set by the manager",
+            ),
+            (
+                "env = { MESH_CALLERS_FD = \"0\" }",
+                "env MESH_CALLERS_FD is set by the manager",
+            ),
+            (
+                "env = { PLUGIN_ADDRESS = \"127.0.0.1:1\" }",
+                "env PLUGIN_ADDRESS is set by the manager",
+            ),
+            (
+                "env_allow = [\"PLUGIN_NAME\"]",
+                "env_allow entry \"PLUGIN_NAME\" is set by the manager",
+            ),
+            ("env_allow = [\"*\"]", "secrets included"),
+            ("env_allow = [\"A-B\"]", "write a variable name"),
+            ("env_allow = [\"A*B\"]", "write a variable name"),
+            ("env_allow = [\"\"]", "env_allow has an empty entry"),
             (
                 "args = [\"ok\", \"a\\u0000b\"]",
                 "an argument contains a NUL byte",

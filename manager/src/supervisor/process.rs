@@ -2,8 +2,19 @@
 //!
 //! Each instance runs in its own process group, so a stop reaches everything it started, and
 //! with a parent-death signal, so it dies with the manager even when the manager is SIGKILLed.
+//! Its environment is built in one place, [`environment`]: clean but for an allow-list of the
+//! manager's variables, then the config's `env`, then the plugin contract.
 
-use std::{io, path::Path, process::Stdio, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    ffi::OsString,
+    io,
+    os::fd::{AsRawFd, RawFd},
+    path::Path,
+    process::Stdio,
+    sync::Arc,
+    time::Duration,
+};
 
 use mesh::{Address, plugin, runtime::MESH_SOCKET};
 use nix::{
@@ -13,7 +24,9 @@ use nix::{
 use tokio::process::{Child, Command};
 
 use super::logs::{LogBook, Stream};
-use crate::config::{PluginConfig, ResourceLimits, SandboxMode, Transport};
+use crate::config::{
+    CONTRACT_VARIABLES, PluginConfig, ResourceLimits, SandboxMode, Transport, env_allowed,
+};
 
 /// What a started instance needs to know.
 #[derive(Debug, Clone)]
@@ -100,31 +113,26 @@ pub(crate) fn spawn(
         }
         None => Command::new(&plugin.command),
     };
-    if sandboxed {
-        // Its direct dial of another plugin's socket cannot succeed: `mesh::connect` routes.
-        command.env(mesh::MESH_DIRECT, "0");
+    if let Address::Unix(socket) = endpoint {
+        // A socket left by a crashed instance would make the plugin's bind fail.
+        if let Err(error) = mesh::runtime::remove_stale_socket(socket) {
+            return Err(io::Error::other(error));
+        }
     }
-    match endpoint {
-        Address::Unix(socket) => {
-            // A socket left by a crashed instance would make the plugin's bind fail.
-            if let Err(error) = mesh::runtime::remove_stale_socket(socket) {
-                return Err(io::Error::other(error));
-            }
-            command.env(plugin::PLUGIN_SOCKET, socket)
+    // Kept open until the child has it; then only the child (and the manager's end) holds it.
+    let channel = match (endpoint, launch.channels.get()) {
+        (Address::Unix(_), Some(channels)) => {
+            Some(channels.open(&plugin.name, plugin.service.as_str())?)
         }
-        Address::Tcp(address) => command.env(plugin::PLUGIN_ADDRESS, address),
-        Address::Dialer(name) => {
-            return Err(io::Error::other(format!(
-                "{name} is an in-process transport; a plugin process cannot serve it"
-            )));
-        }
+        // A TCP peer has no pidfd: nothing to check it by (docs/security.md says so).
+        _ => None,
     };
+    let callers_fd = channel.as_ref().map(AsRawFd::as_raw_fd);
+    let env = environment(launch, endpoint, callers_fd, std::env::vars_os())?;
     command
         .args(&plugin.args)
-        .envs(&plugin.env)
-        .env(plugin::PLUGIN_NAME, &plugin.name)
-        .env(plugin::PLUGIN_INSTANCE, &launch.id)
-        .env(MESH_SOCKET, &launch.mesh_socket)
+        .env_clear()
+        .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -140,17 +148,11 @@ pub(crate) fn spawn(
     }
     crate::systemd::hide(&mut command);
     before_exec(&mut command, plugin.limits);
-    // Kept open until the child has it; then only the child (and the manager's end) holds it.
-    let _channel = match (endpoint, launch.channels.get()) {
-        (Address::Unix(_), Some(channels)) => {
-            let channel = channels.open(&plugin.name, plugin.service.as_str())?;
-            inherit(&mut command, &channel);
-            Some(channel)
-        }
-        // A TCP peer has no pidfd: nothing to check it by (docs/security.md says so).
-        _ => None,
-    };
+    if let Some(channel) = &channel {
+        inherit(&mut command, channel);
+    }
     let mut child = command.spawn()?;
+    drop(channel);
     let mut capture = Capture(Vec::with_capacity(2));
     for (stream, output) in [
         (Stream::Stdout, child.stdout.take().map(Output::Stdout)),
@@ -168,6 +170,66 @@ pub(crate) fn spawn(
         }
     }
     Ok((child, capture))
+}
+
+/// The whole environment of an instance, built in one place and in this order, each layer
+/// over the one before:
+///
+/// 1. the manager's own variables that the plugin's `env_allow` names (`inherited`: the
+///    manager's environment), and nothing else of it — secrets the manager was started with
+///    stay out of plugins, which reach them only through `GetEnv` and an `env:` capability;
+/// 2. the config's `env` (with the manager's defaults for it: `MESH_MAX_MESSAGE_SIZE`, the
+///    telemetry variables);
+/// 3. the plugin contract ([`CONTRACT_VARIABLES`]), last, so that nothing overrides it.
+///
+/// The caller clears the process environment and sets exactly this.
+pub(crate) fn environment(
+    launch: &Launch,
+    endpoint: &Address,
+    callers_fd: Option<RawFd>,
+    inherited: impl IntoIterator<Item = (OsString, OsString)>,
+) -> io::Result<BTreeMap<OsString, OsString>> {
+    let plugin = &launch.plugin;
+    let mut env: BTreeMap<OsString, OsString> = inherited
+        .into_iter()
+        .filter(|(name, _)| {
+            name.to_str().is_some_and(|name| {
+                env_allowed(&plugin.env_allow, name) && !CONTRACT_VARIABLES.contains(&name)
+            })
+        })
+        .collect();
+    env.extend(
+        plugin
+            .env
+            .iter()
+            .map(|(name, value)| (name.into(), value.into())),
+    );
+    let mut contract: Vec<(&str, OsString)> = vec![
+        (plugin::PLUGIN_NAME, plugin.name.as_str().into()),
+        (plugin::PLUGIN_INSTANCE, launch.id.as_str().into()),
+        (MESH_SOCKET, launch.mesh_socket.clone().into()),
+    ];
+    match endpoint {
+        Address::Unix(socket) => contract.push((plugin::PLUGIN_SOCKET, socket.clone().into())),
+        Address::Tcp(address) => contract.push((plugin::PLUGIN_ADDRESS, address.into())),
+        Address::Dialer(name) => {
+            return Err(io::Error::other(format!(
+                "{name} is an in-process transport; a plugin process cannot serve it"
+            )));
+        }
+    }
+    if plugin.sandbox.mode != SandboxMode::Off {
+        // Its direct dial of another plugin's socket cannot succeed: `mesh::connect` routes.
+        contract.push((mesh::MESH_DIRECT, "0".into()));
+    }
+    if let Some(fd) = callers_fd {
+        contract.push((plugin::CALLERS_FD, fd.to_string().into()));
+    }
+    for (name, value) in contract {
+        debug_assert!(CONTRACT_VARIABLES.contains(&name), "{name} is in the list");
+        env.insert(name.into(), value);
+    }
+    Ok(env)
 }
 
 enum Output {
@@ -208,13 +270,13 @@ fn before_exec(command: &mut Command, limits: ResourceLimits) {
     }
 }
 
-/// Hands `channel` to the child as `MESH_CALLERS_FD`: the same number, close-on-exec cleared
-/// in the child only, so no other process the manager starts inherits it.
+/// Hands `channel` to the child under its own number (`MESH_CALLERS_FD`, set by
+/// [`environment`]): close-on-exec cleared in the child only, so no other process the manager
+/// starts inherits it.
 #[allow(unsafe_code)]
 fn inherit(command: &mut Command, channel: &std::os::fd::OwnedFd) {
-    use std::os::fd::{AsRawFd, BorrowedFd};
+    use std::os::fd::BorrowedFd;
     let fd = channel.as_raw_fd();
-    command.env(plugin::CALLERS_FD, fd.to_string());
     // SAFETY: runs in the child between fork and exec, and only calls fcntl (async-signal-safe)
     // on an fd that is open there (the parent keeps it open until spawn returns).
     unsafe {
@@ -279,4 +341,105 @@ pub(crate) fn describe(status: &std::process::ExitStatus) -> String {
 /// Removes the instance's socket file, if it left one.
 pub(crate) fn remove_socket(path: &Path) {
     let _ = std::fs::remove_file(path);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(plugin_table: &str) -> Launch {
+        let text = format!(
+            "[mesh]\nruntime_dir = \"/run/m\"\nenv_allow = [\"PATH\", \"LC_*\"]\n\
+             [[plugin]]\nname = \"echo\"\ncommand = \"/bin/sh\"\n{plugin_table}"
+        );
+        let config = crate::Config::parse(Path::new("/etc/mesh/mesh.toml"), &text).unwrap();
+        Launch {
+            plugin: Arc::new(config.plugins[0].clone()),
+            id: "echo-0".into(),
+            mesh_socket: "/run/m/mesh.sock".into(),
+            init: None,
+            channels: super::super::ChannelsCell::default(),
+            sandbox: false,
+        }
+    }
+
+    fn manager_env() -> Vec<(OsString, OsString)> {
+        [
+            ("PATH", "/usr/bin"),
+            ("LC_ALL", "C.UTF-8"),
+            ("LANG", "de_DE.UTF-8"),
+            ("SECRET_TOKEN", "s3cret"),
+            ("HOME", "/root"),
+            ("MESH_DIRECT", "1"),
+            ("PLUGIN_NAME", "forged"),
+            ("MESH_CALLERS_FD", "7"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect()
+    }
+
+    fn names(env: &BTreeMap<OsString, OsString>) -> Vec<&str> {
+        env.keys().filter_map(|k| k.to_str()).collect()
+    }
+
+    #[test]
+    fn an_instance_gets_the_allowed_variables_its_env_and_the_contract_only() {
+        let launch = launch("env = { RUST_LOG = \"info\", PATH = \"/opt/bin\" }\n");
+        let socket = Address::Unix("/run/m/echo/echo-0.sock".into());
+        let env = environment(&launch, &socket, Some(9), manager_env()).unwrap();
+        assert_eq!(
+            names(&env),
+            [
+                "LC_ALL",
+                "MESH_CALLERS_FD",
+                "MESH_MAX_MESSAGE_SIZE",
+                "MESH_SOCKET",
+                "PATH",
+                "PLUGIN_INSTANCE",
+                "PLUGIN_NAME",
+                "PLUGIN_SOCKET",
+                "RUST_LOG",
+            ]
+        );
+        let get = |name: &str| env[&OsString::from(name)].to_str().unwrap().to_owned();
+        // The config's env over the manager's own; the contract over both.
+        assert_eq!(get("PATH"), "/opt/bin");
+        assert_eq!(get("PLUGIN_NAME"), "echo");
+        assert_eq!(get("MESH_CALLERS_FD"), "9");
+        assert_eq!(get("PLUGIN_SOCKET"), "/run/m/echo/echo-0.sock");
+        assert_eq!(get("MESH_SOCKET"), "/run/m/mesh.sock");
+    }
+
+    #[test]
+    fn a_plugin_adds_to_the_allow_list_and_a_sandboxed_one_routes() {
+        let launch = launch("env_allow = [\"HOME\", \"MESH_*\"]\nsandbox = \"best-effort\"\n");
+        let address = Address::Tcp("127.0.0.1:4000".into());
+        let env = environment(&launch, &address, None, manager_env()).unwrap();
+        let get = |name: &str| env.get(&OsString::from(name)).and_then(|v| v.to_str());
+        assert_eq!(get("HOME"), Some("/root"));
+        assert_eq!(get("PLUGIN_ADDRESS"), Some("127.0.0.1:4000"));
+        // `MESH_*` lets through none of the contract's: the manager sets those (or not).
+        assert_eq!(get("MESH_DIRECT"), Some("0"));
+        assert_eq!(get("MESH_CALLERS_FD"), None);
+        assert_eq!(get("PLUGIN_SOCKET"), None);
+        assert_eq!(get("SECRET_TOKEN"), None);
+        assert_eq!(get("LANG"), None, "[mesh] env_allow replaced the default");
+        // Unsandboxed: no MESH_DIRECT at all, whatever the manager's.
+        let plain = environment(&super::tests::launch(""), &address, None, manager_env()).unwrap();
+        assert!(!plain.contains_key(&OsString::from("MESH_DIRECT")));
+    }
+
+    #[test]
+    fn every_contract_variable_the_spawn_sets_is_in_the_list() {
+        let launch = launch("sandbox = \"best-effort\"\n");
+        let socket = Address::Unix("/run/m/echo/echo-0.sock".into());
+        let env = environment(&launch, &socket, Some(3), Vec::new()).unwrap();
+        for name in names(&env) {
+            assert!(
+                CONTRACT_VARIABLES.contains(&name) || launch.plugin.env.contains_key(name),
+                "{name}"
+            );
+        }
+    }
 }

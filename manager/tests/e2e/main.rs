@@ -8,6 +8,7 @@ mod cancel;
 mod cluster;
 mod command_line;
 mod deploy;
+mod environment;
 mod files_plugin;
 mod hardening;
 mod host;

@@ -1,7 +1,7 @@
 //! The kernel sandbox (`sandbox = true`), through a real `mesh up`: a `host-probe` under a
-//! sandboxed plugin makes its own system calls — open files, dial sockets, connect over TCP —
-//! and the same probe under a plugin without the sandbox makes the same calls, which succeed
-//! there: what fails in the sandbox fails because of it.
+//! sandboxed plugin makes its own system calls — open files, dial sockets, connect over TCP,
+//! open a packet socket, add a route — and the same probe under a plugin without the sandbox
+//! makes the same calls, which succeed there: what fails in the sandbox fails because of it.
 
 use std::path::{Path, PathBuf};
 
@@ -87,10 +87,13 @@ async fn a_sandboxed_plugin_opens_only_what_it_may_and_reaches_plugins_only_by_t
     );
     assert_eq!(plain.ok("connect plugin.echo").await, "connected");
 
-    // Its own open(2) of anything outside its rules: EACCES from Landlock.
-    for path in [&outside, &secret, &theirs, &"/etc/passwd".to_owned()] {
-        assert_eq!(files.errno(&format!("open {path}")).await, EACCES, "{path}");
+    // Its own open(2) of anything outside its rules: EACCES from Landlock, or ENOENT where
+    // the file lies in a directory emptied for the sandbox (the test's, under /tmp).
+    for path in [&outside, &secret, &theirs] {
+        let errno = files.errno(&format!("open {path}")).await;
+        assert!(errno == EACCES || errno == ENOENT, "{path}: errno {errno}");
     }
+    assert_eq!(files.errno("open /etc/passwd").await, EACCES);
     // What its read: capability names, it may open itself, and read through Host.
     assert_eq!(files.ok(&format!("open {readme}")).await, "7");
     assert_eq!(files.ok("read docs/readme.txt").await, "read me");
@@ -227,4 +230,103 @@ async fn where_the_kernel_cannot_sandbox_sandbox_true_is_refused_and_best_effort
     let status = supervisor.settled("loose").await.unwrap();
     assert_eq!(status.instances[0].state.name(), "ready", "{status:?}");
     supervisor.shutdown().await;
+}
+
+/// `Cap*` lines of `/proc/PID/status`: `CapEff` → the hex mask.
+fn capabilities(pid: u32) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(name, _)| name.starts_with("Cap"))
+        .map(|(name, mask)| (name.to_owned(), mask.trim().to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_sandboxed_plugin_holds_no_capability_and_no_socket_outside_its_own_directories() {
+    let dir = short_tempdir();
+    let (root, other_root) = (dir.path().join("root"), dir.path().join("other"));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&other_root).unwrap();
+    let binaries = host_probe().parent().unwrap().display().to_string();
+    let plugins = [
+        probe_plugin(
+            dir.path(),
+            "boxed",
+            &root,
+            &format!("sandbox = true\nsandbox_paths = [{binaries:?}]"),
+        ),
+        probe_plugin(dir.path(), "plain", &other_root, ""),
+        "[[plugin]]\nname = \"echo\"\ncommand = \"{echo}\"\n".to_owned(),
+    ]
+    .concat();
+    // Sockets of the kind the system and the owner's agents keep in /tmp, /run, /dev/shm
+    // (where this uid may make one: root here and in CI).
+    let agents: Vec<_> = ["/tmp", "/run", "/dev/shm"]
+        .into_iter()
+        .filter_map(|dir| {
+            let made = tempfile::Builder::new()
+                .prefix("mesh-agent-")
+                .tempdir_in(dir)
+                .ok()?;
+            let socket = made.path().join("agent.sock");
+            let listener = std::os::unix::net::UnixListener::bind(&socket).ok()?;
+            Some((made, socket, listener))
+        })
+        .collect();
+    assert!(!agents.is_empty(), "a socket in /tmp at least");
+
+    let mesh = Mesh::start(&plugins).await;
+    let boxed = mesh.wait_state("boxed", "boxed-0", "ready").await;
+    let plain = mesh.wait_state("plain", "plain-0", "ready").await;
+    mesh.wait_state("echo", "echo-0", "ready").await;
+    mesh.wait_lines("host-probe: listening", 2).await;
+    let runtime = mesh.socket.parent().unwrap().to_owned();
+    let mut boxed_probe = Probe::connect(&runtime.join("boxed/probe.sock")).await;
+    let mut plain_probe = Probe::connect(&runtime.join("plain/probe.sock")).await;
+
+    // No capability in any set, though mesh up (and so the plugin's uid) is root here.
+    let caps = capabilities(boxed.pid);
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(caps[set], "0000000000000000", "{set}: {caps:?}");
+    }
+    let logs = mesh.cli_ok(&["logs", "boxed"]).await;
+    assert!(logs.contains("no capabilities"), "{logs}");
+    let root_here = nix::unistd::Uid::effective().is_root();
+    if root_here {
+        // The same probe unsandboxed, as root, has them: what fails below fails for lack of them.
+        assert_ne!(capabilities(plain.pid)["CapEff"], "0000000000000000");
+        assert_eq!(plain_probe.ok("packet -").await, "opened");
+    }
+    // A packet socket (sniffing another user's traffic on lo) and a route in the host's table.
+    assert_eq!(boxed_probe.errno("packet -").await, EPERM);
+    assert_eq!(boxed_probe.errno("route -").await, EPERM);
+
+    // A socket under /tmp, /run, /dev/shm: there for the plain plugin, not there at all for
+    // the sandboxed one.
+    for (_, socket, _) in &agents {
+        let dial = format!("dial {}", socket.display());
+        assert_eq!(plain_probe.ok(&dial).await, "connected");
+        assert_eq!(boxed_probe.errno(&dial).await, ENOENT, "{dial}");
+    }
+
+    // Meanwhile everyone is served: the sandboxed plugin through the router (its socket
+    // directory and the router socket are bound back), and each plugin by name.
+    assert_eq!(boxed_probe.ok("call plugin.echo echo").await, "probe");
+    let socket = mesh.socket.display().to_string();
+    for name in ["boxed", "plain", "echo"] {
+        let reply = grpcurl_ok(&[
+            "-unix",
+            "-max-time",
+            "5",
+            "-authority",
+            &format!("plugin.{name}"),
+            "-d",
+            r#"{"message":"served"}"#,
+            &socket,
+            "echo.v1.Echo/Echo",
+        ]);
+        assert!(reply.contains(&format!("{name}-0")), "{reply}");
+    }
 }

@@ -209,7 +209,8 @@ async fn a_call_is_traced_from_the_client_through_the_router_to_the_plugin() {
     let dir = short_tempdir();
     write_config(
         &dir,
-        "",
+        // The plugins are handed the SDK's batch delay set below (a clean environment else).
+        "env_allow = [\"PATH\", \"OTEL_BSP_*\"]",
         // Ratio 0: the router and the plugin record a call only when its caller's trace is
         // sampled (parent-based), so what arrives is the client's traces and nothing else.
         &format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\nsample_ratio = 0\n\n{ECHO}"),
@@ -701,7 +702,8 @@ async fn a_plugin_calling_a_plugin_carries_the_trace_on() {
     );
     write_config(
         &dir,
-        "",
+        // The plugins are handed the SDK's batch delay set below (a clean environment else).
+        "env_allow = [\"PATH\", \"OTEL_BSP_*\"]",
         &format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\nsample_ratio = 0\n\n{plugins}"),
     );
     let config = dir.path().join("mesh.toml");

@@ -9,7 +9,8 @@
 //! socket PATH); `connect SERVICE` calls its `Echo` through `mesh::connect`, as a plugin would; and, to
 //! test the kernel sandbox, the process's own system calls: `open PATH` reads a file, `dial
 //! PATH` connects to a Unix socket, `abstract NAME` to an abstract one, `tcp HOST:PORT`
-//! connects over TCP, `signal PID` sends signal 0, each answering `ok` or `err ERRNO MESSAGE`),
+//! connects over TCP, `packet -` opens a packet socket, `route -` adds a blackhole route to
+//! 192.0.2.1, `signal PID` sends signal 0, each answering `ok` or `err ERRNO MESSAGE`),
 //! and each answer is one line:
 //! `ok TEXT` or `err CODE MESSAGE`, newlines escaped. Every call also sends headers that claim
 //! another plugin's name: they must change nothing.
@@ -58,6 +59,53 @@ async fn main() {
                 }
             }
         });
+    }
+}
+
+/// `RTM_NEWROUTE` for a blackhole route to 192.0.2.1/32 in the main table, and the kernel's
+/// answer: `Ok` if it was added, else its errno (EPERM without CAP_NET_ADMIN).
+fn add_route() -> std::io::Result<String> {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    let mut message = Vec::with_capacity(36);
+    message.extend(36u32.to_ne_bytes()); // nlmsghdr: length,
+    message.extend(24u16.to_ne_bytes()); // RTM_NEWROUTE,
+    message.extend((0x1u16 | 0x4 | 0x200 | 0x400).to_ne_bytes()); // REQUEST|ACK|EXCL|CREATE,
+    message.extend(1u32.to_ne_bytes()); // sequence,
+    message.extend(0u32.to_ne_bytes()); // port id;
+    // rtmsg: AF_INET, /32, no source, tos 0, main table, boot, universe, blackhole, no flags;
+    message.extend([2u8, 32, 0, 0, 254, 3, 0, 6]);
+    message.extend(0u32.to_ne_bytes());
+    message.extend(8u16.to_ne_bytes()); // rtattr RTA_DST: 192.0.2.1.
+    message.extend(1u16.to_ne_bytes());
+    message.extend([192u8, 0, 2, 1]);
+    sendto(
+        fd.as_raw_fd(),
+        &message,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
+    let mut answer = [0u8; 256];
+    let n = recv(fd.as_raw_fd(), &mut answer, MsgFlags::empty())?;
+    // NLMSG_ERROR (2) carries the errno, negated; 0 is the acknowledgement of success.
+    let kind = u16::from_ne_bytes([answer[4], answer[5]]);
+    if n < 20 || kind != 2 {
+        return Err(std::io::Error::other(format!(
+            "unexpected answer of {n} bytes"
+        )));
+    }
+    match i32::from_ne_bytes([answer[16], answer[17], answer[18], answer[19]]) {
+        0 => Ok("added".into()),
+        errno => Err(std::io::Error::from_raw_os_error(-errno)),
     }
 }
 
@@ -110,6 +158,20 @@ async fn call(line: &str) -> String {
                     .map(|_| "connected".into()),
             );
         }
+        // A packet socket, which needs CAP_NET_RAW (Landlock does not cover it): sniffing.
+        "packet" => {
+            use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
+            return os(socket(
+                AddressFamily::Packet,
+                SockType::Raw,
+                SockFlag::SOCK_CLOEXEC,
+                SockProtocol::EthAll,
+            )
+            .map(|_| "opened".into())
+            .map_err(std::io::Error::from));
+        }
+        // Adds a blackhole route to 192.0.2.1 (TEST-NET-1) over rtnetlink: CAP_NET_ADMIN.
+        "route" => return os(add_route()),
         // Signal 0 to a pid: whether this process may signal it at all.
         "signal" => {
             let pid = nix::unistd::Pid::from_raw(arg.parse().unwrap_or(0));

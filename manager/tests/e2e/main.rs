@@ -11,6 +11,7 @@ mod deploy;
 mod files_plugin;
 mod hardening;
 mod host;
+mod host_starvation;
 mod lifecycle;
 mod mtls;
 mod python_plugin;

@@ -11,11 +11,11 @@
 //!   once (RESOURCE_EXHAUSTED, naming the bound), never queued behind its own plugin's work; an
 //!   open `ReadFileStream` holds its slot for its life. [`PER_PLUGIN`] is half of [`WORKERS`]:
 //!   one plugin never holds every thread;
-//! - a deadline on each operation ([`Pool::run`], at most [`OP_DEADLINE`]): the caller is answered DEADLINE_EXCEEDED
-//!   when it passes. An operation still waiting for a thread is dropped and frees its slot; one
-//!   already running keeps its slot until its system call returns, because it still holds the
-//!   thread — otherwise a plugin could re-ask and take every thread with operations that never
-//!   return.
+//! - a deadline on each operation ([`Pool::run`], at most [`OP_DEADLINE`]): the caller is
+//!   answered DEADLINE_EXCEEDED when it passes. An operation still waiting for a thread is
+//!   dropped and frees its slot; one already running keeps its slot until its system call
+//!   returns, because it still holds the thread — otherwise a plugin could re-ask and take
+//!   every thread with operations that never return.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -96,10 +96,16 @@ pub struct Busy {
     pub bound: usize,
 }
 
-/// An operation's deadline passed before it finished.
+/// Why an operation gave no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("did not finish within {0:?}")]
-pub struct Expired(pub Duration);
+pub enum Unanswered {
+    /// Its deadline passed first: the time it was given.
+    #[error("did not finish within {0:?}")]
+    Expired(Duration),
+    /// It panicked (a bug): its thread carries on with the next one.
+    #[error("failed (the host operation panicked)")]
+    Panicked,
+}
 
 /// A queued operation: it runs only if it still holds its slot when a worker takes it.
 struct Job {
@@ -173,7 +179,7 @@ impl Pool {
         slot: Slot,
         deadline: Instant,
         op: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, Expired> {
+    ) -> Result<T, Unanswered> {
         let started = Instant::now();
         let (answer, answered) = tokio::sync::oneshot::channel();
         let held = Arc::new(Mutex::new(Some(slot)));
@@ -193,12 +199,13 @@ impl Pool {
         drop(waiting);
         match result {
             Ok(Ok(value)) => Ok(value),
-            // The job was dropped unrun: only when the pool itself is gone.
-            Ok(Err(_)) | Err(_) => {
+            // The job ended without answering: it still held its slot, so it ran.
+            Ok(Err(_)) => Err(Unanswered::Panicked),
+            Err(_) => {
                 // The time it was given, to the millisecond: what a person reads.
                 let given = deadline.saturating_duration_since(started);
                 let millis = given.as_micros().div_ceil(1000);
-                Err(Expired(Duration::from_millis(millis as u64)))
+                Err(Unanswered::Expired(Duration::from_millis(millis as u64)))
             }
         }
     }
@@ -243,7 +250,9 @@ impl Inner {
         loop {
             if let Some(job) = state.jobs.pop_front() {
                 drop(state);
-                (job.run)();
+                // A panicking operation must not take its thread (and the count of threads)
+                // with it; its caller learns of it by the answer that never comes.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job.run));
                 state = self.lock();
                 continue;
             }
@@ -392,7 +401,7 @@ mod tests {
             .run(pool.admit(&a).unwrap(), deadline, move || blocked.recv())
             .await
             .unwrap_err();
-        assert_eq!(expired, Expired(Duration::from_millis(200)));
+        assert_eq!(expired, Unanswered::Expired(Duration::from_millis(200)));
         let took = started.elapsed();
         assert!(
             took >= Duration::from_millis(200) && took < Duration::from_secs(2),
@@ -435,7 +444,10 @@ mod tests {
                 flag.store(true, std::sync::atomic::Ordering::SeqCst)
             })
             .await;
-        assert_eq!(expired, Err(Expired(Duration::from_millis(100))));
+        assert_eq!(
+            expired,
+            Err(Unanswered::Expired(Duration::from_millis(100)))
+        );
         let again = pool.admit(&b).expect("the queued operation's slot is free");
         release.send(()).unwrap();
         assert!(holder.await.unwrap().is_ok());
@@ -472,6 +484,21 @@ mod tests {
         assert!(pool.admit(&b).is_ok());
         release.send(()).unwrap();
         assert!(holder.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_operation_frees_its_slot_and_its_thread_serves_on() {
+        let pool = Pool::new(1, 1);
+        let a = plugin("a");
+        let panicked = pool
+            .run(pool.admit(&a).unwrap(), soon(), || -> i32 {
+                panic!("a bug")
+            })
+            .await;
+        assert_eq!(panicked, Err(Unanswered::Panicked));
+        let slot = admitted(&pool, &a).await;
+        assert_eq!(pool.run(slot, soon(), || 5).await, Ok(5));
+        assert_eq!(pool.threads(), 1);
     }
 
     #[tokio::test]

@@ -31,7 +31,7 @@ use super::{
     audit::Decision,
     caps::{Action, Policy},
     fs::{Roots, normalize},
-    pool::{OP_DEADLINE, Pool, Slot},
+    pool::{OP_DEADLINE, Pool, Slot, Unanswered},
 };
 
 /// The largest file ReadFile answers whole: its answer must fit gRPC's default 4 MiB message
@@ -203,13 +203,8 @@ impl HostService {
                 roots.get(&root).map(|dir| op(&dir, &resource))
             })
             .await
-            .map_err(|expired| {
-                Status::deadline_exceeded(format!(
-                    "{} {}: {expired} (the call's grpc-timeout, at most {OP_DEADLINE:?} for a \
-                     host operation)",
-                    allowed.action.as_str(),
-                    allowed.resource,
-                ))
+            .map_err(|unanswered| {
+                unanswered_status(allowed.action.as_str(), &allowed.resource, unanswered)
             })?;
         match done {
             Ok(done) => done.map_err(|error| self.status(allowed, error)),
@@ -277,6 +272,17 @@ impl HostService {
             }
             _ => Status::internal(message),
         }
+    }
+}
+
+/// The answer to an operation that gave none.
+fn unanswered_status(action: &str, path: &str, unanswered: Unanswered) -> Status {
+    match unanswered {
+        Unanswered::Expired(_) => Status::deadline_exceeded(format!(
+            "{action} {path}: {unanswered} (the call's grpc-timeout, at most {OP_DEADLINE:?} for \
+             a host operation)"
+        )),
+        Unanswered::Panicked => Status::internal(format!("{action} {path}: {unanswered}")),
     }
 }
 
@@ -450,10 +456,8 @@ async fn produce(
                 room.send(Err(Status::internal(format!("{resource}: {error}"))));
                 return;
             }
-            Err(expired) => {
-                room.send(Err(Status::deadline_exceeded(format!(
-                    "read_file {resource}: a chunk {expired}"
-                ))));
+            Err(unanswered) => {
+                room.send(Err(unanswered_status("read_file", &resource, unanswered)));
                 return;
             }
         }

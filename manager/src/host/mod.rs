@@ -5,7 +5,9 @@
 //!   reload;
 //! - [`fs`]: paths normalized for the check and opened beneath the plugin's root by the kernel;
 //! - [`audit`]: every decision as one JSON line;
-//! - [`service`]: `mesh.v1.Host`, served by the router to plugin callers only;
+//! - [`service`]: `mesh.v1.Host`, served by the router to plugin callers only, its file
+//!   operations on [`pool`]: the host services' own threads, each plugin's bounded share of
+//!   them, and a deadline on each operation;
 //! - [`calls`]: calls to plugins, by the router or directly, under the callers' `call:`
 //!   capabilities and the targets' rate limits ([`rates`]), decided in one place;
 //! - [`direct`]: the manager's end of each instance's private channel, over which the SDK asks
@@ -18,6 +20,7 @@ pub mod caps;
 mod cost;
 pub mod direct;
 pub mod fs;
+pub mod pool;
 pub mod rates;
 pub mod service;
 

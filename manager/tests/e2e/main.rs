@@ -12,6 +12,7 @@ mod environment;
 mod files_plugin;
 mod hardening;
 mod host;
+mod host_starvation;
 mod lifecycle;
 mod mtls;
 mod python_plugin;

@@ -11,6 +11,13 @@
 //! PATH` connects to a Unix socket, `abstract NAME` to an abstract one, `tcp HOST:PORT`
 //! connects over TCP, `packet -` opens a packet socket, `route -` adds a blackhole route to
 //! 192.0.2.1, `signal PID` sends signal 0, each answering `ok` or `err ERRNO MESSAGE`),
+//! To attack host services from inside a plugin: `flood N OP PATH` makes N calls at once (OP
+//! `read`, `stat`, `list`) on one connection and answers how many ended with each code
+//! (`9=590 8=10`); `hold N PATH` opens N `ReadFileStream`s of PATH on one HTTP/2 connection
+//! whose window is zero, reads none, keeps them open until `release`, and answers how many
+//! were answered with headers only and which status (`open=8 8=592`); `mkfifo PATH`, `link
+//! FROM TO` and `listen PATH` (a Unix socket kept open) make such files with the process's
+//! own system calls;
 //! and each answer is one line:
 //! `ok TEXT` or `err CODE MESSAGE`, newlines escaped. Every call also sends headers that claim
 //! another plugin's name: they must change nothing.
@@ -172,6 +179,30 @@ async fn call(line: &str) -> String {
         }
         // Adds a blackhole route to 192.0.2.1 (TEST-NET-1) over rtnetlink: CAP_NET_ADMIN.
         "route" => return os(add_route()),
+        "mkfifo" => {
+            return os(nix::unistd::mkfifo(
+                arg.as_str(),
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+            )
+            .map(|()| "made".into())
+            .map_err(std::io::Error::from));
+        }
+        "link" => return os(std::fs::hard_link(&arg, &data).map(|()| "linked".into())),
+        "listen" => {
+            return os(
+                std::os::unix::net::UnixListener::bind(&arg).map(|listener| {
+                    // Kept open (never accepting) for the probe's life.
+                    std::mem::forget(listener);
+                    "listening".into()
+                }),
+            );
+        }
+        "hold" => return hold(arg.parse().unwrap_or(1), &data).await,
+        "release" => {
+            let held = std::mem::take(&mut *HELD.lock().unwrap_or_else(|e| e.into_inner()));
+            return format!("ok {}", held.len());
+        }
+        "flood" => return flood(arg.parse().unwrap_or(1), &data).await,
         // Signal 0 to a pid: whether this process may signal it at all.
         "signal" => {
             let pid = nix::unistd::Pid::from_raw(arg.parse().unwrap_or(0));
@@ -365,9 +396,119 @@ fn dress_echo<T>(direct: bool, message: T) -> Request<T> {
     }
 }
 
-/// `median_us=.. p99_us=..` of call times.
+/// `median_us=.. p99_us=.. max_us=..` of call times.
 fn quantiles(mut times: Vec<u128>) -> String {
     times.sort_unstable();
     let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
-    format!("median_us={} p99_us={}", at(0.5), at(0.99))
+    format!(
+        "median_us={} p99_us={} max_us={}",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    )
+}
+
+/// `CODE=COUNT` for each code seen, in code order.
+fn counts(codes: impl IntoIterator<Item = String>) -> String {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for code in codes {
+        *counts.entry(code).or_default() += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(c, n)| format!("{c}={n}")).collect();
+    format!("ok {}", counts.join(" "))
+}
+
+/// `n` calls `OP PATH` at once on one connection; the count of each status code.
+async fn flood(n: usize, what: &str) -> String {
+    let (op, path) = what.split_once(' ').unwrap_or((what, ""));
+    let host = mesh::plugin::host();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..n.min(10_000) {
+        let (mut host, op, path) = (host.clone(), op.to_owned(), path.to_owned());
+        calls.spawn(async move {
+            let answer = match op.as_str() {
+                "read" => host.read_file(ReadFileRequest { path }).await.map(drop),
+                "stat" => host.stat(StatRequest { path }).await.map(drop),
+                "list" => host.read_dir(ReadDirRequest { path }).await.map(drop),
+                _ => return "unknown-op".to_owned(),
+            };
+            match answer {
+                Ok(()) => "0".to_owned(),
+                Err(status) => (status.code() as i32).to_string(),
+            }
+        });
+    }
+    counts(calls.join_all().await)
+}
+
+/// Streams opened by `hold`, kept until `release`: the connection and each stream's halves.
+type Held = (
+    h2::client::SendRequest<bytes::Bytes>,
+    Vec<(http::Response<h2::RecvStream>, h2::SendStream<bytes::Bytes>)>,
+);
+static HELD: std::sync::Mutex<Vec<Held>> = std::sync::Mutex::new(Vec::new());
+
+/// `n` ReadFileStream calls of `path` on one HTTP/2 connection to the router whose stream
+/// window is zero: the router can send each answer's headers and nothing more, and this
+/// probe reads nothing. Answers `open=K` for the streams that started and `CODE=COUNT` for
+/// those answered with a status at once.
+async fn hold(n: usize, path: &str) -> String {
+    use prost::Message;
+    let stream = match tokio::net::UnixStream::connect(mesh::runtime::router_socket()).await {
+        Ok(stream) => stream,
+        Err(error) => return format!("err 14 {error}"),
+    };
+    let (mut client, connection) = match h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(stream)
+        .await
+    {
+        Ok(handshake) => handshake,
+        Err(error) => return format!("err 14 {error}"),
+    };
+    tokio::spawn(connection);
+    let message = ReadFileRequest { path: path.into() }.encode_to_vec();
+    let mut frame = vec![0];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let frame = bytes::Bytes::from(frame);
+    let mut pending = Vec::new();
+    for _ in 0..n.min(10_000) {
+        client = match client.ready().await {
+            Ok(client) => client,
+            Err(error) => return format!("err 14 {error}"),
+        };
+        let request = http::Request::post("http://localhost/mesh.v1.Host/ReadFileStream")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("a valid request");
+        let (response, mut body) = match client.send_request(request, false) {
+            Ok(sent) => sent,
+            Err(error) => return format!("err 14 {error}"),
+        };
+        if let Err(error) = body.send_data(frame.clone(), true) {
+            return format!("err 14 {error}");
+        }
+        pending.push((response, body));
+    }
+    let mut codes = Vec::new();
+    let mut open = Vec::new();
+    for (response, body) in pending {
+        match tokio::time::timeout(std::time::Duration::from_secs(20), response).await {
+            Ok(Ok(response)) => {
+                match response.headers().get("grpc-status") {
+                    Some(code) => codes.push(String::from_utf8_lossy(code.as_bytes()).into()),
+                    None => codes.push("open".into()),
+                }
+                open.push((response, body));
+            }
+            Ok(Err(error)) => codes.push(format!("h2:{error}")),
+            Err(_) => codes.push("no-answer".into()),
+        }
+    }
+    HELD.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((client, open));
+    counts(codes)
 }

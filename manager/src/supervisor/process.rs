@@ -143,7 +143,7 @@ pub(crate) fn spawn(
     // Kept open until the child has it; then only the child (and the manager's end) holds it.
     let _channel = match (endpoint, launch.channels.get()) {
         (Address::Unix(_), Some(channels)) => {
-            let channel = channels.open(&plugin.name, plugin.service.as_str())?;
+            let channel = channels.open(&plugin.name, &launch.id, plugin.service.as_str())?;
             inherit(&mut command, &channel);
             Some(channel)
         }

@@ -296,7 +296,18 @@ impl Policy {
     /// allowed: the capability that allows it, or a refusal that names what is missing and
     /// how to grant it.
     pub fn check(&self, action: Action, resource: &str) -> Result<String, String> {
-        let allowed = match action.kind() {
+        let kind = action.kind();
+        let plugin = &self.plugin;
+        // No file has such a path (the kernel refuses it), and matching globs against
+        // megabytes costs the manager for nothing: refused before any glob runs.
+        if kind != "env" && resource.len() > MAX_PATH {
+            return Err(format!(
+                "plugin {plugin:?} lacks {kind}:{}; no grant command is offered: a path has \
+                 at most {MAX_PATH} bytes",
+                shown(resource)
+            ));
+        }
+        let allowed = match kind {
             "read" => self.read.matching(resource).map(str::to_owned),
             "write" => self.write.matching(resource).map(str::to_owned),
             _ => self
@@ -307,8 +318,6 @@ impl Policy {
         if let Some(cap) = allowed {
             return Ok(format!("allowed by {cap}"));
         }
-        let kind = action.kind();
-        let plugin = &self.plugin;
         // The capability that allows exactly this resource: a path as a glob matching only
         // itself, a name as it is.
         let needed = match action.kind() {
@@ -346,6 +355,9 @@ impl Policy {
         ))
     }
 }
+
+/// The longest path the kernel resolves (`PATH_MAX`, terminating NUL included).
+const MAX_PATH: usize = 4096;
 
 /// The longest `mesh grant` command a refusal offers: a resource that needs a longer one is
 /// not something to grant by pasting (and the refusal stays well within an audit line).
@@ -798,7 +810,18 @@ mod tests {
         let huge = "a".repeat(4_000_000);
         let denied = lister().check(Action::Stat, &huge).unwrap_err();
         assert!(denied.contains("[cut: 4000000 bytes]"), "{denied}");
+        assert!(denied.contains("at most 4096 bytes"), "{denied}");
         assert!(json(&denied) <= REASON_BYTES, "{}", json(&denied));
+        // Refused before any glob runs, whatever the policy: no path is that long.
+        let everything = Policy::new(
+            "all".into(),
+            "/r".into(),
+            [Capability::Read("**".into())].into(),
+            BTreeSet::new(),
+            BTreeSet::new(),
+        );
+        assert!(everything.check(Action::Stat, &huge).is_err());
+        assert!(everything.check(Action::Stat, &"a".repeat(4096)).is_ok());
         // The longest refusal that still offers a command fits whole: never cut mid-command.
         for path in ["'".repeat(120), "\\".repeat(240), "é".repeat(120)] {
             let denied = lister().check(Action::ReadFile, &path).unwrap_err();

@@ -461,7 +461,10 @@ mod tests {
         // until it is back.
         let away = dir.path().join("offline");
         fs::rename(certs.join(CA_KEY_DIR), &away).unwrap();
-        assert_eq!(exposed_keys(&ca.cert, &node.key), [client.key.clone()]);
+        assert_eq!(
+            exposed_keys(&ca.cert, &node.key),
+            std::slice::from_ref(&client.key)
+        );
         let error = issue(&certs, Kind::Client, "y", &[], Validity::days(1), false).unwrap_err();
         assert!(error.to_string().contains("bring back"), "{error}");
         // A CA key left beside ca.pem by an older version is still used, and reported.

@@ -714,7 +714,7 @@ mod tests {
         );
         std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
+            .create_new(true)
             .mode(0o600)
             .open(&path)
             .unwrap()

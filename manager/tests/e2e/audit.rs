@@ -2,7 +2,8 @@
 //! started by plugin `atk` floods denied host calls with 4,000,000-byte paths, sends a path
 //! built to turn the refusal's `mesh grant` hint into a shell command, and another plugin keeps
 //! calling meanwhile. Each test asserts the log keeps its bound and its history, `mesh audit`
-//! reads it, what a pasted hint runs, and that the other plugin is served throughout.
+//! reads it, what a pasted hint runs, and that the other plugin is served throughout. And the
+//! CA key `mesh certs init` writes, which a plugin of the owner's uid could read.
 
 use std::{
     path::{Path, PathBuf},
@@ -371,4 +372,54 @@ async fn a_direct_call_line_says_which_instance_reported_it() {
     assert_eq!(calls[0]["plugin"], "atk");
     assert_eq!(calls[1]["via"], "router");
     assert!(calls[1].get("reported_by").is_none());
+}
+
+#[tokio::test]
+async fn the_ca_key_is_kept_apart_and_mesh_up_warns_of_keys_a_plugin_could_read() {
+    // A plugin of the owner's uid reads what that uid reads: `mesh certs init` puts the CA key
+    // in a directory of its own and says so; `mesh up` names every key beside [tls] ca but
+    // its own.
+    let dir = crate::support::short_tempdir();
+    let certs = dir.path().join("certs");
+    let mut init_stderr = String::new();
+    for args in [&["init"][..], &["node", "a"], &["client", "ops"]] {
+        let out = Command::new(mesh_bin())
+            .arg("certs")
+            .args(args)
+            .arg("--dir")
+            .arg(&certs)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mesh certs {args:?}: {out:?}");
+        if args == ["init"] {
+            init_stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+    }
+    let ca_key = certs.join("ca-key/ca.key");
+    assert!(
+        init_stderr.contains(&format!("the CA key {}", ca_key.display()))
+            && init_stderr.contains("unsandboxed plugins"),
+        "{init_stderr}"
+    );
+    assert!(!certs.join("ca.key").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&certs.join("ca-key")), mode(&ca_key)), (0o700, 0o600));
+
+    let tls = format!(
+        "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        certs.join("ca.pem"),
+        certs.join("node-a.pem"),
+        certs.join("node-a.key")
+    );
+    let plugins = format!("[[plugin]]\nname = \"echo\"\ncommand = \"{{echo}}\"\n{tls}");
+    let mesh = Mesh::start_with("listen = \"127.0.0.1:0\"", &plugins).await;
+    mesh.wait_instances("plugin.echo", 1).await;
+    let warned = mesh.wait_lines("lies beside [tls] ca", 2).await;
+    assert!(
+        warned[0].contains(&ca_key.display().to_string()),
+        "{warned:?}"
+    );
+    assert!(warned[1].contains("client-ops.key"), "{warned:?}");
+    assert!(!mesh.output().contains("node-a.key lies beside"));
 }

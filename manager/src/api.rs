@@ -344,8 +344,20 @@ impl manager_server::Manager for ManagerService {
         let follow = request.into_inner().follow;
         // Subscribe first: a line written between the two is shown twice rather than lost.
         let updates = self.audit.subscribe();
-        let kept = self.audit.lines();
-        let first = stream::iter(kept.into_iter().map(|json| Ok(AuditLine { json })));
+        // The kept lines, read off the runtime's threads a line at a time (the files may hold
+        // twice audit_max_size) and sent one per message: a line is at most
+        // audit::MAX_LINE bytes, far under any client's message limit.
+        let audit = self.audit.clone();
+        let (send, kept) = tokio::sync::mpsc::channel(64);
+        tokio::task::spawn_blocking(move || {
+            for json in audit.kept() {
+                // The reader went away: stop reading.
+                if send.blocking_send(Ok(AuditLine { json })).is_err() {
+                    return;
+                }
+            }
+        });
+        let first = tokio_stream::wrappers::ReceiverStream::new(kept);
         if !follow {
             return Ok(Response::new(Box::pin(first)));
         }

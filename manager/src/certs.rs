@@ -6,10 +6,18 @@
 //! certificate also names `localhost`, `127.0.0.1`, `::1` and every `--host` given, so that
 //! clients dialling any of them can check it; it serves and dials (server and client auth).
 //!
-//! Files, in the directory given (`certs` by default), made 0700: `ca.pem` and `ca.key`,
-//! `node-NAME.pem` and `node-NAME.key`, `client-NAME.pem` and `client-NAME.key`. Keys are
-//! written 0600. Nothing is overwritten without `force`. The CA's key stays in that directory:
-//! this is a development CA, for production use your own PKI.
+//! Files, in the directory given (`certs` by default), made 0700: `ca.pem`, the CA's key in a
+//! directory of its own (`ca-key/ca.key`, 0700 and 0600), `node-NAME.pem` and `node-NAME.key`,
+//! `client-NAME.pem` and `client-NAME.key`. Keys are written 0600. Nothing is overwritten
+//! without `force`. This is a development CA; for production use your own PKI.
+//!
+//! File modes keep other users out, not the owner's own processes: any process of the uid
+//! `mesh up` runs as (an unsandboxed plugin included) can read the CA key and mint itself an
+//! admin certificate. So the key sits apart, where it can be moved off the machine in one
+//! piece once the certificates are made (`mesh certs` reads it again from there, or from
+//! `ca.key` beside `ca.pem` as older versions wrote it), `mesh certs init` says so, and
+//! `mesh up` warns at start about every private key it finds beside `[tls] ca` other than its
+//! own ([`exposed_keys`]).
 
 use std::{
     fs,
@@ -29,6 +37,8 @@ use rcgen::{
 pub const CA_CERT: &str = "ca.pem";
 /// The CA key's file name.
 pub const CA_KEY: &str = "ca.key";
+/// The directory, beside `ca.pem`, that holds the CA key alone.
+pub const CA_KEY_DIR: &str = "ca-key";
 /// The CA's subject name (`mesh certs` signs with it; it must not change).
 const CA_NAME: &str = "mesh development CA";
 
@@ -98,8 +108,10 @@ pub struct Issued {
 /// `mesh certs init`: a new CA in `dir`.
 pub fn init(dir: &Path, validity: Validity, force: bool) -> Result<Issued, CertsError> {
     prepare_dir(dir)?;
-    let (cert, key) = (dir.join(CA_CERT), dir.join(CA_KEY));
-    refuse_existing(&[&cert, &key], force)?;
+    let key_dir = dir.join(CA_KEY_DIR);
+    let (cert, key) = (dir.join(CA_CERT), key_dir.join(CA_KEY));
+    refuse_existing(&[&cert, &key, &dir.join(CA_KEY)], force)?;
+    prepare_dir(&key_dir)?;
     let key_pair = KeyPair::generate().map_err(|e| fail(format!("cannot make a key: {e}")))?;
     let mut params = ca_params();
     set_validity(&mut params, validity);
@@ -126,10 +138,16 @@ pub fn issue(
     force: bool,
 ) -> Result<Issued, CertsError> {
     check_name(name)?;
-    let (ca_cert, ca_key) = (dir.join(CA_CERT), dir.join(CA_KEY));
+    let ca_cert = dir.join(CA_CERT);
+    // Where init puts it, else beside ca.pem (as older versions wrote it).
+    let ca_key = [dir.join(CA_KEY_DIR).join(CA_KEY), dir.join(CA_KEY)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join(CA_KEY_DIR).join(CA_KEY));
     let ca_key_pem = fs::read_to_string(&ca_key).map_err(|e| {
         fail(format!(
-            "{}: {e}; make the CA first with `mesh certs init --dir {}`",
+            "{}: {e}; make the CA first with `mesh certs init --dir {}`, or bring back the \
+             {CA_KEY_DIR} directory you moved away",
             ca_key.display(),
             dir.display()
         ))
@@ -197,6 +215,59 @@ pub fn issue(
         key,
         identity: Some(id),
     })
+}
+
+/// What `mesh certs init` says about the CA key it wrote at `key`.
+pub fn ca_key_warning(key: &Path) -> String {
+    let uid = nix::unistd::geteuid();
+    let dir = key.parent().unwrap_or(key);
+    format!(
+        "warning: the CA key {} is readable by every process of uid {uid}, unsandboxed plugins \
+         included, and with it anyone can mint an admin certificate. Once you have made the \
+         node and client certificates, move {} off this machine (or at least out of reach of \
+         the uid mesh up runs as) and bring it back only to issue more",
+        key.display(),
+        dir.display()
+    )
+}
+
+/// The private keys a process of this uid can read beside the CA certificate `ca` (in its
+/// directory and in its `ca-key/`), other than `own` (the node's `[tls] key`, which `mesh up`
+/// needs): the CA key, other nodes' and clients' keys. Any of them in a plugin's hands is a
+/// certificate it can use (the CA's: any certificate at all), so `mesh up` warns about each.
+pub fn exposed_keys(ca: &Path, own: &Path) -> Vec<PathBuf> {
+    let Some(dir) = ca.parent() else {
+        return Vec::new();
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let own = fs::canonicalize(own).ok();
+    let mut found: Vec<PathBuf> = [dir.to_owned(), dir.join(CA_KEY_DIR)]
+        .iter()
+        .filter_map(|d| fs::read_dir(d).ok())
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "key"))
+        .filter(|p| fs::canonicalize(p).ok() != own)
+        .filter(|p| fs::File::open(p).is_ok())
+        .collect();
+    found.sort();
+    found
+}
+
+/// What `mesh up` says about a key [`exposed_keys`] found.
+pub fn exposed_warning(key: &Path) -> String {
+    format!(
+        "private key {} lies beside [tls] ca and every process of this uid can read it, \
+         unsandboxed plugins included: a plugin could use it to pass for what it certifies \
+         (the CA's key: to mint an admin certificate). Keep only this node's own key here and \
+         move the others (the ca-key directory first) off this machine",
+        key.display()
+    )
 }
 
 fn ca_params() -> CertificateParams {
@@ -321,6 +392,14 @@ mod tests {
         let ca = init(&certs, Validity::days(30), false).unwrap();
         assert_eq!(fs::metadata(&ca.key).unwrap().mode() & 0o777, 0o600);
         assert_eq!(fs::metadata(&certs).unwrap().mode() & 0o777, 0o700);
+        // The CA key apart, in a directory of its own, and not beside ca.pem.
+        assert_eq!(ca.key, certs.join(CA_KEY_DIR).join(CA_KEY));
+        assert_eq!(
+            fs::metadata(certs.join(CA_KEY_DIR)).unwrap().mode() & 0o777,
+            0o700
+        );
+        assert!(!certs.join(CA_KEY).exists());
+        assert!(ca_key_warning(&ca.key).contains("unsandboxed plugins"));
         let again = init(&certs, Validity::days(30), false).unwrap_err();
         assert!(again.to_string().contains("--force"), "{again}");
         let node = issue(
@@ -372,5 +451,26 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains("mesh certs init"), "{error}");
+
+        // mesh up's check: every key beside [tls] ca but the node's own is reported.
+        assert_eq!(
+            exposed_keys(&ca.cert, &node.key),
+            [ca.key.clone(), client.key.clone()]
+        );
+        // Moved away: the CA key is no longer found, and no certificate can be issued
+        // until it is back.
+        let away = dir.path().join("offline");
+        fs::rename(certs.join(CA_KEY_DIR), &away).unwrap();
+        assert_eq!(
+            exposed_keys(&ca.cert, &node.key),
+            std::slice::from_ref(&client.key)
+        );
+        let error = issue(&certs, Kind::Client, "y", &[], Validity::days(1), false).unwrap_err();
+        assert!(error.to_string().contains("bring back"), "{error}");
+        // A CA key left beside ca.pem by an older version is still used, and reported.
+        fs::rename(away.join(CA_KEY), certs.join(CA_KEY)).unwrap();
+        issue(&certs, Kind::Client, "y", &[], Validity::days(1), false).unwrap();
+        assert!(exposed_keys(&ca.cert, &node.key).contains(&certs.join(CA_KEY)));
+        assert!(exposed_warning(&certs.join(CA_KEY)).contains("admin certificate"));
     }
 }

@@ -145,7 +145,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CertsAction {
-    /// Make a new CA: DIR/ca.pem and DIR/ca.key.
+    /// Make a new CA: DIR/ca.pem and DIR/ca-key/ca.key (move that directory away after use).
     Init {
         #[command(flatten)]
         common: CertsCommon,
@@ -243,7 +243,10 @@ fn certs(action: CertsAction) -> anyhow::Result<ExitCode> {
             issued.cert.display(),
             issued.key.display()
         ),
-        _ => println!("next: mesh certs node NAME --dir {}", common.dir.display()),
+        _ => {
+            println!("next: mesh certs node NAME --dir {}", common.dir.display());
+            eprintln!("{}", certs::ca_key_warning(&issued.key));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -172,6 +172,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .metrics(metrics.as_ref().map(|m| m.router()).unwrap_or_default())
         .cluster(cluster.clone());
     if let Some(tls) = &config.tls {
+        for key in crate::certs::exposed_keys(&tls.ca, &tls.key) {
+            tracing::warn!("{}", crate::certs::exposed_warning(&key));
+        }
         router = router.tls(tls.server().map_err(UpError::Tls)?);
         // The same node certificate dials the other nodes' routers (node certificates serve
         // and dial).
@@ -334,7 +337,8 @@ impl mesh_router::CallPolicy for CallPolicyOf {
         service: &str,
         method: &str,
     ) -> Result<(), mesh_router::Refusal> {
-        self.0.decide(caller, service, method, "router")
+        self.0
+            .decide(caller, service, method, crate::host::audit::Via::Router)
     }
 }
 

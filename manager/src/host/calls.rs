@@ -7,9 +7,11 @@
 //!   [`Policies`] (one atomic load per call, so a grant or revoke applies to the next call);
 //! - every caller is held to the target's [`RateLimits`];
 //! - a plugin caller's decision is one line in the [`Audit`] log (action `call`, resource
-//!   `SERVICE/pkg.Svc/Method`, `via` `router` or `direct`). Refusals by rate limit are logged
-//!   at most once a second per caller and target, the next line counting those not logged:
-//!   a flood must not rotate away the log's other lines (the file is bounded anyway).
+//!   `SERVICE/pkg.Svc/Method`, `via` `router` or `direct`, a direct one with the target
+//!   instance that `reported_by` it: see [`Via`]). Refusals by rate limit are logged at most
+//!   once a second per caller and target, the next line counting those not logged: a flood
+//!   must not rotate away the log's other lines (the audit log throttles every plugin's
+//!   denials as well, and bounds each line).
 
 use std::{
     collections::HashMap,
@@ -19,7 +21,10 @@ use std::{
 
 use mesh_router::{CallPolicy, Caller, Refusal};
 
-use super::{Audit, Policies, RateLimits, audit::Decision};
+use super::{
+    Audit, Policies, RateLimits,
+    audit::{Decision, Via},
+};
 
 /// How often a refusal by rate limit of one caller to one target is written to the audit log.
 const EXHAUSTED_LOG_EVERY: Duration = Duration::from_secs(1);
@@ -65,13 +70,14 @@ impl CallGate {
     }
 
     /// Whether `caller` may call `method` (`/pkg.Svc/Method`) on `service` (`plugin.echo`),
-    /// arriving `via` `router` or `direct`: the one place such a call is decided.
+    /// arriving `via` the router or directly (reported by the target instance): the one
+    /// place such a call is decided.
     pub fn decide(
         &self,
         caller: &Caller,
         service: &str,
         method: &str,
-        via: &'static str,
+        via: Via<'_>,
     ) -> Result<(), Refusal> {
         let Caller::Plugin {
             plugin,
@@ -105,6 +111,7 @@ impl CallGate {
             _ => 0,
         };
         let method = method.strip_prefix('/').unwrap_or(method);
+        // The audit log cuts it to its share of the line.
         let resource = format!("{service}/{method}");
         let counted;
         let (allowed, reason) = match &decision {
@@ -156,7 +163,7 @@ impl CallGate {
 
 impl CallPolicy for CallGate {
     fn check(&self, caller: &Caller, service: &str, method: &str) -> Result<(), Refusal> {
-        self.decide(caller, service, method, "router")
+        self.decide(caller, service, method, Via::Router)
     }
 }
 
@@ -193,6 +200,10 @@ mod tests {
     ];
 
     const ECHO: &str = "/echo.v1.Echo/Echo";
+    /// On echo's own socket, as its instance `echo-0` reported it.
+    const DIRECT: Via<'static> = Via::Direct {
+        reported_by: "echo-0",
+    };
     /// A rate no loop here reaches: checked every call, never refused.
     const UNREACHED: &str = "1000000000/s";
 
@@ -219,27 +230,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gate = gate(dir.path(), None, Some("2/h"));
         let files = plugin("files");
-        assert_eq!(gate.decide(&files, "plugin.echo", ECHO, "router"), Ok(()));
-        let denied = gate.decide(&files, "plugin.echo", "/echo.v1.Echo/Expand", "direct");
+        assert_eq!(
+            gate.decide(&files, "plugin.echo", ECHO, Via::Router),
+            Ok(())
+        );
+        let denied = gate.decide(&files, "plugin.echo", "/echo.v1.Echo/Expand", DIRECT);
         assert!(
             matches!(&denied, Err(Refusal::Denied(why)) if why.contains("lacks call:plugin.echo")),
             "{denied:?}"
         );
-        let stranger = gate.decide(&plugin("other"), "plugin.echo", ECHO, "router");
+        let stranger = gate.decide(&plugin("other"), "plugin.echo", ECHO, Via::Router);
         assert!(
             matches!(&stranger, Err(Refusal::Denied(why)) if why.contains("no capabilities")),
             "{stranger:?}"
         );
         // The second allowed call uses the caller's burst of 2; the third is over it.
-        assert_eq!(gate.decide(&files, "plugin.echo", ECHO, "router"), Ok(()));
-        let over = gate.decide(&files, "plugin.echo", ECHO, "router");
+        assert_eq!(
+            gate.decide(&files, "plugin.echo", ECHO, Via::Router),
+            Ok(())
+        );
+        let over = gate.decide(&files, "plugin.echo", ECHO, Via::Router);
         assert!(matches!(over, Err(Refusal::Exhausted(_))), "{over:?}");
         // An owner is held to rate limits only, and not logged: its own burst of 2.
         let owner = Caller::Owner {
             uid: 1000,
             pid: None,
         };
-        assert_eq!(gate.decide(&owner, "plugin.echo", ECHO, "router"), Ok(()));
+        assert_eq!(
+            gate.decide(&owner, "plugin.echo", ECHO, Via::Router),
+            Ok(())
+        );
         let lines: Vec<serde_json::Value> = gate
             .audit
             .lines()
@@ -271,6 +291,9 @@ mod tests {
             lines[0]["reason"],
             "allowed by call:plugin.echo/echo.v1.Echo/Echo"
         );
+        // A direct line says whose word it is: the target instance that reported the call.
+        assert_eq!(lines[1]["reported_by"], "echo-0");
+        assert!(lines[0].get("reported_by").is_none());
     }
 
     /// What the call policy costs one call, by part and whole (`cargo test --release -p
@@ -349,7 +372,7 @@ mod tests {
             resource,
             allowed: true,
             reason: "allowed by call:plugin.echo/echo.v1.Echo/Echo",
-            via: Some("router"),
+            via: Some(Via::Router),
         };
         per_call(
             "audit: the line as JSON (time, serde_json), not written",
@@ -364,7 +387,11 @@ mod tests {
         });
 
         per_call("whole gate: plugin allowed, audit on", CALLS, |_| {
-            assert!(plain.decide(&files, "plugin.echo", ECHO, "router").is_ok());
+            assert!(
+                plain
+                    .decide(&files, "plugin.echo", ECHO, Via::Router)
+                    .is_ok()
+            );
         });
         per_call(
             "whole gate: plugin allowed under both limits, audit on",
@@ -372,19 +399,23 @@ mod tests {
             |_| {
                 assert!(
                     limited
-                        .decide(&files, "plugin.echo", ECHO, "router")
+                        .decide(&files, "plugin.echo", ECHO, Via::Router)
                         .is_ok()
                 );
             },
         );
         per_call("whole gate: plugin denied, audit on", CALLS, |_| {
-            assert!(plain.decide(&files, "plugin.z", ECHO, "router").is_err());
+            assert!(plain.decide(&files, "plugin.z", ECHO, Via::Router).is_err());
         });
         per_call(
             "whole gate: owner, service without limits (not audited)",
             CALLS,
             |_| {
-                assert!(plain.decide(&owner, "plugin.echo", ECHO, "router").is_ok());
+                assert!(
+                    plain
+                        .decide(&owner, "plugin.echo", ECHO, Via::Router)
+                        .is_ok()
+                );
             },
         );
         per_call(
@@ -393,7 +424,7 @@ mod tests {
             |_| {
                 assert!(
                     limited
-                        .decide(&owner, "plugin.echo", ECHO, "router")
+                        .decide(&owner, "plugin.echo", ECHO, Via::Router)
                         .is_ok()
                 );
             },
@@ -401,7 +432,7 @@ mod tests {
         let exhausted = gate(dir.path(), Some("1/h"), None);
         assert!(
             exhausted
-                .decide(&files, "plugin.echo", ECHO, "router")
+                .decide(&files, "plugin.echo", ECHO, Via::Router)
                 .is_ok()
         );
         per_call(
@@ -410,7 +441,7 @@ mod tests {
             |_| {
                 assert!(
                     exhausted
-                        .decide(&files, "plugin.echo", ECHO, "router")
+                        .decide(&files, "plugin.echo", ECHO, Via::Router)
                         .is_err()
                 );
             },

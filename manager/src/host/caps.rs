@@ -2,8 +2,13 @@
 //! every plugin's policy, swapped whole when a grant, a revoke or a reload changes it.
 //!
 //! A call reads its plugin's policy once (one atomic load) and checks it; nothing else decides.
+//!
+//! A refusal names what was missing and, where it can be pasted safely, the command that
+//! grants exactly that: [`grant_hint`], the one place a `mesh grant` command is written, quotes
+//! every word for the shell and offers nothing for a resource it cannot show plainly.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     fmt,
     path::PathBuf,
@@ -14,6 +19,8 @@ use std::{
 use arc_swap::ArcSwap;
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use mesh::{ServiceName, labels};
+
+use super::audit::excerpt;
 
 /// One capability, as written in `capabilities = [...]` and `mesh grant`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -289,7 +296,18 @@ impl Policy {
     /// allowed: the capability that allows it, or a refusal that names what is missing and
     /// how to grant it.
     pub fn check(&self, action: Action, resource: &str) -> Result<String, String> {
-        let allowed = match action.kind() {
+        let kind = action.kind();
+        let plugin = &self.plugin;
+        // No file has such a path (the kernel refuses it), and matching globs against
+        // megabytes costs the manager for nothing: refused before any glob runs.
+        if kind != "env" && resource.len() > MAX_PATH {
+            return Err(format!(
+                "plugin {plugin:?} lacks {kind}:{}; no grant command is offered: a path has \
+                 at most {MAX_PATH} bytes",
+                shown(resource)
+            ));
+        }
+        let allowed = match kind {
             "read" => self.read.matching(resource).map(str::to_owned),
             "write" => self.write.matching(resource).map(str::to_owned),
             _ => self
@@ -300,11 +318,16 @@ impl Policy {
         if let Some(cap) = allowed {
             return Ok(format!("allowed by {cap}"));
         }
-        let kind = action.kind();
-        let plugin = &self.plugin;
+        // The capability that allows exactly this resource: a path as a glob matching only
+        // itself, a name as it is.
+        let needed = match action.kind() {
+            "env" => format!("env:{resource}"),
+            kind => format!("{kind}:{}", literal_glob(resource)),
+        };
         Err(format!(
-            "plugin {plugin:?} lacks {kind}:{resource} (no {kind}: capability matches \
-             {resource:?}); grant it with mesh grant {plugin} '{kind}:{resource}'"
+            "plugin {plugin:?} lacks {kind}:{}; {}",
+            shown(resource),
+            grant_hint(plugin, &needed)
         ))
     }
 }
@@ -324,11 +347,102 @@ impl Policy {
             }
         }
         let plugin = &self.plugin;
+        let service_shown = shown(service);
         Err(format!(
-            "plugin {plugin:?} lacks call:{service} (or call:{service}/{method}); \
-             grant it with mesh grant {plugin} 'call:{service}'"
+            "plugin {plugin:?} lacks call:{service_shown} (or call:{service_shown}/{}); {}",
+            shown(method),
+            grant_hint(plugin, &format!("call:{service}"))
         ))
     }
+}
+
+/// The longest path the kernel resolves (`PATH_MAX`, terminating NUL included).
+const MAX_PATH: usize = 4096;
+
+/// The longest `mesh grant` command a refusal offers: a resource that needs a longer one is
+/// not something to grant by pasting (and the refusal stays well within an audit line).
+const HINT_BYTES: usize = 512;
+/// What a resource (or a method) may take of a refusal's text.
+const SHOWN_BYTES: usize = 256;
+
+/// How to grant `cap` to `plugin`, for a refusal: `grant it with mesh grant files
+/// 'read:a.txt'`, each word quoted for a POSIX shell ([`shell_word`]) so that pasting it runs
+/// `mesh grant` with exactly these two arguments, and `cap` one that `mesh grant` accepts;
+/// else why no command is offered. Every refusal's hint is written here.
+pub fn grant_hint(plugin: &str, cap: &str) -> String {
+    let none = |why: &str| format!("no grant command is offered: {why}");
+    // Cheap checks first: the resource may be megabytes long.
+    if cap.len() > HINT_BYTES {
+        return none(&format!(
+            "it would be over {HINT_BYTES} bytes long; grant a shorter glob that matches it"
+        ));
+    }
+    let (Some(quoted_plugin), Some(quoted_cap)) = (shell_word(plugin), shell_word(cap)) else {
+        return none("it holds control or invisible characters, which a pasted command must not");
+    };
+    let command = format!("mesh grant {quoted_plugin} {quoted_cap}");
+    if command.len() > HINT_BYTES {
+        return none(&format!(
+            "it would be {} bytes long; grant a shorter glob that matches it",
+            command.len()
+        ));
+    }
+    if cap.parse::<Capability>().is_err() {
+        return none("no capability can name it");
+    }
+    format!("grant it with {command}")
+}
+
+/// `word` as one POSIX shell word: as it is when made only of characters no shell treats
+/// specially (letters, digits, `_ . / -`), else in single quotes, within which nothing is
+/// special, each `'` written `'\''` (close, an escaped quote, reopen). `None` when it holds a
+/// control character (a pasted newline runs what follows it) or an invisible formatting one
+/// (a bidirectional override shows text other than what runs).
+pub fn shell_word(word: &str) -> Option<String> {
+    if word.chars().any(hidden) {
+        return None;
+    }
+    let plain = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'/' | b'-'));
+    if plain {
+        return Some(word.to_owned());
+    }
+    Some(format!("'{}'", word.replace('\'', "'\\''")))
+}
+
+/// A control character, or one that changes how text around it is shown without being seen
+/// (zero-width and bidirectional formatting characters).
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// A glob that matches `path` and nothing else: globset's special characters escaped with a
+/// backslash.
+fn literal_glob(path: &str) -> Cow<'_, str> {
+    const SPECIAL: &[char] = &['\\', '*', '?', '[', ']', '{', '}'];
+    if !path.contains(SPECIAL) {
+        return Cow::Borrowed(path);
+    }
+    let mut glob = String::with_capacity(path.len() + 8);
+    for c in path.chars() {
+        if SPECIAL.contains(&c) {
+            glob.push('\\');
+        }
+        glob.push(c);
+    }
+    Cow::Owned(glob)
+}
+
+/// A resource as a refusal shows it: as it is when short and without hidden characters, else
+/// quoted with them escaped (`"a\nb"`), cut to [`SHOWN_BYTES`] and marked with its length.
+fn shown(resource: &str) -> Cow<'_, str> {
+    if resource.len() <= SHOWN_BYTES && !resource.chars().any(hidden) {
+        return Cow::Borrowed(resource);
+    }
+    Cow::Owned(format!("{:?}", excerpt(resource, SHOWN_BYTES)))
 }
 
 /// What a reload does to run-time changes, as `mesh caps` and the docs say it.
@@ -580,5 +694,142 @@ mod tests {
         assert!(p().check_call("plugin.echo", "").is_err());
         policies.revoke("p", "call:plugin.a").unwrap();
         assert!(p().check_call("plugin.a", "/a.v1.A/Any").is_err());
+    }
+
+    /// What a shell makes of `hint`'s command, run in `dir` with `mesh` standing for a
+    /// function that prints its arguments: the arguments `mesh` would get.
+    fn run_hint(hint: &str, dir: &std::path::Path) -> Vec<String> {
+        let command = hint
+            .split_once("grant it with ")
+            .unwrap_or_else(|| panic!("no command offered: {hint}"))
+            .1;
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("mesh() {{ printf '%s\\0' \"$@\"; }}\n{command}"))
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{command}: {out:?}");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split_terminator('\0')
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn lister() -> Policy {
+        Policy::new(
+            "lister".into(),
+            "/r".into(),
+            BTreeSet::new(),
+            BTreeSet::new(),
+            BTreeSet::new(),
+        )
+    }
+
+    #[test]
+    fn hints_quote_what_they_echo_and_grant_exactly_that_resource() {
+        let dir = tempfile::tempdir().unwrap();
+        for path in [
+            "x'$(touch PWNED)'",
+            "a`touch PWNED`b",
+            "$(touch PWNED)",
+            "';touch PWNED;'",
+            "a b\\c",
+            "a*b",
+            "we[i]rd{x,y}?.txt",
+            "dir/'quoted'/é.txt",
+            &"'".repeat(100),
+        ] {
+            let denied = lister().check(Action::ReadFile, path).unwrap_err();
+            let args = run_hint(&denied, dir.path());
+            assert!(
+                std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+                "{path}: running the hint made a file"
+            );
+            assert_eq!(args[..2], ["grant", "lister"], "{path}: {args:?}");
+            assert_eq!(args.len(), 3, "{path}: {args:?}");
+            // What it grants allows this path and nothing else.
+            let cap: Capability = args[2].parse().unwrap();
+            let granted = Policy::new(
+                "lister".into(),
+                "/r".into(),
+                BTreeSet::new(),
+                [cap].into(),
+                BTreeSet::new(),
+            );
+            assert!(granted.check(Action::ReadFile, path).is_ok(), "{path}");
+            for other in [format!("{path}x"), "ab".into(), "weird".into(), "a".into()] {
+                assert!(
+                    granted.check(Action::ReadFile, &other).is_err(),
+                    "{path}: {other}"
+                );
+            }
+        }
+        // The same function writes the call: hint.
+        let denied = lister()
+            .check_call("plugin.echo", "/echo.v1.Echo/Echo")
+            .unwrap_err();
+        assert_eq!(
+            run_hint(&denied, dir.path()),
+            ["grant", "lister", "call:plugin.echo"]
+        );
+    }
+
+    #[test]
+    fn no_command_is_offered_for_what_cannot_be_pasted_safely() {
+        for path in [
+            "a\nmesh stop echo",
+            "a\rb",
+            "a\u{1b}[2Jb",
+            "evil\u{202e}txt.exe",
+            "zero\u{200b}width",
+            &"a".repeat(600),
+        ] {
+            let denied = lister().check(Action::ReadFile, path).unwrap_err();
+            assert!(denied.contains("no grant command is offered"), "{denied}");
+            assert!(!denied.contains("mesh grant"), "{denied}");
+            assert!(!denied.chars().any(hidden), "{denied:?}");
+        }
+        // Not a variable name: no env: capability can grant it.
+        let denied = lister().check(Action::GetEnv, "A-B").unwrap_err();
+        assert!(denied.contains("no capability can name it"), "{denied}");
+        assert_eq!(
+            shell_word("plain-name_1.x/y"),
+            Some("plain-name_1.x/y".into())
+        );
+        assert_eq!(shell_word(""), Some("''".into()));
+        assert_eq!(shell_word("it's"), Some("'it'\\''s'".into()));
+        assert_eq!(shell_word("a\nb"), None);
+    }
+
+    #[test]
+    fn a_refusal_stays_within_its_share_of_an_audit_line() {
+        use super::super::audit::REASON_BYTES;
+        let json = |s: &str| serde_json::to_string(s).unwrap().len();
+        let huge = "a".repeat(4_000_000);
+        let denied = lister().check(Action::Stat, &huge).unwrap_err();
+        assert!(denied.contains("[cut: 4000000 bytes]"), "{denied}");
+        assert!(denied.contains("at most 4096 bytes"), "{denied}");
+        assert!(json(&denied) <= REASON_BYTES, "{}", json(&denied));
+        // Refused before any glob runs, whatever the policy: no path is that long.
+        let everything = Policy::new(
+            "all".into(),
+            "/r".into(),
+            [Capability::Read("**".into())].into(),
+            BTreeSet::new(),
+            BTreeSet::new(),
+        );
+        assert!(everything.check(Action::Stat, &huge).is_err());
+        assert!(everything.check(Action::Stat, &"a".repeat(4096)).is_ok());
+        // The longest refusal that still offers a command fits whole: never cut mid-command.
+        for path in ["'".repeat(120), "\\".repeat(240), "é".repeat(120)] {
+            let denied = lister().check(Action::ReadFile, &path).unwrap_err();
+            assert!(json(&denied) <= REASON_BYTES, "{}", json(&denied));
+        }
+        let method = format!("/{}", "\u{1}".repeat(100_000));
+        let denied = lister().check_call("plugin.echo", &method).unwrap_err();
+        assert!(json(&denied) <= REASON_BYTES, "{}", json(&denied));
+        assert!(denied.ends_with("grant it with mesh grant lister 'call:plugin.echo'"));
     }
 }

@@ -10,6 +10,16 @@
 //! (each call checked by [`CallGate::decide`], the same code as the router path, with the
 //! target plugin's service name and the call's `:path`).
 //!
+//! Whose word is what: the *caller's identity* is the kernel's and the manager's (the pidfd
+//! names one process, which the manager looks up itself; nothing the target says changes
+//! whom it names), but *that a call happened*, on which connection and with which method, is
+//! the target's report, and the pidfd is the one the target chose to pass (of any process it
+//! holds a pidfd for: one that ever connected to it, or one it can `pidfd_open`, another
+//! plugin's included). So a target can make the log show calls to
+//! itself that never happened, from any process, or hide real ones; it cannot reach another
+//! target's service (the channel fixes it) or change any other plugin's policy. Its audit
+//! lines say so: `via` `direct` and `reported_by` the instance whose channel asked.
+//!
 //! Everything on the channel is hostile: a message that is too long, truncated, unknown, or
 //! carries no fd, several fds, or an fd that is not a pidfd is refused (an answer when the
 //! request has an id) and never ends the channel; extra fds are closed.
@@ -28,7 +38,7 @@ use nix::sys::socket::{
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
-use super::CallGate;
+use super::{CallGate, audit::Via};
 use crate::supervisor::{CallerChannels, Supervisor};
 
 /// Connections one instance may have checked per call at once: more than its file descriptor
@@ -67,7 +77,7 @@ impl DirectGate {
 }
 
 impl CallerChannels for DirectGate {
-    fn open(&self, plugin: &str, service: &str) -> io::Result<OwnedFd> {
+    fn open(&self, plugin: &str, instance: &str, service: &str) -> io::Result<OwnedFd> {
         let (mine, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -81,6 +91,7 @@ impl CallerChannels for DirectGate {
         let channel = Channel {
             fd: mine,
             service: service.to_owned(),
+            instance: instance.to_owned(),
             gate: self.gate.clone(),
             supervisor: self.supervisor.clone(),
             owner: self.owner,
@@ -104,6 +115,8 @@ struct Channel {
     fd: AsyncFd<OwnedFd>,
     /// The target: the instance's plugin's service name, fixed by the channel.
     service: String,
+    /// The instance the channel was opened for: whose word a decision on it is.
+    instance: String,
     gate: Arc<CallGate>,
     supervisor: Weak<Supervisor>,
     owner: u32,
@@ -259,7 +272,10 @@ impl Channel {
         let Some(caller) = self.tokens.get(&token) else {
             return denied(id, "refused by the manager: unknown connection".into());
         };
-        let (verdict, message) = match self.gate.decide(caller, &self.service, method, "direct") {
+        let via = Via::Direct {
+            reported_by: &self.instance,
+        };
+        let (verdict, message) = match self.gate.decide(caller, &self.service, method, via) {
             Ok(()) => (wire::ALLOWED, String::new()),
             Err(Refusal::Denied(why)) => (wire::DENIED, why),
             Err(Refusal::Exhausted(why)) => (wire::EXHAUSTED, why),
@@ -562,7 +578,7 @@ mod tests {
             audit,
         ));
         let direct = DirectGate::new(gate, Weak::new());
-        let end = PluginEnd(direct.open("echo", "plugin.echo").unwrap());
+        let end = PluginEnd(direct.open("echo", "echo-0", "plugin.echo").unwrap());
         setsockopt(
             &end.0,
             sockopt::ReceiveTimeout,

@@ -79,9 +79,14 @@ pub struct Supervisor {
 /// Opens an instance's private channel to the manager, over which its SDK asks who its callers
 /// are and whether each call may run (`MESH_CALLERS_FD`; `crate::host::direct`).
 pub trait CallerChannels: Send + Sync + 'static {
-    /// A new channel for an instance of `plugin` serving `service`: the end the instance
+    /// A new channel for `instance` of `plugin` serving `service`: the end the instance
     /// inherits (close-on-exec; the child clears that).
-    fn open(&self, plugin: &str, service: &str) -> std::io::Result<std::os::fd::OwnedFd>;
+    fn open(
+        &self,
+        plugin: &str,
+        instance: &str,
+        service: &str,
+    ) -> std::io::Result<std::os::fd::OwnedFd>;
 }
 
 /// Where instances find the [`CallerChannels`], once it is set.

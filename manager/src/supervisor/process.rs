@@ -122,7 +122,7 @@ pub(crate) fn spawn(
     // Kept open until the child has it; then only the child (and the manager's end) holds it.
     let channel = match (endpoint, launch.channels.get()) {
         (Address::Unix(_), Some(channels)) => {
-            Some(channels.open(&plugin.name, plugin.service.as_str())?)
+            Some(channels.open(&plugin.name, &launch.id, plugin.service.as_str())?)
         }
         // A TCP peer has no pidfd: nothing to check it by (docs/security.md says so).
         _ => None,

@@ -3,6 +3,7 @@
 #![allow(unreachable_pub)] // a test crate: nothing here is exported
 
 mod admin;
+mod audit;
 mod bad_input;
 mod cancel;
 mod cluster;

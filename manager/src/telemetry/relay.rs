@@ -61,7 +61,8 @@ use bounds::{Bounded, Limits};
 pub const PLUGIN_ATTRIBUTE: &str = "mesh.plugin";
 /// The resource attribute naming the instance that exported the spans.
 pub const INSTANCE_ATTRIBUTE: &str = "mesh.instance";
-/// The resource attribute collectors name a service by: a plugin's name, on its spans.
+/// The resource attribute collectors name a service by: on a plugin's spans, its registry
+/// name (`plugin.echo`), as the manager sets `OTEL_SERVICE_NAME` for it.
 pub const SERVICE_ATTRIBUTE: &str = "service.name";
 /// How long one export may wait on the collector.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -430,9 +431,10 @@ impl Decoder for ExportDecoder {
 
 /// Stamps `resource_spans` with `caller`'s identity: every `mesh.*` attribute and every
 /// `service.name` below the resource (scopes, spans, events, links) is removed; on the
-/// resource, a plugin's `service.name`, `mesh.plugin` and `mesh.instance` replace whatever it
-/// claimed, and anyone else keeps its `service.name` but no `mesh.*` (so that `mesh.plugin` on
-/// a relayed span always comes from the kernel's word).
+/// resource, a plugin's `service.name` (`plugin.<name>`), `mesh.plugin` and `mesh.instance`
+/// replace whatever it claimed, and anyone else (who may control the mesh) keeps its
+/// `service.name` but no `mesh.*`: `mesh.plugin` on a relayed span always comes from the
+/// kernel's word.
 fn stamp(resource_spans: &mut ResourceSpans, caller: &Caller) {
     let claimed = |kv: &KeyValue| kv.key == SERVICE_ATTRIBUTE || kv.key.starts_with("mesh.");
     let keep = |attributes: &mut Vec<KeyValue>| attributes.retain(|kv| !claimed(kv));
@@ -469,7 +471,7 @@ fn stamp(resource_spans: &mut ResourceSpans, caller: &Caller) {
         ..KeyValue::default()
     };
     resource.attributes.extend([
-        string(SERVICE_ATTRIBUTE, plugin),
+        string(SERVICE_ATTRIBUTE, &format!("plugin.{plugin}")),
         string(PLUGIN_ATTRIBUTE, plugin),
         string(INSTANCE_ATTRIBUTE, instance),
     ]);
@@ -578,7 +580,7 @@ mod tests {
         let mut stamped = forged();
         stamp(&mut stamped, &plugin());
         let resource = &stamped.resource.as_ref().unwrap().attributes;
-        assert_eq!(values(resource, SERVICE_ATTRIBUTE), ["files"]);
+        assert_eq!(values(resource, SERVICE_ATTRIBUTE), ["plugin.files"]);
         assert_eq!(values(resource, PLUGIN_ATTRIBUTE), ["files"]);
         assert_eq!(values(resource, INSTANCE_ATTRIBUTE), ["files-0"]);
         assert!(values(resource, "mesh.anything").is_empty(), "{resource:?}");
@@ -589,7 +591,7 @@ mod tests {
         let mut bare = ResourceSpans::default();
         stamp(&mut bare, &plugin());
         let resource = &bare.resource.as_ref().unwrap().attributes;
-        assert_eq!(values(resource, SERVICE_ATTRIBUTE), ["files"]);
+        assert_eq!(values(resource, SERVICE_ATTRIBUTE), ["plugin.files"]);
     }
 
     #[test]

@@ -429,45 +429,56 @@ impl Decoder for ExportDecoder {
     }
 }
 
-/// Stamps `resource_spans` with `caller`'s identity: every `mesh.*` attribute and every
-/// `service.name` below the resource (scopes, spans, events, links) is removed; on the
-/// resource, a plugin's `service.name` (`plugin.<name>`), `mesh.plugin` and `mesh.instance`
-/// replace whatever it claimed, and anyone else (who may control the mesh) keeps its
-/// `service.name` but no `mesh.*`: `mesh.plugin` on a relayed span always comes from the
+/// Stamps `resource_spans` with `caller`'s identity. Below the resource (scopes, spans,
+/// events, links) every `service.name` and `mesh.*` attribute is removed but `mesh.instance`,
+/// which the SDK sets on a server span to name the instance that served it: that one is a
+/// plugin's own instance as the kernel says (and removed for anyone else). On the resource, a
+/// plugin's `service.name` (`plugin.<name>`), `mesh.plugin` and `mesh.instance` replace
+/// whatever it claimed; anyone else (who may control the mesh) keeps its `service.name` but no
+/// `mesh.*`. So `mesh.plugin` and `mesh.instance` on a relayed span always come from the
 /// kernel's word.
 fn stamp(resource_spans: &mut ResourceSpans, caller: &Caller) {
     let claimed = |kv: &KeyValue| kv.key == SERVICE_ATTRIBUTE || kv.key.starts_with("mesh.");
-    let keep = |attributes: &mut Vec<KeyValue>| attributes.retain(|kv| !claimed(kv));
+    let own = match caller {
+        Caller::Plugin {
+            plugin, instance, ..
+        } => Some((plugin, instance)),
+        _ => None,
+    };
+    let below = |attributes: &mut Vec<KeyValue>| {
+        attributes.retain_mut(|kv| match (kv.key == INSTANCE_ATTRIBUTE, own) {
+            (true, Some((_, instance))) => {
+                kv.value = Some(string_value(instance));
+                true
+            }
+            _ => !claimed(kv),
+        })
+    };
     for scope_spans in &mut resource_spans.scope_spans {
         if let Some(scope) = &mut scope_spans.scope {
-            keep(&mut scope.attributes);
+            below(&mut scope.attributes);
         }
         for span in &mut scope_spans.spans {
-            keep(&mut span.attributes);
+            below(&mut span.attributes);
             for event in &mut span.events {
-                keep(&mut event.attributes);
+                below(&mut event.attributes);
             }
             for link in &mut span.links {
-                keep(&mut link.attributes);
+                below(&mut link.attributes);
             }
         }
     }
     let resource = resource_spans.resource.get_or_insert_default();
-    let Caller::Plugin {
-        plugin, instance, ..
-    } = caller
-    else {
+    let Some((plugin, instance)) = own else {
         resource
             .attributes
             .retain(|kv| !kv.key.starts_with("mesh."));
         return;
     };
-    keep(&mut resource.attributes);
+    resource.attributes.retain(|kv| !claimed(kv));
     let string = |key: &str, value: &str| KeyValue {
         key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.to_owned())),
-        }),
+        value: Some(string_value(value)),
         ..KeyValue::default()
     };
     resource.attributes.extend([
@@ -475,6 +486,12 @@ fn stamp(resource_spans: &mut ResourceSpans, caller: &Caller) {
         string(PLUGIN_ATTRIBUTE, plugin),
         string(INSTANCE_ATTRIBUTE, instance),
     ]);
+}
+
+fn string_value(value: &str) -> AnyValue {
+    AnyValue {
+        value: Some(any_value::Value::StringValue(value.to_owned())),
+    }
 }
 
 #[cfg(test)]
@@ -561,8 +578,8 @@ mod tests {
         }
     }
 
-    /// Every attribute list below the resource: only the exporter's own attribute is left.
-    fn assert_below_the_resource_only_kept(stamped: &ResourceSpans) {
+    /// Every attribute list below the resource is `left`.
+    fn assert_below_the_resource(stamped: &ResourceSpans, left: &[KeyValue]) {
         let scope_spans = &stamped.scope_spans[0];
         let span = &scope_spans.spans[0];
         for attributes in [
@@ -571,7 +588,7 @@ mod tests {
             &span.events[0].attributes,
             &span.links[0].attributes,
         ] {
-            assert_eq!(attributes, &vec![string("http.route", "/kept")]);
+            assert_eq!(attributes, left);
         }
     }
 
@@ -586,7 +603,14 @@ mod tests {
         assert!(values(resource, "mesh.anything").is_empty(), "{resource:?}");
         assert_eq!(values(resource, "http.route"), ["/kept"]);
         assert_eq!(resource.len(), 4, "{resource:?}");
-        assert_below_the_resource_only_kept(&stamped);
+        // The SDK's `mesh.instance` on a span stays, as the kernel names the instance.
+        assert_below_the_resource(
+            &stamped,
+            &[
+                string(INSTANCE_ATTRIBUTE, "files-0"),
+                string("http.route", "/kept"),
+            ],
+        );
         // No resource at all: one is made, stamped.
         let mut bare = ResourceSpans::default();
         stamp(&mut bare, &plugin());
@@ -610,7 +634,7 @@ mod tests {
                 string("http.route", "/kept")
             ]
         );
-        assert_below_the_resource_only_kept(&stamped);
+        assert_below_the_resource(&stamped, &[string("http.route", "/kept")]);
     }
 
     fn framed(message: &ExportTraceServiceRequest) -> Bytes {

@@ -50,7 +50,7 @@ fn find(table: &str, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
 }
 
 /// Field `index` (7: uid, 9: inode) of the row of the socket `peer` connected to `local`.
-fn field<'a>(table: &'a str, peer: SocketAddr, local: SocketAddr, index: usize) -> Option<&'a str> {
+fn field(table: &str, peer: SocketAddr, local: SocketAddr, index: usize) -> Option<&str> {
     let (peer, local) = (hex(peer), hex(local));
     table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();

@@ -157,10 +157,13 @@ impl TraceRelay {
 
     /// The service, for the router: exports larger than [`MAX_EXPORT_BYTES`] or
     /// `max_message_size`, whichever is smaller, are refused at their length prefix.
-    pub fn into_server(mut self, max_message_size: usize) -> RelayServer {
-        let inner = Arc::get_mut(&mut self.inner).expect("a relay is served once, before use");
-        inner.limits.bytes = inner.limits.bytes.min(max_message_size);
-        RelayServer { relay: self }
+    pub fn into_server(self, max_message_size: usize) -> RelayServer {
+        let mut limits = self.inner.limits;
+        limits.bytes = limits.bytes.min(max_message_size);
+        RelayServer {
+            relay: self,
+            limits,
+        }
     }
 
     /// Exports refused so far because the relay or their caller was at a bound.
@@ -303,6 +306,8 @@ impl Drop for Share {
 #[derive(Debug, Clone)]
 pub struct RelayServer {
     relay: TraceRelay,
+    /// The relay's, with the router's message limit applied.
+    limits: Limits,
 }
 
 impl NamedService for RelayServer {
@@ -319,7 +324,7 @@ impl tonic::codegen::Service<http::Request<Body>> for RelayServer {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let relay = self.relay.clone();
+        let (relay, limits) = (self.relay.clone(), self.limits);
         Box::pin(async move {
             if request.uri().path() != EXPORT_PATH {
                 return Ok(Status::unimplemented(format!(
@@ -331,11 +336,11 @@ impl tonic::codegen::Service<http::Request<Body>> for RelayServer {
                 Ok(admission) => Arc::new(admission),
                 Err(refused) => return Ok(refused.into_http()),
             };
-            let limits = relay.inner.limits;
             let request = request.map(|body| Bounded::new(body, limits.bytes));
             let codec = ExportCodec {
                 relay: relay.clone(),
                 admission: admission.clone(),
+                limits,
             };
             // tonic's own bound too, behind `Bounded`'s: no decode is ever attempted past it.
             let mut grpc = tonic::server::Grpc::new(codec)
@@ -370,6 +375,7 @@ impl UnaryService<ExportTraceServiceRequest> for Export {
 struct ExportCodec {
     relay: TraceRelay,
     admission: Arc<Admission>,
+    limits: Limits,
 }
 
 impl Codec for ExportCodec {
@@ -386,6 +392,7 @@ impl Codec for ExportCodec {
         ExportDecoder {
             relay: self.relay.clone(),
             admission: self.admission.clone(),
+            limits: self.limits,
             prost: ProstDecoder::new(BufferSettings::default()),
         }
     }
@@ -394,6 +401,7 @@ impl Codec for ExportCodec {
 struct ExportDecoder {
     relay: TraceRelay,
     admission: Arc<Admission>,
+    limits: Limits,
     prost: ProstDecoder<ExportTraceServiceRequest>,
 }
 
@@ -410,7 +418,7 @@ impl Decoder for ExportDecoder {
             ));
         }
         let inner = &self.relay.inner;
-        let cost = bounds::cost(buf.chunk(), &inner.limits).map_err(|s| self.relay.refuse(s))?;
+        let cost = bounds::cost(buf.chunk(), &self.limits).map_err(|s| self.relay.refuse(s))?;
         let memory = u32::try_from(cost)
             .ok()
             .and_then(|cost| inner.memory.clone().try_acquire_many_owned(cost).ok())

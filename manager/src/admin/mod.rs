@@ -8,9 +8,16 @@
 //! lifetime, `GET`/`HEAD` only, exact paths (nothing maps to a file), and on loopback a `Host`
 //! that is an IP address or `localhost` (a DNS-rebinding page cannot read it). Everything a
 //! plugin wrote reaches the page as JSON text, rendered with `textContent` under a strict
-//! Content-Security-Policy. Any local user can connect to a loopback port, so a loopback
-//! client is served only when the kernel says its socket is the owner's or root's (`peer`),
-//! unless `allow_other_users = true`.
+//! Content-Security-Policy.
+//!
+//! Any local user can connect to a loopback port, so who is on the other end is decided from
+//! the kernel's word (`peer`) when a connection is accepted, before it takes a slot
+//! ([`Peer`]): the owner's and root's processes, served everything, have their own
+//! [`MAX_CONNECTIONS`] slots, which nobody else can take; another local user (refused unless
+//! `allow_other_users = true`) or a remote client shares [`MAX_OTHER_CONNECTIONS`]; a managed
+//! plugin's process (of the owner's uid or not), which is served `/healthz` only since the
+//! rest shows every plugin's logs and status, shares [`MAX_PLUGIN_CONNECTIONS`]. A connection
+//! refused anything is answered once and closed.
 
 mod metrics;
 mod peer;
@@ -34,8 +41,13 @@ pub use metrics::{Metrics, MetricsError};
 
 use crate::{Supervisor, supervisor::State};
 
-/// Most admin connections open at once; more are closed on accept.
+/// Most connections of the owner's (and root's) processes open at once; more are closed on
+/// accept.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Most connections of other users' processes and remote clients open at once.
+pub const MAX_OTHER_CONNECTIONS: usize = 16;
+/// Most connections of managed plugins' processes open at once.
+pub const MAX_PLUGIN_CONNECTIONS: usize = 8;
 /// The request line and headers must arrive within this.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head hyper buffers (its minimum); past it the request is refused (431).
@@ -85,14 +97,31 @@ impl Admin {
         })
     }
 
-    /// Whether the client at `peer` may be served: a remote one (the config allowed a
-    /// non-loopback listener), or a local one the kernel says is the owner's or root's.
-    fn may_serve(&self, peer: SocketAddr, local: Option<SocketAddr>) -> bool {
-        if self.other_users || !peer.ip().is_loopback() {
-            return true;
+    /// Who the client at `peer` is, as the kernel says: asked once per connection, before
+    /// it takes a slot. Reads `/proc`: call it off the runtime's workers.
+    fn identify(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Peer {
+        if !peer.ip().is_loopback() {
+            return Peer::Remote;
         }
-        let uid = local.and_then(|local| peer::uid_of(peer, local));
-        uid.is_some_and(|uid| uid == self.owner || uid == 0)
+        let Some(uid) = local.and_then(|local| peer::uid_of(peer, local)) else {
+            return Peer::Stranger { uid: None };
+        };
+        let trusted = uid == self.owner || uid == 0;
+        if !trusted && !self.other_users {
+            // Refused whoever it is: no need to find its process.
+            return Peer::Stranger { uid: Some(uid) };
+        }
+        let plugin = local
+            .and_then(|local| peer::pid_of(peer, local))
+            .and_then(|pid| Some((pid, self.supervisor.identify(pid)?)));
+        match plugin {
+            Some((pid, identity)) => Peer::Plugin {
+                plugin: identity.plugin.to_string(),
+                pid,
+            },
+            None if trusted => Peer::Owner,
+            None => Peer::Stranger { uid: Some(uid) },
+        }
     }
 
     /// Serves `listener` until `shutdown` completes; samples the metrics for the status
@@ -102,7 +131,12 @@ impl Admin {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let slots = [
+            MAX_CONNECTIONS,
+            MAX_OTHER_CONNECTIONS,
+            MAX_PLUGIN_CONNECTIONS,
+        ]
+        .map(|n| Arc::new(Semaphore::new(n)));
         let mut connections = JoinSet::new();
         let mut sampling = tokio::time::interval(metrics::SAMPLE_EVERY);
         sampling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -111,6 +145,8 @@ impl Admin {
             .header_read_timeout(HEAD_TIMEOUT)
             .max_buf_size(MAX_HEAD)
             .max_headers(64);
+        let mut once = http.clone();
+        once.keep_alive(false);
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -129,15 +165,28 @@ impl Admin {
                     }
                 },
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Who it is, before it takes a slot: strangers and plugins never take the owner's.
+            let identify = {
+                let admin = self.clone();
+                let local = stream.local_addr().ok();
+                tokio::task::spawn_blocking(move || admin.identify(peer, local))
+            };
+            let peer = identify.await.unwrap_or(Peer::Stranger { uid: None });
+            let Ok(slot) = slots[peer.pool()].clone().try_acquire_owned() else {
                 // Full: closed at once, the ones open keep being served.
                 continue;
             };
-            let allowed = self.may_serve(peer, stream.local_addr().ok());
+            // Answered once and closed when it may not be served everything: it holds a slot
+            // of its pool no longer than one request takes.
+            let http = match refusal(&peer, "/", self.other_users).is_some() {
+                true => &once,
+                false => &http,
+            };
             let admin = self.clone();
+            let peer = Arc::new(peer);
             let service = hyper::service::service_fn(move |request| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.respond(&request, allowed)) }
+                let (admin, peer) = (admin.clone(), peer.clone());
+                async move { Ok::<_, Infallible>(admin.respond(&request, &peer)) }
             });
             let conn = http.serve_connection(TokioIo::new(stream), service);
             connections.spawn(async move {
@@ -155,14 +204,10 @@ impl Admin {
         connections.shutdown().await;
     }
 
-    fn respond(&self, request: &Request<Incoming>, allowed: bool) -> Response<Full<Bytes>> {
-        let mut response = match allowed {
-            true => self.route(request),
-            false => text(
-                StatusCode::FORBIDDEN,
-                "this admin listener serves mesh up's own user and root only; \
-                 set allow_other_users = true in [admin] to serve every local user\n",
-            ),
+    fn respond(&self, request: &Request<Incoming>, peer: &Peer) -> Response<Full<Bytes>> {
+        let mut response = match refusal(peer, request.uri().path(), self.other_users) {
+            None => self.route(request),
+            Some(why) => text(StatusCode::FORBIDDEN, &why),
         };
         if request.method() == Method::HEAD {
             *response.body_mut() = Full::default();
@@ -352,6 +397,58 @@ impl Admin {
     }
 }
 
+/// Why `peer` is not served `path`, if it is not: the one place this listener decides who
+/// sees what (`docs/security.md`'s table of listeners).
+fn refusal(peer: &Peer, path: &str, other_users: bool) -> Option<String> {
+    match peer {
+        Peer::Owner | Peer::Remote => None,
+        Peer::Stranger { .. } if other_users => None,
+        Peer::Stranger { .. } => Some(
+            "this admin listener serves mesh up's own user and root only; \
+             set allow_other_users = true in [admin] to serve every local user\n"
+                .to_owned(),
+        ),
+        Peer::Plugin { .. } if path == "/healthz" => None,
+        Peer::Plugin { plugin, pid } => Some(format!(
+            "this admin listener serves managed plugins' processes /healthz only (this \
+             connection is process {pid}'s, of plugin {plugin:?}): the rest shows every \
+             plugin's logs and status\n"
+        )),
+    }
+}
+
+/// Who is on the other end of an admin connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Peer {
+    /// A process of `mesh up`'s own uid, or root's, that no managed instance started.
+    Owner,
+    /// A managed plugin instance, or a process it started (whatever its uid).
+    Plugin {
+        /// The plugin's name.
+        plugin: String,
+        /// The connecting process.
+        pid: u32,
+    },
+    /// A process of another local uid (`None`: the kernel no longer lists the connection).
+    Stranger {
+        /// Its uid.
+        uid: Option<u32>,
+    },
+    /// A client on another machine (only on a listener the config allowed off loopback).
+    Remote,
+}
+
+impl Peer {
+    /// Its pool of connection slots (an index into `serve`'s).
+    fn pool(&self) -> usize {
+        match self {
+            Peer::Owner => 0,
+            Peer::Stranger { .. } | Peer::Remote => 1,
+            Peer::Plugin { .. } => 2,
+        }
+    }
+}
+
 fn ready_count(instances: &[crate::supervisor::InstanceStatus]) -> usize {
     instances
         .iter()
@@ -431,6 +528,36 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plugins_see_healthz_only_and_strangers_nothing_unless_allowed() {
+        let plugin = Peer::Plugin {
+            plugin: "spy".into(),
+            pid: 42,
+        };
+        let stranger = Peer::Stranger { uid: Some(65534) };
+        for path in ["/", "/healthz", "/api/logs", "/api/status", "/metrics"] {
+            for other_users in [false, true] {
+                assert_eq!(refusal(&Peer::Owner, path, other_users), None);
+                assert_eq!(refusal(&Peer::Remote, path, other_users), None);
+                assert_eq!(
+                    refusal(&stranger, path, other_users).is_some(),
+                    !other_users,
+                    "{path}"
+                );
+                let seen = refusal(&plugin, path, other_users);
+                assert_eq!(seen.is_none(), path == "/healthz", "{path}");
+                if let Some(why) = seen {
+                    assert!(why.contains("process 42's, of plugin \"spy\""), "{why}");
+                }
+            }
+        }
+        // Each has its own slots: nobody else's connections fill the owner's.
+        assert_eq!(Peer::Owner.pool(), 0);
+        assert_ne!(stranger.pool(), Peer::Owner.pool());
+        assert_ne!(plugin.pool(), Peer::Owner.pool());
+        assert_ne!(plugin.pool(), stranger.pool());
+    }
 
     #[test]
     fn only_plain_ids_are_taken_from_the_query() {

@@ -1,7 +1,8 @@
 //! Who is on the other end of a loopback TCP connection, as the kernel says: the uid that owns
-//! the client's socket, from `/proc/net/tcp` and `/proc/net/tcp6` (what identd does). Any
-//! local user can connect to a loopback port; this is how the admin listener tells its owner
-//! from the strangers.
+//! the client's socket, from `/proc/net/tcp` and `/proc/net/tcp6` (what identd does), and the
+//! process holding that socket open (its inode, found among `/proc/<pid>/fd`). Any local user
+//! can connect to a loopback port; this is how the admin listener tells its owner from the
+//! strangers, and the owner's own processes from a plugin's.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -16,14 +17,45 @@ pub(crate) fn uid_of(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
     find(&text, peer, local)
 }
 
+/// The pid of a process holding open the local socket `peer` that is connected to `local`
+/// (the first found: a socket shared across a fork is any of its holders'). One function, so
+/// that a shared lookup (the router's, for its own loopback listener) can replace it.
+pub(crate) fn pid_of(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
+    let table = match peer.ip() {
+        IpAddr::V4(_) => "/proc/net/tcp",
+        IpAddr::V6(_) => "/proc/net/tcp6",
+    };
+    let text = std::fs::read_to_string(table).ok()?;
+    let inode = field(&text, peer, local, 9)?;
+    let wanted = format!("socket:[{inode}]");
+    // Newest processes first: a plugin's started after `mesh up` (and the test's) did.
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable_by(|a, b| b.cmp(a));
+    pids.into_iter().find(|pid| {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            // Gone, or not ours to read: then not a process this listener must tell apart.
+            return false;
+        };
+        fds.filter_map(Result::ok).any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == wanted.as_str())
+        })
+    })
+}
+
 fn find(table: &str, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
+    field(table, peer, local, 7)?.parse().ok()
+}
+
+/// Field `index` (7: uid, 9: inode) of the row of the socket `peer` connected to `local`.
+fn field(table: &str, peer: SocketAddr, local: SocketAddr, index: usize) -> Option<&str> {
     let (peer, local) = (hex(peer), hex(local));
     table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let (from, to, uid) = (fields.get(1)?, fields.get(2)?, fields.get(7)?);
-        (from.eq_ignore_ascii_case(&peer) && to.eq_ignore_ascii_case(&local))
-            .then(|| uid.parse().ok())
-            .flatten()
+        let (from, to, value) = (fields.get(1)?, fields.get(2)?, fields.get(index)?);
+        (from.eq_ignore_ascii_case(&peer) && to.eq_ignore_ascii_case(&local)).then_some(*value)
     })
 }
 
@@ -73,5 +105,9 @@ mod tests {
         assert_eq!(peer, client.local_addr().unwrap());
         let own = nix::unistd::geteuid().as_raw();
         assert_eq!(uid_of(peer, listener.local_addr().unwrap()), Some(own));
+        assert_eq!(
+            pid_of(peer, listener.local_addr().unwrap()),
+            Some(std::process::id())
+        );
     }
 }

@@ -541,3 +541,252 @@ fn the_parser_reads_escapes_and_rejects_garbage() {
     assert_eq!(samples[2].labels["le"], "+Inf");
     assert!(std::panic::catch_unwind(|| parse_prometheus("x{a=\"b} 1\n")).is_err());
 }
+
+/// A process inside a plugin's tree that lends the test its position: for each connection to
+/// its Unix socket it reads one line, `unix` (the router's socket) or `tcp PORT` (127.0.0.1),
+/// dials that itself and pipes both ways. Whatever the test sends then comes from the plugin,
+/// as the kernel tells it (`SO_PEERCRED`, the socket table).
+const SPY: &str = r#"
+import os, socket, sys, threading
+def pipe(a, b):
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        try:
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+def serve(conn):
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = conn.recv(1)
+        if not byte:
+            return
+        line += byte
+    where = line.decode().split()
+    if where[0] == "unix":
+        upstream = socket.socket(socket.AF_UNIX)
+        upstream.connect(os.environ["MESH_SOCKET"])
+    else:
+        upstream = socket.create_connection(("127.0.0.1", int(where[1])))
+    threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
+    pipe(upstream, conn)
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen(64)
+print("spy: listening", flush=True)
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+
+/// The spy's socket, beside the `[[plugin]]` table of plugin `name` whose command starts it
+/// next to echo-plugin (wait for `spy: listening` before [`spy`]).
+pub(crate) fn spy_plugin(dir: &std::path::Path, name: &str) -> (String, std::path::PathBuf) {
+    let code = dir.join("spy.py");
+    std::fs::write(&code, SPY).unwrap();
+    let socket = dir.join("spy.sock");
+    let command = crate::support::script(
+        dir,
+        &format!("{name}.sh"),
+        &format!(
+            "/usr/bin/python3 {} {} &\nexec {}",
+            code.display(),
+            socket.display(),
+            crate::support::echo_plugin().display()
+        ),
+    );
+    let table = format!("[[plugin]]\nname = \"{name}\"\ncommand = {command:?}\n");
+    (table, socket)
+}
+
+/// A connection made by the spy at `socket` to `to` (`unix`, `tcp PORT`).
+pub(crate) async fn spy(socket: &std::path::Path, to: &str) -> tokio::net::UnixStream {
+    let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    stream
+        .write_all(format!("{to}\n").as_bytes())
+        .await
+        .unwrap();
+    stream
+}
+
+/// `GET path` from inside the plugin whose spy listens at `socket`.
+async fn spy_get(socket: &std::path::Path, addr: &str, path: &str) -> Answer {
+    let port = addr.rsplit(':').next().unwrap();
+    let mut stream = spy(socket, &format!("tcp {port}")).await;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut bytes))
+        .await
+        .expect("the admin listener answers the spy")
+        .unwrap();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer to the spy's GET {path}: {text:?}"));
+    Answer {
+        status: head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+        headers: HashMap::new(),
+        body: body.to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_process_is_not_served_other_plugins_logs() {
+    let dir = crate::support::short_tempdir();
+    let (spy_table, socket) = spy_plugin(dir.path(), "spy");
+    let mesh = Mesh::start_with(
+        ADMIN,
+        &format!("{spy_table}{}", crate::lifecycle::TWO_ECHOES),
+    )
+    .await;
+    let addr = addr_of(&mesh).await;
+    mesh.wait_line("spy: listening").await;
+    mesh.wait_instances("plugin.spy", 1).await;
+
+    // The spy, of the owner's uid, asks for echo's logs and status: refused, named.
+    for path in ["/api/logs?instance=echo-0", "/api/status", "/", "/metrics"] {
+        let answer = spy_get(&socket, &addr, path).await;
+        assert_eq!(answer.status, 403, "{path}: {answer:?}");
+        assert!(
+            answer.body.contains("of plugin \"spy\"") && answer.body.contains("/healthz only"),
+            "{path}: {answer:?}"
+        );
+    }
+    // Its liveness check is answered.
+    let health = spy_get(&socket, &addr, "/healthz").await;
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+
+    // The owner is served meanwhile: echo's logs, and echo's calls.
+    let logs = get(&addr, "/api/logs?instance=echo-0").await;
+    assert_eq!(logs.status, 200, "{logs:?}");
+    assert!(logs.body.contains("\"instance\":\"echo-0\""), "{logs:?}");
+    let channel = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo").unwrap();
+    let reply = tokio::time::timeout(DEADLINE, EchoClient::new(channel).echo(echo("served")))
+        .await
+        .expect("echo answers within the deadline")
+        .unwrap();
+    assert_eq!(reply.into_inner().message, "served");
+}
+
+/// Run as uid 65534: keeps `CONNECTIONS` connections to the admin port open (reopening those
+/// the listener closes), every other one sending a keep-alive `GET /healthz`, until a line
+/// arrives on stdin or 60 s pass; prints `holding N` once they are open, then its tally.
+const FLOOD: &str = r#"
+import select, socket, sys, threading, time
+CONNECTIONS = 80
+port = int(sys.argv[1])
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+deadline = time.monotonic() + 60
+opened = answered = refused_at_once = 0
+socks = []
+announced = False
+while not stop.is_set() and time.monotonic() < deadline:
+    while len(socks) < CONNECTIONS:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        except OSError:
+            refused_at_once += 1
+            break
+        if opened % 2 == 0:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        s.setblocking(False)
+        socks.append(s)
+        opened += 1
+    if not announced:
+        print("holding", len(socks), flush=True)
+        announced = True
+    readable, _, _ = select.select(socks, [], [], 0.05)
+    for s in readable:
+        try:
+            data = s.recv(4096)
+        except OSError:
+            data = b""
+        if b" 403 " in data:
+            answered += 1
+        if not data:
+            socks.remove(s)
+            s.close()
+print("opened", opened, "answered403", answered, "open_at_end", len(socks), flush=True)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_flooding_the_admin_listener_leaves_the_owner_served() {
+    // Switching users needs root, which CI has.
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to act as uid 65534");
+        return;
+    }
+    let mesh = Mesh::start_with(ADMIN, crate::lifecycle::TWO_ECHOES).await;
+    let addr = addr_of(&mesh).await;
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+    let mut flood = tokio::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", FLOOD, &port])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("setpriv and python3");
+    let mut out = tokio::io::BufReader::new(flood.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(
+        DEADLINE,
+        tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line),
+    )
+    .await
+    .expect("the flood opens its connections")
+    .unwrap();
+    assert!(line.starts_with("holding"), "{line:?}");
+
+    // The owner, ten times during the flood, each within its own deadline.
+    let started = std::time::Instant::now();
+    let mut answered = 0;
+    for _ in 0..10 {
+        let health = tokio::time::timeout(Duration::from_secs(2), get(&addr, "/healthz")).await;
+        if health.is_ok_and(|answer| answer.body == "ok\n") {
+            answered += 1;
+        }
+    }
+    let took = started.elapsed();
+    // And the router's plugins, meanwhile.
+    let channel = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo").unwrap();
+    let reply = tokio::time::timeout(DEADLINE, EchoClient::new(channel).echo(echo("served")))
+        .await
+        .expect("echo answers within the deadline")
+        .unwrap();
+    assert_eq!(reply.into_inner().message, "served");
+
+    let mut stdin = flood.stdin.take().unwrap();
+    stdin.write_all(b"stop\n").await.unwrap();
+    let mut tally = String::new();
+    tokio::time::timeout(
+        DEADLINE,
+        tokio::io::AsyncBufReadExt::read_line(&mut out, &mut tally),
+    )
+    .await
+    .expect("the flood stops")
+    .unwrap();
+    eprintln!("admin flood as uid 65534: {line}{tally}owner's /healthz: {answered}/10 in {took:?}");
+    assert_eq!(
+        answered, 10,
+        "the owner's /healthz during the flood ({tally})"
+    );
+    // The flood did hold connections and was answered 403 (closed after each answer).
+    let count = |key: &str| -> usize {
+        let words: Vec<&str> = tally.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == key).unwrap();
+        words[at + 1].parse().unwrap()
+    };
+    assert!(count("opened") >= 80, "{tally}");
+    assert!(count("answered403") >= 1, "{tally}");
+    let _ = flood.wait().await;
+}

@@ -911,3 +911,203 @@ async fn the_trace_relay_refuses_other_users_and_strips_claimed_identities() {
         "{spans:#?}"
     );
 }
+
+/// The peak resident memory of process `pid` so far (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"))
+}
+
+/// A length-delimited protobuf field `number` holding `payload`.
+fn field(number: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 12);
+    let mut varint = |mut value: u64| loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    };
+    varint((number << 3) | 2);
+    varint(payload.len() as u64);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An encoded `ExportTraceServiceRequest` of about `bytes` bytes of empty spans (2 bytes
+/// each on the wire: the attack that grew the manager by 2 GB with 16 MB).
+fn empty_spans(bytes: usize) -> bytes::Bytes {
+    let spans = [0x12u8, 0x00].repeat(bytes / 2);
+    field(1, &field(2, &spans)).into()
+}
+
+/// One `TraceService/Export` call of `message` over `io` (plain HTTP/2); its grpc-status and
+/// grpc-message.
+async fn export_raw(io: tokio::net::UnixStream, message: bytes::Bytes) -> (i32, String) {
+    let (client, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(
+        "http://localhost/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+    )
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    let mut framed = vec![0u8];
+    framed.extend(u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&message);
+    // Queued whole: the connection sends it as the router's window allows, or stops when the
+    // router answers first.
+    let _ = body.send_data(framed.into(), true);
+    let response = tokio::time::timeout(DEADLINE, response)
+        .await
+        .expect("the relay answers")
+        .unwrap();
+    let status = |headers: &http::HeaderMap| {
+        let code = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+        let message = headers
+            .get("grpc-message")
+            .map(|m| String::from_utf8_lossy(m.as_bytes()).replace("%20", " "))
+            .unwrap_or_default();
+        Some((code, message))
+    };
+    if let Some(answer) = status(response.headers()) {
+        return answer;
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        if let Ok(chunk) = chunk {
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    status(&trailers).expect("a grpc-status in the trailers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_export_of_tiny_spans_is_refused_before_it_is_decoded() {
+    const RESOURCE_EXHAUSTED: i32 = 8;
+    let (endpoint, mut received) = collector().await;
+    let dir = short_tempdir();
+    let (spy, socket) = crate::admin::spy_plugin(dir.path(), "spy");
+    let mesh = Mesh::start_with(
+        "",
+        &format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\n\n{spy}{ECHO}"),
+    )
+    .await;
+    mesh.wait_line("spy: listening").await;
+    mesh.wait_instances("plugin.echo", 1).await;
+    mesh.wait_instances("plugin.spy", 1).await;
+    let before = peak_rss_kib(mesh.pid());
+
+    // 16 MB of empty spans from inside plugin spy: refused at the length prefix.
+    let (code, message) = export_raw(
+        crate::admin::spy(&socket, "unix").await,
+        empty_spans(16 << 20),
+    )
+    .await;
+    assert_eq!(code, RESOURCE_EXHAUSTED, "{message}");
+    assert!(message.contains("at most 4194304 bytes"), "{message}");
+
+    // Just under the size limit (two million empty spans), eight at once: each refused by its
+    // count before it is decoded, or by the plugin's own bound before it is read.
+    let under = empty_spans((4 << 20) - 64);
+    let floods: Vec<_> = (0..8)
+        .map(|_| {
+            let (socket, under) = (socket.clone(), under.clone());
+            tokio::spawn(async move {
+                export_raw(crate::admin::spy(&socket, "unix").await, under).await
+            })
+        })
+        .collect();
+    // Meanwhile, another plugin's routed call is answered within its deadline.
+    let router = Channel::to_address(Address::Unix(mesh.socket.clone()), "plugin.echo").unwrap();
+    let reply = tokio::time::timeout(DEADLINE, EchoClient::new(router).echo(echo("during")))
+        .await
+        .expect("echo answers during the flood")
+        .unwrap();
+    assert_eq!(reply.into_inner().message, "during");
+    for flood in floods {
+        let (code, message) = flood.await.unwrap();
+        assert_eq!(code, RESOURCE_EXHAUSTED, "{message}");
+        assert!(
+            message.contains("10000 spans") || message.contains("exports of plugin spy"),
+            "{message}"
+        );
+    }
+    let after = peak_rss_kib(mesh.pid());
+    eprintln!(
+        "trace relay flood: manager VmHWM {before} KiB before, {after} KiB after (+{} KiB)",
+        after - before
+    );
+    assert!(
+        after - before < 64 << 10,
+        "the manager's peak grew from {before} KiB to {after} KiB"
+    );
+
+    // A small export of the spy's, claiming echo's identity at every level, is relayed as the
+    // spy's; echo's own spans (of the call above) arrive as echo's.
+    let claims = || {
+        ["service.name", "mesh.plugin"]
+            .map(|key| KeyValue {
+                key: key.into(),
+                value: Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                    value: Some(any_value::Value::StringValue("echo".into())),
+                }),
+                ..KeyValue::default()
+            })
+            .to_vec()
+    };
+    let small = ExportTraceServiceRequest {
+        resource_spans: vec![opentelemetry_proto::tonic::trace::v1::ResourceSpans {
+            resource: Some(opentelemetry_proto::tonic::resource::v1::Resource {
+                attributes: claims(),
+                ..Default::default()
+            }),
+            scope_spans: vec![opentelemetry_proto::tonic::trace::v1::ScopeSpans {
+                spans: vec![Span {
+                    trace_id: vec![7; 16],
+                    span_id: vec![7; 8],
+                    name: "small-from-spy".into(),
+                    attributes: claims(),
+                    ..Span::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let (code, message) = export_raw(
+        crate::admin::spy(&socket, "unix").await,
+        prost::Message::encode_to_vec(&small).into(),
+    )
+    .await;
+    assert_eq!(code, 0, "{message}");
+    let spans = wait_spans(
+        &mut received,
+        "the spy's export and echo's spans",
+        |spans| {
+            spans.iter().any(|r| r.span.name == "small-from-spy")
+                && spans.iter().any(|r| r.service == "plugin.echo")
+        },
+    )
+    .await;
+    let small = spans
+        .iter()
+        .find(|r| r.span.name == "small-from-spy")
+        .unwrap();
+    assert_eq!(small.service, "plugin.spy", "{small:#?}");
+    assert_eq!(small.resource_values("mesh.plugin"), ["spy"], "{small:#?}");
+    assert_eq!(small.resource_values("service.name"), ["plugin.spy"]);
+    assert!(small.span.attributes.is_empty(), "{small:#?}");
+}

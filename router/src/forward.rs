@@ -296,19 +296,26 @@ impl Router {
         let mut connections = JoinSet::new();
         let mut refused_logged: Option<Instant> = None;
         tokio::pin!(shutdown);
+        // One accept at a time, kept across the loop's turns: an accept may be past the
+        // kernel's (a TCP peer being identified) when another connection ends, and dropping
+        // it then would drop the connection it holds.
+        let accepting = accept();
+        tokio::pin!(accepting);
         loop {
-            let (stream, caller) = tokio::select! {
+            let accepted = tokio::select! {
                 () = &mut shutdown => break,
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-                accepted = accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // EMFILE and friends: log, breathe, keep serving what is open.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                accepted = &mut accepting => accepted,
+            };
+            accepting.set(accept());
+            let (stream, caller) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: log, breathe, keep serving what is open.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let class = caller.class(over_tcp);
             let permit = match self.inner.admission.connect(class) {

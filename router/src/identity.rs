@@ -48,7 +48,8 @@ pub enum Caller {
         /// Its pid, when the kernel tells it.
         pid: Option<u32>,
     },
-    /// A TCP client.
+    /// A TCP client of another host (or, under mTLS, a process of this host that is no
+    /// plugin's: who its certificate names).
     Remote {
         /// Its address.
         addr: SocketAddr,

@@ -230,10 +230,12 @@ mod diag {
         let short = || io::Error::new(io::ErrorKind::InvalidData, "a short sock_diag answer");
         match u16_at(4).ok_or_else(short)? {
             NLMSG_ERROR => {
-                let errno = u32_at(16).ok_or_else(short)? as i32;
-                match -errno {
-                    libc_enoent if libc_enoent == nix::errno::Errno::ENOENT as i32 => Ok(None),
-                    errno => Err(io::Error::from_raw_os_error(errno)),
+                // nlmsgerr: a negative errno, 0 for an acknowledgement.
+                let errno = -(u32_at(16).ok_or_else(short)? as i32);
+                if errno == nix::errno::Errno::ENOENT as i32 {
+                    Ok(None)
+                } else {
+                    Err(io::Error::from_raw_os_error(errno))
                 }
             }
             SOCK_DIAG_BY_FAMILY => {
@@ -471,6 +473,49 @@ mod tests {
             "   0: 0100007F:2694 0100007F:0001 01 00000000:00000000 00:00000000 00000000  notauid 0 x",
         ]);
         assert_eq!(lookup(&text, "127.0.0.1:9876", "127.0.0.1:1"), None);
+    }
+
+    #[test]
+    fn sock_diag_answers_are_read_and_a_listener_or_an_error_is_no_socket() {
+        let (peer, local): (SocketAddr, SocketAddr) = (
+            "127.0.0.2:40000".parse().unwrap(),
+            "127.0.0.1:7700".parse().unwrap(),
+        );
+        // An inet_diag_msg after its nlmsghdr: state, ports, then uid and inode.
+        let answer = |state: u8, sport: u16| {
+            let mut out = vec![0u8; 16 + 72];
+            out[4..6].copy_from_slice(&20u16.to_ne_bytes());
+            out[17] = state;
+            out[20..22].copy_from_slice(&sport.to_be_bytes());
+            out[22..24].copy_from_slice(&7700u16.to_be_bytes());
+            out[80..84].copy_from_slice(&65534u32.to_ne_bytes());
+            out[84..88].copy_from_slice(&4242u32.to_ne_bytes());
+            out
+        };
+        assert_eq!(
+            diag::parse(&answer(1, 40000), peer, local).unwrap(),
+            Some(SocketOwner {
+                uid: 65534,
+                inode: 4242
+            })
+        );
+        assert_eq!(diag::parse(&answer(10, 40000), peer, local).unwrap(), None);
+        assert_eq!(diag::parse(&answer(1, 40001), peer, local).unwrap(), None);
+        let mut error = vec![0u8; 36];
+        error[4..6].copy_from_slice(&2u16.to_ne_bytes());
+        error[16..20].copy_from_slice(&(-2i32).to_ne_bytes());
+        assert_eq!(diag::parse(&error, peer, local).unwrap(), None);
+        error[16..20].copy_from_slice(&(-1i32).to_ne_bytes());
+        assert!(diag::parse(&error, peer, local).is_err());
+        assert!(diag::parse(&answer(1, 40000)[..50], peer, local).is_err());
+        assert!(diag::parse(&[], peer, local).is_err());
+        // The request is the kernel's 72 bytes, ports in network order.
+        let request = diag::request(peer, local);
+        assert_eq!(request.len(), 72);
+        assert_eq!(&request[24..26], &40000u16.to_be_bytes());
+        assert_eq!(&request[26..28], &7700u16.to_be_bytes());
+        assert_eq!(&request[28..32], &[127, 0, 0, 2]);
+        assert_eq!(&request[44..48], &[127, 0, 0, 1]);
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod files_plugin;
 mod hardening;
 mod host;
 mod lifecycle;
+mod loopback_identity;
 mod mtls;
 mod python_plugin;
 mod router;

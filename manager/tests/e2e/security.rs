@@ -1,7 +1,7 @@
 //! The attacks of the hardening issue, each performed for real against `mesh up`: another uid
-//! (on the socket and on the TCP listener) trying to control the mesh, guessed and planted registrations, a flooded
-//! registry, idle and stalled connections, many calls on one connection, and requests that
-//! are not gRPC. Each test asserts the attack fails and that what was running keeps running.
+//! (on the socket and on the TCP listener) trying to control the mesh, guessed and planted
+//! registrations, a flooded registry, idle and stalled connections, many calls on one
+//! connection, and requests that are not gRPC. Each test asserts the attack fails and that what was running keeps running.
 
 use std::{
     os::unix::fs::PermissionsExt,

@@ -98,9 +98,10 @@ pub(crate) struct Inner {
     /// Connections and calls in flight, under the router's limits (shared by all threads).
     pub(crate) admission: Arc<Admission>,
     /// The uid trusted besides root: the router's own.
-    owner: u32,
-    /// Names the managed plugin instance a Unix peer belongs to, once per connection.
-    identify: Option<Arc<dyn Identify>>,
+    pub(crate) owner: u32,
+    /// Names the managed plugin instance a local peer (Unix, or TCP from this host) belongs
+    /// to, once per connection.
+    pub(crate) identify: Option<Arc<dyn Identify>>,
     /// Decides which calls a plugin caller may forward; none installed, every call may go.
     call_policy: Option<Arc<dyn CallPolicy>>,
     /// Calls, durations, refusals and connections; off unless the embedder gave a meter.
@@ -215,14 +216,17 @@ impl Router {
                 }
             },
             shutdown,
+            false,
         )
         .await
     }
 
-    /// Serves TCP connections from `listener` until `shutdown` completes. TCP callers are
-    /// [`Caller::Remote`]: they may forward calls and read the registry; with mTLS
-    /// ([`RouterBuilder::tls`]) each is who its certificate says, and may do what that
-    /// identity is granted.
+    /// Serves TCP connections from `listener` until `shutdown` completes. A process of this
+    /// host is the caller it would be on the Unix socket (a plugin, the owner, another local
+    /// user), named by the kernel's socket table ([`Caller::of_tcp`]); a loopback peer it
+    /// cannot name is closed. Other callers are [`Caller::Remote`]: they may forward calls
+    /// and read the registry; with mTLS ([`RouterBuilder::tls`]) each is who its certificate
+    /// says, and may do what that identity is granted.
     pub async fn serve_tcp(
         self,
         listener: TcpListener,
@@ -231,20 +235,35 @@ impl Router {
         if let Some(tls) = self.inner.tls.clone() {
             return self.serve_tls(listener, tls, shutdown).await;
         }
+        let owner = self.inner.owner;
+        let identify = self.inner.identify.clone();
         self.serve(
             || async {
-                let (stream, addr) = listener.accept().await?;
-                stream.set_nodelay(true)?;
-                Ok((
-                    stream,
-                    Caller::Remote {
-                        addr,
-                        identity: None,
-                        grant: crate::tls::Grant::None,
-                    },
-                ))
+                loop {
+                    let (stream, addr) = listener.accept().await?;
+                    stream.set_nodelay(true)?;
+                    // Once per connection: a read of the socket table, and for a local peer a
+                    // walk of its uid's descriptors (see `peer`).
+                    match identity::of_tcp_stream(&stream, addr, owner, identify.clone()).await {
+                        Ok(Some(caller)) => return Ok((stream, caller)),
+                        Ok(None) => {
+                            let caller = Caller::Remote {
+                                addr,
+                                identity: None,
+                                grant: crate::tls::Grant::None,
+                            };
+                            return Ok((stream, caller));
+                        }
+                        // A process of this host the kernel cannot name is not served: it
+                        // must not pass for an anonymous remote client.
+                        Err(error) => {
+                            tracing::warn!(%addr, %error, "loopback TCP peer not identified; closed");
+                        }
+                    }
+                }
             },
             shutdown,
+            true,
         )
         .await
     }
@@ -253,6 +272,7 @@ impl Router {
         &self,
         mut accept: F,
         shutdown: impl Future<Output = ()>,
+        over_tcp: bool,
     ) -> io::Result<()>
     where
         F: FnMut() -> Fut,
@@ -276,21 +296,28 @@ impl Router {
         let mut connections = JoinSet::new();
         let mut refused_logged: Option<Instant> = None;
         tokio::pin!(shutdown);
+        // One accept at a time, kept across the loop's turns: an accept may be past the
+        // kernel's (a TCP peer being identified) when another connection ends, and dropping
+        // it then would drop the connection it holds.
+        let accepting = accept();
+        tokio::pin!(accepting);
         loop {
-            let (stream, caller) = tokio::select! {
+            let accepted = tokio::select! {
                 () = &mut shutdown => break,
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-                accepted = accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // EMFILE and friends: log, breathe, keep serving what is open.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                accepted = &mut accepting => accepted,
             };
-            let class = caller.class();
+            accepting.set(accept());
+            let (stream, caller) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: log, breathe, keep serving what is open.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let class = caller.class(over_tcp);
             let permit = match self.inner.admission.connect(class) {
                 Ok(permit) => permit,
                 Err(full) => {

@@ -4,17 +4,20 @@
 //! instance or a process it started is that [`Caller::Plugin`] (whatever its uid: plugins run
 //! as the owner's uid by default, and are still not the owner), as the [`Identify`] lookup the
 //! manager installs says from the peer's pid; otherwise the router's own uid and root are the
-//! [`Caller::Owner`], any other uid a [`Caller::Local`] user. Over TCP the
-//! caller is a [`Caller::Remote`]: an address, and with mTLS the identity its certificate
-//! names and what that identity is granted (`tls`). Nothing a caller sends
+//! [`Caller::Owner`], any other uid a [`Caller::Local`] user. On the TCP listener a process
+//! of this host is the same caller it would be on the Unix socket: the kernel's socket table
+//! names its uid and socket, the socket its holders, the holders a plugin or not ([`crate::peer`],
+//! [`Caller::of_tcp`]); a loopback peer it cannot name is refused, never served as anonymous.
+//! Any other TCP caller is a [`Caller::Remote`]: an address, and with mTLS the identity its
+//! certificate names and what that identity is granted (`tls`). Nothing a caller sends
 //! (headers, metadata, fields) changes who it is: the value is fixed before the first byte of
 //! HTTP/2 is read, and every call on the connection carries the same one.
 
 use std::{fmt, io, net::SocketAddr, sync::Arc};
 
-use tokio::net::UnixStream;
+use tokio::net::{TcpStream, UnixStream};
 
-use crate::tls::Grant;
+use crate::{peer, tls::Grant};
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +48,8 @@ pub enum Caller {
         /// Its pid, when the kernel tells it.
         pid: Option<u32>,
     },
-    /// A TCP client.
+    /// A TCP client of another host (or, under mTLS, a process of this host that is no
+    /// plugin's: who its certificate names).
     Remote {
         /// Its address.
         addr: SocketAddr,
@@ -120,6 +124,109 @@ impl Caller {
         })
     }
 
+    /// The caller on a TCP connection from `peer` to `local` (this side's address) when it is
+    /// a process of this host: `Ok(None)` when the kernel's socket table has no socket of
+    /// `peer` connected to `local` and `peer` is not a loopback address (a remote client).
+    ///
+    /// A local caller is who it would be on the Unix socket: the table gives the socket's uid
+    /// and inode, the processes of that uid holding the inode are asked of `identify`, and a
+    /// plugin's holder makes the caller that plugin; otherwise the uid decides, as for
+    /// `SO_PEERCRED`. Fails (the connection is to be refused) when the peer is loopback but
+    /// the kernel no longer lists its socket, when no holder is found, when a holder exited
+    /// during the lookup, or when holders belong to two plugins.
+    pub fn of_tcp(
+        peer: SocketAddr,
+        local: SocketAddr,
+        owner: u32,
+        identify: Option<&dyn Identify>,
+    ) -> io::Result<Option<Self>> {
+        let socket = match peer::socket_of(peer, local) {
+            Ok(socket) => socket,
+            // Not a socket of this host: a remote client, unless it claims to be on loopback.
+            Err(error)
+                if error.kind() == io::ErrorKind::NotFound && !peer::is_loopback(peer.ip()) =>
+            {
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
+        };
+        let uid = socket.uid;
+        let by_uid = |pid| {
+            if uid == owner || uid == 0 {
+                Self::Owner { uid, pid }
+            } else {
+                Self::Local { uid, pid }
+            }
+        };
+        // A socket in TIME_WAIT has no inode: its client has closed it already.
+        if socket.inode == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("the client socket {peer} is already closed"),
+            ));
+        }
+        let Some(identify) = identify else {
+            // No managed plugins: the uid says all.
+            return Ok(Some(by_uid(None)));
+        };
+        if uid != owner && uid != 0 && owner != 0 {
+            // A router that is not root starts its plugins as its own uid, and may not read
+            // another uid's descriptors: this socket was made by another user's process. (A
+            // plugin holding it could only have it from that user, who may call as itself.)
+            return Ok(Some(Self::Local { uid, pid: None }));
+        }
+        let holders = peer::holders(socket.inode, uid)?;
+        if holders.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "no process of uid {uid} holds the socket of {peer} (it exited, or passed                      the socket on)"
+                ),
+            ));
+        }
+        // Whichever holder writes the calls, the kernel cannot say: if any holder is a
+        // plugin's process, the connection is that plugin's (the most restricted of them),
+        // so that a plugin sharing its socket with another process (after a fork, or passed
+        // on) cannot borrow that process's rights. Holders of two plugins would let either
+        // call with the other's capabilities: refused.
+        let mut plugin: Option<(PluginIdentity, u32)> = None;
+        for holder in &holders {
+            let Some(found) = identify.identify(holder.pid) else {
+                continue;
+            };
+            match &plugin {
+                Some((known, _)) if known.plugin != found.plugin => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "the socket of {peer} is held by processes of plugins {:?} and {:?}",
+                            known.plugin, found.plugin
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => plugin = Some((found, holder.pid)),
+            }
+        }
+        // Checked after the lookups, as on the Unix socket: a holder that exited meanwhile
+        // may have left its pid to another process, which the lookup then judged instead.
+        if !holders.iter().all(peer::Holder::still_running) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("a process holding the socket of {peer} exited during the lookup"),
+            ));
+        }
+        Ok(Some(match plugin {
+            Some((found, pid)) => Self::Plugin {
+                plugin: found.plugin,
+                instance: found.instance,
+                pid,
+                uid,
+            },
+            None => by_uid(Some(holders[0].pid)),
+        }))
+    }
+
     /// Whether this caller is the owner: a local process of the owner's uid, or root.
     pub fn is_owner(&self) -> bool {
         matches!(self, Self::Owner { .. })
@@ -151,8 +258,14 @@ impl Caller {
             )
     }
 
-    /// The class whose connection and in-flight limits this caller counts against.
-    pub(crate) fn class(&self) -> Class {
+    /// The class whose connection and in-flight limits this caller counts against, on the
+    /// Unix socket (`over_tcp` false) or the TCP listener. Every TCP connection counts with
+    /// TCP clients, whoever the socket table says is on it: whatever is held on the TCP
+    /// listener, the owner's CLI on the Unix socket still connects.
+    pub(crate) fn class(&self, over_tcp: bool) -> Class {
+        if over_tcp {
+            return Class::Remote;
+        }
         match self {
             // Plugins calling plugins are the mesh's own traffic, counted with the owner's.
             Self::Owner { .. } | Self::Plugin { .. } => Class::Owner,
@@ -192,7 +305,7 @@ pub(crate) enum Class {
     Owner = 0,
     /// Other local uids, on the Unix socket.
     Local = 1,
-    /// TCP clients.
+    /// TCP connections, local processes' included.
     Remote = 2,
 }
 
@@ -240,6 +353,20 @@ pub fn pidfd_pid(fd: std::os::fd::RawFd) -> std::io::Result<i64> {
         .find_map(|l| l.strip_prefix("Pid:"))
         .and_then(|p| p.trim().parse().ok())
         .ok_or_else(|| std::io::Error::other("no Pid: line: not a pidfd"))
+}
+
+/// The caller on a TCP connection just accepted from `peer`: [`Caller::of_tcp`], off the
+/// accept loop's thread (it reads `/proc`); `Ok(None)` for a remote client.
+pub(crate) async fn of_tcp_stream(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    owner: u32,
+    identify: Option<Arc<dyn Identify>>,
+) -> io::Result<Option<Caller>> {
+    let local = stream.local_addr()?;
+    tokio::task::spawn_blocking(move || Caller::of_tcp(peer, local, owner, identify.as_deref()))
+        .await
+        .map_err(io::Error::other)?
 }
 
 /// The router's effective uid: the owner it trusts besides root.
@@ -312,5 +439,127 @@ mod tests {
         assert!(refused.to_string().contains("exited"), "{refused}");
         // Without a plugin lookup (a router with no managed plugins) nothing changes.
         assert!(Caller::of_unix(&stream, own_uid(), None).is_ok());
+    }
+
+    /// A loopback connection whose client socket this process holds, and a child (`sleep`)
+    /// holding it too when `shared`: (client, server, peer, local, child).
+    fn loopback(
+        shared: bool,
+    ) -> (
+        std::net::TcpStream,
+        std::net::TcpStream,
+        SocketAddr,
+        SocketAddr,
+        Option<std::process::Child>,
+    ) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        let local = server.local_addr().unwrap();
+        let child = shared.then(|| {
+            let fd = std::os::fd::OwnedFd::from(client.try_clone().unwrap());
+            std::process::Command::new("sleep")
+                .arg("30")
+                .stdin(fd)
+                .spawn()
+                .expect("this test runs sleep")
+        });
+        (client, server, peer, local, child)
+    }
+
+    fn plugin(name: &str) -> Option<PluginIdentity> {
+        Some(PluginIdentity {
+            plugin: name.into(),
+            instance: format!("{name}-0").into(),
+        })
+    }
+
+    #[test]
+    fn a_loopback_tcp_peer_is_who_it_would_be_on_the_unix_socket() {
+        let (_client, _server, peer, local, _) = loopback(false);
+        let me = std::process::id();
+        let nobody = |_: u32| None;
+        let caller = Caller::of_tcp(peer, local, own_uid(), Some(&nobody))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            caller,
+            Caller::Owner {
+                uid: own_uid(),
+                pid: Some(me)
+            }
+        );
+        let files = move |pid: u32| if pid == me { plugin("files") } else { None };
+        let caller = Caller::of_tcp(peer, local, own_uid(), Some(&files))
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(&caller, Caller::Plugin { plugin, pid, .. } if &**plugin == "files" && *pid == me),
+            "{caller}"
+        );
+        // Seen by a router of another uid, without plugins: another local user (or root).
+        let other = Caller::of_tcp(peer, local, own_uid().wrapping_add(1), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(other.is_owner(), own_uid() == 0, "{other}");
+    }
+
+    #[test]
+    fn a_socket_shared_with_a_plugin_is_the_plugins_and_two_plugins_are_refused() {
+        let (_client, _server, peer, local, child) = loopback(true);
+        let mut child = child.unwrap();
+        let (me, theirs) = (std::process::id(), child.id());
+        // The child is a plugin's process, this one is not: the connection is the plugin's.
+        let child_only = move |pid: u32| if pid == theirs { plugin("echo") } else { None };
+        let caller = Caller::of_tcp(peer, local, own_uid(), Some(&child_only))
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(&caller, Caller::Plugin { plugin, pid, .. } if &**plugin == "echo" && *pid == theirs),
+            "{caller}"
+        );
+        // Each holder another plugin's: nobody can say whose call it is.
+        let both = move |pid: u32| match pid {
+            p if p == me => plugin("files"),
+            p if p == theirs => plugin("echo"),
+            _ => None,
+        };
+        let refused = Caller::of_tcp(peer, local, own_uid(), Some(&both)).unwrap_err();
+        assert!(refused.to_string().contains("plugins"), "{refused}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_loopback_peer_the_kernel_does_not_list_is_refused_and_a_remote_one_is_remote() {
+        let (client, server, peer, local, _) = loopback(false);
+        let nobody = |_: u32| None;
+        // The client closes before it is identified: no process holds its socket any more.
+        drop(client);
+        let refused = Caller::of_tcp(peer, local, own_uid(), Some(&nobody)).unwrap_err();
+        assert!(
+            refused.to_string().contains("closed") || refused.to_string().contains("holds"),
+            "{refused}"
+        );
+        drop(server);
+        // No such socket at all: refused on loopback, a remote client elsewhere.
+        let local: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert!(Caller::of_tcp("127.0.0.9:1".parse().unwrap(), local, own_uid(), None).is_err());
+        assert!(
+            Caller::of_tcp(
+                "[::1]:1".parse().unwrap(),
+                "[::1]:9".parse().unwrap(),
+                own_uid(),
+                None
+            )
+            .is_err()
+        );
+        let remote = Caller::of_tcp(
+            "192.0.2.7:40000".parse().unwrap(),
+            "192.0.2.1:7700".parse().unwrap(),
+            own_uid(),
+            Some(&nobody),
+        );
+        assert_eq!(remote.unwrap(), None);
     }
 }

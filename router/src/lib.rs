@@ -6,6 +6,8 @@
 //! layers, one per file:
 //!
 //! - `identity`: who is calling ([`Caller`]), from the kernel, once per connection;
+//! - [`peer`]: who holds the other end of a loopback TCP connection (the kernel's socket
+//!   table, then the processes holding the socket);
 //! - `grpc`: what is a gRPC call the router takes (POST, `application/grpc`, header list);
 //! - `tls`: mTLS on the TCP listener: a client's certificate names who it is
 //!   ([`ServerTls`]);
@@ -45,6 +47,7 @@ mod grpc;
 mod identity;
 mod limit;
 mod metrics;
+pub mod peer;
 mod peers;
 mod policy;
 pub mod registry;

@@ -7,6 +7,9 @@
 //! `mesh certs` makes them) is the caller's identity; what it may do beyond forwarding calls
 //! and reading the registry is its [`Grant`], resolved once, when the handshake ends.
 //!
+//! A client on this host whose socket a plugin's process holds is that plugin whatever
+//! certificate it shows (see `identity`).
+//!
 //! Handshakes run beside the accept loop, each within the router's `handshake_timeout`, at most
 //! `max_connections` at once: a client that stalls its handshake or sends garbage costs one
 //! slot for that long, and never holds up the others.
@@ -23,7 +26,10 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
-use crate::{Router, identity::Caller};
+use crate::{
+    Router,
+    identity::{self, Caller},
+};
 
 /// What a remote caller's certificate identity is granted beyond forwarding calls and reading
 /// the registry.
@@ -216,6 +222,7 @@ impl Router {
         // this, not the router's memory.
         let handshakes = Arc::new(Semaphore::new(limits.max_connections.max(1)));
         let (done, handshaken) = mpsc::channel(64);
+        let (owner, identify) = (self.inner.owner, self.inner.identify.clone());
         let acceptor = tokio::spawn(async move {
             loop {
                 let Ok(slot) = handshakes.clone().acquire_owned().await else {
@@ -234,10 +241,27 @@ impl Router {
                 }
                 let tls = tls.clone();
                 let done = done.clone();
+                let identify = identify.clone();
                 tokio::spawn(async move {
                     match tls.accept(stream, addr, timeout).await {
-                        Ok(accepted) => {
-                            let _ = done.send(accepted).await;
+                        Ok((stream, caller)) => {
+                            // A process of this host that the socket table names as a plugin's
+                            // is that plugin, certificate or not: a plugin able to read a
+                            // client certificate must not escape its `call:` capabilities
+                            // with it. Any other caller is who its certificate names.
+                            let local =
+                                identity::of_tcp_stream(stream.get_ref().0, addr, owner, identify)
+                                    .await;
+                            let caller = match local {
+                                Ok(Some(plugin @ Caller::Plugin { .. })) => plugin,
+                                Ok(_) => caller,
+                                Err(error) => {
+                                    tracing::warn!(%addr, %error, "loopback TCP peer not identified; closed");
+                                    drop(slot);
+                                    return;
+                                }
+                            };
+                            let _ = done.send((stream, caller)).await;
                         }
                         // Not a client of this mesh (no certificate, another CA, expired,
                         // garbage): nothing to serve, little to say.
@@ -257,6 +281,7 @@ impl Router {
                 })
             },
             shutdown,
+            true,
         )
         .await
     }

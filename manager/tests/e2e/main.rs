@@ -15,6 +15,7 @@ mod hardening;
 mod host;
 mod host_starvation;
 mod lifecycle;
+mod loopback_identity;
 mod mtls;
 mod python_plugin;
 mod router;

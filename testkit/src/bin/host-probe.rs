@@ -5,8 +5,9 @@
 //! Each line it reads is one call, `OP ARG [DATA]` (`read`, `stream`, `write`, `delete`, `stat`,
 //! `list`, `env`; `manager` lists plugins through the Manager API; `stats N` times N Stat calls
 //! of `.`; `call SERVICE echo|expand [router|connect|socket PATH]` calls that echo method of
-//! SERVICE through the router (the default), through `mesh::connect` (a direct dial) or on the
-//! socket PATH); `connect SERVICE` calls its `Echo` through `mesh::connect`, as a plugin would; and, to
+//! SERVICE through the router (the default), through `mesh::connect` (a direct dial), on the
+//! socket PATH, or `tcp ADDR [FROM]` through the router's TCP listener at ADDR from the source
+//! address FROM); `connect SERVICE` calls its `Echo` through `mesh::connect`, as a plugin would; and, to
 //! test the kernel sandbox, the process's own system calls: `open PATH` reads a file, `dial
 //! PATH` connects to a Unix socket, `abstract NAME` to an abstract one, `tcp HOST:PORT`
 //! connects over TCP, `packet -` opens a packet socket, `route -` adds a blackhole route to
@@ -324,6 +325,15 @@ async fn call(line: &str) -> String {
                     Ok(channel) => (channel, true),
                     Err(error) => return format!("err 14 {error}"),
                 },
+                // The router's TCP listener at ADDR, from the source address FROM if given
+                // (`tcp 127.0.0.1:PORT 127.0.0.2`): as a plugin that tries the TCP door.
+                (Some("tcp"), Some(addr)) => {
+                    let from = words.next().map(str::to_owned);
+                    match tcp_channel(addr, from, &arg) {
+                        Ok(channel) => (channel, false),
+                        Err(error) => return format!("err 3 {error}"),
+                    }
+                }
                 // The target's socket, dialed by hand.
                 (Some("socket"), Some(path)) => (
                     mesh::Channel::to_server(mesh::Address::Unix(path.into())),
@@ -385,6 +395,46 @@ async fn call(line: &str) -> String {
         Ok(text) => format!("ok {text}"),
         Err(status) => format!("err {} {}", status.code() as i32, status.message()),
     }
+}
+
+/// A channel to `service` through the router's TCP listener at `addr`, on one connection
+/// from the source address `from` (any port), or the kernel's choice.
+fn tcp_channel(
+    addr: &str,
+    from: Option<String>,
+    service: &str,
+) -> Result<mesh::Channel, Box<dyn std::error::Error>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// Dials `addr` from `from`.
+    struct From {
+        addr: std::net::SocketAddr,
+        from: Option<std::net::IpAddr>,
+    }
+    impl mesh::transport::Dial for From {
+        fn dial(&self) -> mesh::transport::Dialing {
+            let (addr, from) = (self.addr, self.from);
+            Box::pin(async move {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                if let Some(from) = from {
+                    socket.bind(std::net::SocketAddr::new(from, 0))?;
+                }
+                let stream = socket.connect(addr).await?;
+                Ok(Box::new(stream) as Box<dyn mesh::transport::Connection>)
+            })
+        }
+    }
+    static DIALED: AtomicUsize = AtomicUsize::new(0);
+    let name = format!("probe.tcp-{}", DIALED.fetch_add(1, Ordering::Relaxed));
+    let dialer = From {
+        addr: addr.parse()?,
+        from: from.map(|f| f.parse()).transpose()?,
+    };
+    // Registered for this one channel's life: leaked, as the probe makes only a few.
+    std::mem::forget(mesh::transport::register(&name, dialer)?);
+    Ok(mesh::Channel::to_address(
+        mesh::Address::Dialer(name),
+        service,
+    )?)
 }
 
 /// An echo request dressed for its path: [`forged`] for a direct call, [`routed`] otherwise.

@@ -11,7 +11,7 @@
 //! Content-Security-Policy.
 //!
 //! Any local user can connect to a loopback port, so who is on the other end is decided from
-//! the kernel's word (`peer`) when a connection is accepted, before it takes a slot
+//! the kernel's word (`mesh_router::peer`, the lookup the router's TCP listener uses) when a connection is accepted, before it takes a slot
 //! ([`Peer`]): the owner's and root's processes, served everything, have their own
 //! [`MAX_CONNECTIONS`] slots, which nobody else can take; another local user (refused unless
 //! `allow_other_users = true`) or a remote client shares [`MAX_OTHER_CONNECTIONS`]; a managed
@@ -20,7 +20,6 @@
 //! refused anything is answered once and closed.
 
 mod metrics;
-mod peer;
 
 use std::{
     convert::Infallible,
@@ -103,17 +102,25 @@ impl Admin {
         if !peer.ip().is_loopback() {
             return Peer::Remote;
         }
-        let Some(uid) = local.and_then(|local| peer::uid_of(peer, local)) else {
+        // The router's lookup: the kernel's socket table, then the processes holding it.
+        let Some(socket) = local.and_then(|local| mesh_router::peer::socket_of(peer, local).ok())
+        else {
             return Peer::Stranger { uid: None };
         };
+        let uid = socket.uid;
         let trusted = uid == self.owner || uid == 0;
         if !trusted && !self.other_users {
             // Refused whoever it is: no need to find its process.
             return Peer::Stranger { uid: Some(uid) };
         }
-        let plugin = local
-            .and_then(|local| peer::pid_of(peer, local))
-            .and_then(|pid| Some((pid, self.supervisor.identify(pid)?)));
+        // Any holder that is a plugin's process makes the connection that plugin's.
+        let Ok(holders) = mesh_router::peer::holders(socket.inode, uid) else {
+            // Past the scan's bounds: not known, so not the owner.
+            return Peer::Stranger { uid: Some(uid) };
+        };
+        let plugin = holders
+            .into_iter()
+            .find_map(|holder| Some((holder.pid, self.supervisor.identify(holder.pid)?)));
         match plugin {
             Some((pid, identity)) => Peer::Plugin {
                 plugin: identity.plugin.to_string(),

@@ -74,8 +74,9 @@ pub(crate) fn asked(headers: &HeaderMap) -> Result<Option<Duration>, InvalidTime
         .transpose()
 }
 
-/// Parses a `grpc-timeout` value: at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
-pub(crate) fn parse(value: &[u8]) -> Option<Duration> {
+/// Parses a `grpc-timeout` value: at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`);
+/// `None` when it is malformed.
+pub fn parse(value: &[u8]) -> Option<Duration> {
     let (&unit, digits) = value.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;

@@ -58,6 +58,7 @@ mod upstream;
 mod workers;
 
 pub use calls::{CallPolicy, Refusal};
+pub use deadline::parse as parse_grpc_timeout;
 pub use forward::{Router, RouterBuilder};
 pub use identity::{Caller, Identify, PluginIdentity, pidfd_pid};
 pub use limit::{

@@ -374,7 +374,16 @@ mod tests {
         drop(clone);
         let third = pool.admit(&a).unwrap();
         drop((second, third));
-        assert!(pool.inner.lock().open.is_empty());
+        assert!(!pool.inner.lock().open.contains_key(&a));
+        // b's slot is dropped by the worker after it answered: wait for it, bounded.
+        let _ = admitted(&pool, &b).await;
+        for _ in 0..500 {
+            if pool.inner.lock().open.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("slots still open: {:?}", pool.inner.lock().open);
     }
 
     /// Waits (polling, bounded) until `plugin` can be admitted again.
